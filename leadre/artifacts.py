@@ -1,0 +1,151 @@
+"""Artifact directories: where each stage writes, the manifest it leaves, and how the next
+stage finds its inputs. A location is a local path or any pyarrow filesystem URI (s3://,
+gs://, hdfs://), so stages can run on different clusters.
+
+Layout of a stage directory::
+
+    <dir>/manifest.json        stage, created_at, inputs, config, versions, counts, timings
+    <dir>/<table>/part-*.parquet
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, corrupt or from an incompatible stage."""
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a filesystem URI."""
+    location = str(location)
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def join(location: str | Path, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def makedirs(location: str | Path) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def exists(location: str | Path) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("leadre", "ray", "pyarrow", "numpy", "pandas", "torch", "transformers",
+                "peft", "trl", "scann"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_manifest(location: str | Path, stage: str, *, inputs: dict[str, Any], config: Any,
+                   counts: dict[str, Any], timings: dict[str, float],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {
+        "stage": stage,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        "config": config,
+        "versions": versions(),
+        "counts": counts,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        **(extra or {}),
+    }
+    manifest = _jsonable(manifest)
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_manifest(location: str | Path, stage: str | None = None) -> dict[str, Any]:
+    """The manifest of a stage directory; ``stage`` checks it came from the expected stage."""
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise ArtifactError(f"{location} has no {MANIFEST}: is it the output of a leadre stage?")
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{location}/{MANIFEST} is corrupt: {e}") from None
+    if stage is not None and manifest.get("stage") != stage:
+        raise ArtifactError(
+            f"{location} holds the output of stage {manifest.get('stage')!r}, expected {stage!r}")
+    return manifest
+
+
+def write_table(table: pa.Table, location: str | Path, name: str,
+                rows_per_file: int = 1_000_000) -> str:
+    """Write ``table`` as parquet shards under ``<location>/<name>/`` (replacing old shards)."""
+    fs, path = resolve(join(location, name))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pads.write_dataset(table, path, filesystem=fs, format="parquet",
+                       basename_template="part-{i}.parquet",
+                       max_rows_per_file=max(rows_per_file, 1),
+                       max_rows_per_group=min(max(rows_per_file, 1), 128 * 1024),
+                       existing_data_behavior="overwrite_or_ignore")
+    return join(location, name)
+
+
+def read_table(location: str | Path, name: str | None = None,
+               schema: pa.Schema | None = None) -> pa.Table:
+    """Read all parquet shards of ``<location>/<name>`` into one table."""
+    target = join(location, name) if name else str(location)
+    fs, path = resolve(target)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise ArtifactError(f"{target} does not exist")
+    try:
+        return pq.read_table(path, filesystem=fs, schema=schema)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"cannot read parquet at {target}: {e}") from None
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0

@@ -1,0 +1,399 @@
+"""The data model: pyarrow schemas of the three input tables and their row validation.
+
+This module owns the contract of stage 1 (DESIGN.md, "1 ingest"). Every later stage reads
+tables with exactly these schemas. Validation is vectorised over a batch and never raises on
+bad data: each row either comes out typed and clean, or goes to the quarantine table with a
+machine-readable reason and the original row as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+TS_TYPE = pa.timestamp("ms", tz="UTC")
+
+ADS = pa.schema(
+    [
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("description", pa.string()),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("advertiser", pa.string()),
+        pa.field("ecpm", pa.float64()),
+        pa.field("active", pa.bool_(), nullable=False),
+    ]
+)
+
+USERS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("age", pa.int32()),
+        pa.field("gender", pa.string()),
+        pa.field("city", pa.string()),
+        pa.field("education", pa.string()),
+        pa.field("industry", pa.string()),
+    ]
+)
+
+EVENTS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("ad_id", pa.string()),
+        pa.field("title", pa.string()),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("table", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("row", pa.string(), nullable=False),  # the original row, as JSON
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"ads": ADS, "users": USERS, "events": EVENTS}
+
+# Which actions are legal in which domain. Ad events carry an ad_id, content events a title.
+DOMAIN_ACTIONS: dict[str, frozenset[str]] = {
+    "ad": frozenset({"impression", "click", "conversion"}),
+    "video": frozenset({"play"}),
+    "news": frozenset({"read"}),
+}
+ACTIONS: frozenset[str] = frozenset().union(*DOMAIN_ACTIONS.values())
+_LEGAL_PAIRS = np.array([f"{d}|{a}" for d, acts in DOMAIN_ACTIONS.items() for a in acts])
+# Actions that count as engagement with an ad (the targets the LLM learns to predict).
+ENGAGEMENTS: frozenset[str] = frozenset({"click", "conversion"})
+
+
+class Reason(str, Enum):
+    """Why a row went to quarantine. The value is what the quarantine table stores."""
+
+    MISSING_FIELD = "missing_required_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    UNKNOWN_DOMAIN = "unknown_domain"
+    UNKNOWN_ACTION = "unknown_action"
+    ACTION_DOMAIN_MISMATCH = "action_domain_mismatch"
+    UNKNOWN_AD_ID = "unknown_ad_id"
+    TS_OUT_OF_RANGE = "timestamp_out_of_range"
+    DUPLICATE_ID = "duplicate_id"
+    DUPLICATE_EVENT = "duplicate_event"
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Accepted event timestamps, inclusive, in UTC."""
+
+    start: datetime = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    end: datetime = datetime(2100, 1, 1, tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------
+# Column coercion: each returns (typed values, mask of rows whose value had the wrong type).
+# A null/NaN input is not a type error; required-field checks handle it separately.
+
+
+def _is_null(s: pd.Series) -> np.ndarray:
+    return s.isna().to_numpy()
+
+
+def _coerce_str(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Strings pass, integers become their decimal string (numeric ids are common), others fail."""
+    def conv(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+            return None
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (bool, np.bool_)):
+            return _BAD
+        if isinstance(v, (int, np.integer)):
+            return str(int(v))
+        return _BAD
+
+    if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
+        out = s.astype(object).where(~s.isna(), None)
+        return out, np.zeros(len(s), dtype=bool)
+    out = s.map(conv)
+    bad = out.map(lambda v: v is _BAD).to_numpy(dtype=bool)
+    return out.where(~bad, None), bad
+
+
+class _Bad:
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+_BAD = _Bad()
+
+
+def _coerce_float(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return pd.Series([None] * len(s), dtype="float64"), ~_is_null(s)
+    out = pd.to_numeric(s, errors="coerce") if not pd.api.types.is_float_dtype(s.dtype) else s
+    if pd.api.types.is_object_dtype(s.dtype):
+        is_bool = s.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
+        out = out.where(~is_bool, np.nan)
+    out = out.astype("float64")
+    bad = out.isna().to_numpy() & ~_is_null(s)
+    return out, bad
+
+
+def _coerce_int(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    f, bad = _coerce_float(s)
+    non_integral = f.notna().to_numpy() & (np.mod(f.fillna(0).to_numpy(), 1) != 0)
+    bad = bad | non_integral
+    return f.where(~bad, np.nan).astype("Int64"), bad
+
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+def _coerce_bool(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    if pd.api.types.is_bool_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
+        return s.astype(object).where(~s.isna(), None), np.zeros(len(s), dtype=bool)
+
+    def conv(v):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            return None
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, np.integer)) and int(v) in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+            return v.strip().lower() in _TRUE
+        return _BAD
+
+    out = s.map(conv)
+    bad = out.map(lambda v: v is _BAD).to_numpy(dtype=bool)
+    return out.where(~bad, None), bad
+
+
+def _coerce_ts(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        out = s.dt.tz_convert("UTC")
+    elif pd.api.types.is_datetime64_any_dtype(s.dtype):
+        out = s.dt.tz_localize("UTC")
+    elif pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        # Bare numbers are epoch seconds, the common log convention.
+        out = pd.to_datetime(s, unit="s", utc=True, errors="coerce")
+    else:
+        def conv(v):
+            if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+                return pd.NaT
+            if isinstance(v, (bool, np.bool_)):
+                return pd.NaT
+            try:
+                if isinstance(v, (int, float, np.integer, np.floating)):
+                    return pd.Timestamp(float(v), unit="s", tz="UTC")
+                return pd.Timestamp(v).tz_localize("UTC") if pd.Timestamp(v).tzinfo is None \
+                    else pd.Timestamp(v).tz_convert("UTC")
+            except (ValueError, TypeError, OverflowError):
+                return pd.NaT
+
+        out = pd.to_datetime(s.map(conv), utc=True, errors="coerce")
+    out = out.astype("datetime64[ms, UTC]")
+    bad = out.isna().to_numpy() & ~_is_null(s)
+    return out, bad
+
+
+_COERCE = {
+    pa.string(): _coerce_str,
+    pa.float64(): _coerce_float,
+    pa.int32(): _coerce_int,
+    pa.bool_(): _coerce_bool,
+    TS_TYPE: _coerce_ts,
+}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class _Rejects:
+    """First reason wins: a row is reported once, with the earliest check it failed."""
+
+    def __init__(self, n: int):
+        self.reason = np.full(n, None, dtype=object)
+        self.detail = np.full(n, None, dtype=object)
+
+    def add(self, mask: np.ndarray, reason: Reason, detail) -> None:
+        new = mask & (self.reason == None)  # noqa: E711 - elementwise on an object array
+        if not new.any():
+            return
+        self.reason[new] = reason.value
+        if callable(detail):
+            idx = np.flatnonzero(new)
+            self.detail[idx] = [detail(i) for i in idx]
+        else:
+            self.detail[new] = detail
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.reason != None  # noqa: E711
+
+
+def _to_frame(batch: pa.Table | pd.DataFrame | dict) -> pd.DataFrame:
+    if isinstance(batch, pa.Table):
+        return batch.to_pandas(types_mapper=None)
+    if isinstance(batch, dict):
+        return pd.DataFrame({k: list(v) for k, v in batch.items()})
+    return batch
+
+
+def _row_json(df: pd.DataFrame, idx: np.ndarray) -> list[str]:
+    rows = df.iloc[idx].to_dict(orient="records")
+    return [json.dumps(r, default=str, ensure_ascii=False) for r in rows]
+
+
+@dataclass
+class Validated:
+    """One validated batch: clean rows in the table's schema, rejected rows in QUARANTINE."""
+
+    clean: pa.Table
+    quarantine: pa.Table
+
+
+def _quarantine_table(name: str, df: pd.DataFrame, rej: _Rejects) -> pa.Table:
+    idx = np.flatnonzero(rej.mask)
+    return pa.table(
+        {
+            "table": pa.array([name] * len(idx), pa.string()),
+            "reason": pa.array(rej.reason[idx].tolist(), pa.string()),
+            "detail": pa.array(rej.detail[idx].tolist(), pa.string()),
+            "row": pa.array(_row_json(df, idx), pa.string()),
+        },
+        schema=QUARANTINE,
+    )
+
+
+def _typed_columns(
+    name: str, df: pd.DataFrame, rej: _Rejects, required: tuple[str, ...]
+) -> dict[str, pd.Series]:
+    """Coerce every schema column; record missing columns, wrong types and missing values."""
+    schema = SCHEMAS[name]
+    n = len(df)
+    cols: dict[str, pd.Series] = {}
+    for field in schema:
+        if field.name not in df.columns:
+            raw = pd.Series([None] * n, dtype=object, index=df.index)
+        else:
+            raw = df[field.name]
+        typed, bad = _COERCE[field.type](raw.reset_index(drop=True))
+        rej.add(bad, Reason.WRONG_TYPE, lambda i, f=field, r=raw: (
+            f"{f.name}: expected {f.type}, got {type(r.iloc[i]).__name__} {r.iloc[i]!r:.60}"))
+        cols[field.name] = typed
+    for col in required:
+        missing = cols[col].isna().to_numpy().copy()
+        if schema.field(col).type == pa.string():
+            missing |= (cols[col].fillna("").astype(str).str.strip() == "").to_numpy()
+        rej.add(missing, Reason.MISSING_FIELD, f"{col} is required")
+    return cols
+
+
+def _clean_table(name: str, cols: dict[str, pd.Series], keep: np.ndarray) -> pa.Table:
+    schema = SCHEMAS[name]
+    arrays = []
+    for field in schema:
+        arrays.append(pa.array(cols[field.name][keep], type=field.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def validate_ads(batch: pa.Table | pd.DataFrame) -> Validated:
+    """Type and value checks on one batch of ads. Duplicate ids need the whole table: see
+    :func:`flag_duplicate_keys`."""
+    df = _to_frame(batch).reset_index(drop=True)
+    rej = _Rejects(len(df))
+    cols = _typed_columns("ads", df, rej, ("ad_id", "title", "category", "active"))
+    ecpm = cols["ecpm"].to_numpy(dtype=float, na_value=np.nan)
+    rej.add(np.isinf(ecpm) | (ecpm < 0), Reason.INVALID_VALUE,
+            lambda i: f"ecpm must be a finite number >= 0, got {ecpm[i]}")
+    return Validated(_clean_table("ads", cols, ~rej.mask), _quarantine_table("ads", df, rej))
+
+
+def validate_users(batch: pa.Table | pd.DataFrame, max_age: int = 120) -> Validated:
+    df = _to_frame(batch).reset_index(drop=True)
+    rej = _Rejects(len(df))
+    cols = _typed_columns("users", df, rej, ("user_id",))
+    age = cols["age"].to_numpy(dtype=float, na_value=np.nan)
+    rej.add((age < 0) | (age > max_age), Reason.INVALID_VALUE,
+            lambda i: f"age must be in [0, {max_age}], got {age[i]:g}")
+    return Validated(_clean_table("users", cols, ~rej.mask), _quarantine_table("users", df, rej))
+
+
+def validate_events(
+    batch: pa.Table | pd.DataFrame,
+    known_ad_ids: set[str] | frozenset[str] | None = None,
+    time_range: TimeRange = TimeRange(),
+) -> Validated:
+    """Row checks on one batch of events. ``known_ad_ids`` is the clean ads' id set (None
+    skips the reference check). Duplicates need all of a user's events: see
+    :func:`flag_duplicate_events`."""
+    df = _to_frame(batch).reset_index(drop=True)
+    rej = _Rejects(len(df))
+    cols = _typed_columns("events", df, rej, ("user_id", "ts", "domain", "action"))
+    domain = cols["domain"].fillna("").to_numpy(dtype=object)
+    action = cols["action"].fillna("").to_numpy(dtype=object)
+    ad_id = cols["ad_id"]
+    title = cols["title"]
+    known_domain = np.isin(domain, list(DOMAIN_ACTIONS))
+    rej.add(~known_domain, Reason.UNKNOWN_DOMAIN,
+            lambda i: f"domain {domain[i]!r} not in {sorted(DOMAIN_ACTIONS)}")
+    rej.add(~np.isin(action, list(ACTIONS)), Reason.UNKNOWN_ACTION,
+            lambda i: f"action {action[i]!r} not in {sorted(ACTIONS)}")
+    legal = np.isin(domain.astype(str) + "|" + action.astype(str), _LEGAL_PAIRS)
+    rej.add(~legal, Reason.ACTION_DOMAIN_MISMATCH,
+            lambda i: f"action {action[i]!r} is not valid in domain {domain[i]!r}")
+    is_ad = domain == "ad"
+    rej.add(is_ad & ad_id.isna().to_numpy(), Reason.MISSING_FIELD, "ad_id is required for ad events")
+    no_title = title.fillna("").astype(str).str.strip().to_numpy() == ""
+    rej.add(~is_ad & known_domain & no_title, Reason.MISSING_FIELD,
+            "title is required for content events")
+    if known_ad_ids is not None:
+        ids = ad_id.to_numpy(dtype=object)
+        unknown = is_ad & ad_id.notna().to_numpy() & ~ad_id.isin(known_ad_ids).to_numpy()
+        rej.add(unknown, Reason.UNKNOWN_AD_ID, lambda i: f"ad_id {ids[i]!r} is not in the ads table")
+    ts = cols["ts"]
+    lo, hi = pd.Timestamp(time_range.start), pd.Timestamp(time_range.end)
+    out = ts.notna().to_numpy() & ((ts < lo) | (ts > hi)).fillna(False).to_numpy(dtype=bool)
+    rej.add(out, Reason.TS_OUT_OF_RANGE,
+            lambda i: f"ts {ts.iloc[i]} outside [{lo.isoformat()}, {hi.isoformat()}]")
+    return Validated(_clean_table("events", cols, ~rej.mask), _quarantine_table("events", df, rej))
+
+
+def flag_duplicate_keys(table: pa.Table, name: str, key: str) -> Validated:
+    """Keep the first row of each key; later rows with the same key go to quarantine."""
+    df = table.to_pandas()
+    dup = df.duplicated(subset=[key], keep="first").to_numpy()
+    rej = _Rejects(len(df))
+    keys = df[key].to_numpy(dtype=object)
+    rej.add(dup, Reason.DUPLICATE_ID, lambda i: f"{key} {keys[i]!r} appears more than once")
+    return Validated(table.filter(pa.array(~dup)), _quarantine_table(name, df, rej))
+
+
+EVENT_IDENTITY = ("user_id", "ts", "domain", "action", "ad_id", "title")
+
+
+def flag_duplicate_events(table: pa.Table) -> Validated:
+    """Events identical in every field are logged twice (client retries): keep one. The
+    output is sorted by (user_id, ts), the order every later stage wants."""
+    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+    df = table.to_pandas()
+    dup = df.duplicated(subset=list(EVENT_IDENTITY), keep="first").to_numpy()
+    rej = _Rejects(len(df))
+    rej.add(dup, Reason.DUPLICATE_EVENT, "identical to an earlier event of the same user")
+    return Validated(table.filter(pa.array(~dup)), _quarantine_table("events", df, rej))
+
+
+def empty(name: str) -> pa.Table:
+    return (QUARANTINE if name == "quarantine" else SCHEMAS[name]).empty_table()
