@@ -37,6 +37,7 @@ STAGES: tuple[Stage, ...] = (
           "generate the synthetic ad world (ads, users, events as parquet)", "synth"),
     Stage("ingest", "leadre.ingest", "IngestConfig",
           "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest"),
+          "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie", "sids"),
     Stage("demo", "leadre.demo", "DemoConfig",
           "run the whole pipeline on the embedded synthetic world and print a summary", "demo"),
 )
@@ -83,7 +84,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=f"{help_} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only the stage named in ``argv`` gets its config flags (and so its
+    module imported): `leadre --help` stays fast and one broken stage can't break the rest."""
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="leadre",
         description="LEADRE on Ray: turn interaction logs into an LLM ad retrieval engine. "
@@ -99,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field (repeatable); VALUE is parsed as YAML")
         p.set_defaults(_stage=stage)
-        cls = getattr(importlib.import_module(stage.module), stage.config)
-        _add_config_flags(p, cls)
+        if stage.name == chosen:
+            _add_config_flags(p, getattr(importlib.import_module(stage.module), stage.config))
     return parser
 
 
@@ -117,8 +121,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
