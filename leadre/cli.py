@@ -37,7 +37,6 @@ STAGES: tuple[Stage, ...] = (
           "generate the synthetic ad world (ads, users, events as parquet)", "synth"),
     Stage("ingest", "leadre.ingest", "IngestConfig",
           "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest"),
-          "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie", "sids"),
     Stage("demo", "leadre.demo", "DemoConfig",
           "run the whole pipeline on the embedded synthetic world and print a summary", "demo"),
 )
