@@ -37,6 +37,28 @@ STAGES: tuple[Stage, ...] = (
           "generate the synthetic ad world (ads, users, events as parquet)", "synth"),
     Stage("ingest", "leadre.ingest", "IngestConfig",
           "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest"),
+    Stage("sids", "leadre.sids", "SidConfig",
+          "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie", "sids"),
+    Stage("prompts", "leadre.prompts", "PromptConfig",
+          "build intent-aware prompts, auxiliary tasks and DPO pairs (leak-free splits) "
+          "with Ray Data", "prompts"),
+    Stage("sft", "leadre.sft", "SftConfig",
+          "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
+          "checkpoints, resume, adapter and merged model", "sft"),
+    Stage("dpo", "leadre.dpo", "DpoConfig",
+          "DPO from the SFT adapter on eCPM preference pairs (Ray Train + TRL DPOTrainer)", "dpo"),
+    Stage("eval", "leadre.evaluate", "EvalConfig",
+          "trie-constrained beam search for every eval user (Ray Data), metrics, baselines, "
+          "report (JSON, Markdown, PNG)", "eval"),
+    Stage("ablation", "leadre.ablation", "AblationConfig",
+          "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
+          "(drives prompts -> sft -> dpo -> eval)", "ablation"),
+    Stage("index", "leadre.index", "IndexConfig",
+          "build the ScaNN index over the active ads' embeddings (recall@10 vs exact search)",
+          "index"),
+    Stage("serve", "leadre.serve", "ServeConfig",
+          "run the two-tier Ray Serve graph (ingress, ScaNN matcher, LLM generator) over HTTP",
+          "serve"),
     Stage("demo", "leadre.demo", "DemoConfig",
           "run the whole pipeline on the embedded synthetic world and print a summary", "demo"),
 )

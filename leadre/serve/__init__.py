@@ -1,0 +1,33 @@
+"""Stage 8: the two-tier Ray Serve graph (DESIGN.md "7-8 serving").
+
+``Ingress`` (FastAPI, HTTP) -> ``Matcher`` (ScaNN + candidate store, latency-sensitive, CPU)
+and, asynchronously, ``Generator`` (the fine-tuned LLM, ``@serve.batch``, GPU when present),
+which writes generated S-IDs to the candidate store (``leadre.store``).
+
+Entry points: ``leadre serve`` (``run``), ``serve run leadre.serve:build_app`` and the
+``serve_configs/*.yaml`` files (``build_app``). Ray Serve is imported lazily: importing this
+package for its config costs nothing.
+"""
+
+from leadre.serve.config import ServeConfig
+
+
+def build_app(args=None):
+    from leadre.serve.app import build_app as _build_app
+
+    return _build_app(args)
+
+
+def build(cfg: ServeConfig):
+    from leadre.serve.app import build as _build
+
+    return _build(cfg)
+
+
+def run(cfg: ServeConfig) -> dict:
+    from leadre.serve.app import run as _run
+
+    return _run(cfg)
+
+
+__all__ = ["ServeConfig", "build_app", "build", "run"]

@@ -1,0 +1,237 @@
+"""What serving knows about a user, and how it turns that into a query.
+
+A *user context* is the small JSON record the candidate store keeps per user::
+
+    {"profile": {"age": 31, "gender": "f", "city": ..., "education": ..., "industry": ...},
+     "categories": [["sports", 12], ["travel", 4]],      # long-term: engaged ad categories
+     "events": [{"ts": 1735689600.0, "domain": "video", "action": "play",
+                 "ad_id": null, "title": "badminton smash tips"}, ...]}   # oldest first
+
+``ray_jobs/warm_cache.py`` writes it for every user from the ingest tables; the matcher uses
+its events for real-time ANN queries on a cache miss, the generator builds the LLM prompt from
+it. A request may add ``recent_events`` (newer than anything stored) on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, OrderedDict
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# How much each behaviour says about the next ad (impressions are mostly targeting noise).
+ACTION_WEIGHT = {"conversion": 3.0, "click": 2.0, "impression": 0.3, "play": 1.0, "read": 1.0}
+RECENCY_DECAY = 0.85  # per position, most recent first
+ENGAGE = ("click", "conversion")
+PROFILE_FIELDS = ("age", "gender", "city", "education", "industry")
+
+
+def _ts(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp()
+    if isinstance(value, pd.Timestamp):
+        return value.timestamp()
+    try:
+        return pd.Timestamp(value).timestamp()
+    except (ValueError, TypeError):
+        return None
+
+
+def merge_events(request_events: Sequence[dict] | None, stored: Sequence[dict] | None,
+                 limit: int) -> list[dict]:
+    """Stored history followed by the request's (newer) events, the last ``limit``."""
+    events = list(stored or []) + list(request_events or [])
+    return events[-limit:] if limit > 0 else []
+
+
+def user_contexts(ingest_dir: str, max_events: int = 50, max_categories: int = 5,
+                  user_ids: Iterable[str] | None = None) -> dict[str, dict]:
+    """Contexts of the users of an ingest directory (all, or ``user_ids``)."""
+    from leadre.artifacts import read_table
+
+    users = read_table(ingest_dir, "users").to_pandas()
+    events = read_table(ingest_dir, "events").to_pandas()
+    ads = read_table(ingest_dir, "ads").select(["ad_id", "category"]).to_pandas()
+    if user_ids is not None:
+        keep = set(user_ids)
+        users = users[users.user_id.isin(keep)]
+        events = events[events.user_id.isin(keep)]
+    return contexts_from_frames(users, events, ads, max_events, max_categories)
+
+
+def contexts_from_frames(users: pd.DataFrame, events: pd.DataFrame, ads: pd.DataFrame,
+                         max_events: int = 50, max_categories: int = 5) -> dict[str, dict]:
+    """Vectorised context building (also used per batch by the Ray Data warm-up job)."""
+    cat_of = dict(zip(ads.ad_id, ads.category))
+    out: dict[str, dict] = {}
+    for row in users.itertuples(index=False):
+        prof = {}
+        for f in PROFILE_FIELDS:
+            v = getattr(row, f, None)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)) and v is not pd.NA:
+                prof[f] = int(v) if f == "age" else str(v)
+        out[row.user_id] = {"profile": prof, "categories": [], "events": []}
+    if len(events):
+        events = events.sort_values(["user_id", "ts"], kind="stable")
+        for uid, g in events.groupby("user_id", sort=False):
+            ctx = out.setdefault(uid, {"profile": {}, "categories": [], "events": []})
+            engaged = g[g.action.isin(ENGAGE) & g.ad_id.notna()]
+            counts = Counter(cat_of.get(a) for a in engaged.ad_id if cat_of.get(a))
+            ctx["categories"] = [[c, n] for c, n in counts.most_common(max_categories)]
+            tail = g.tail(max_events)
+            ctx["events"] = [
+                _event(ts, d, a, ad, t, cat_of)
+                for ts, d, a, ad, t in zip(tail.ts, tail.domain, tail.action, tail.ad_id,
+                                           tail.title)]
+    return out
+
+
+def _event(ts, domain, action, ad_id, title, cat_of: dict) -> dict:
+    ad = None if ad_id is None or isinstance(ad_id, float) else str(ad_id)
+    ev = {"ts": _ts(ts), "domain": domain, "action": action, "ad_id": ad,
+          "title": None if title is None or isinstance(title, float) else str(title)}
+    if ad is not None and cat_of.get(ad):
+        ev["category"] = cat_of[ad]  # lets the prompt builder count long-term categories
+    return ev
+
+
+class QueryBuilder:
+    """Events -> one unit query vector in the ads' embedding space.
+
+    Ad events use the ad's own embedding (inactive ads too: the user's interest is real even
+    if that ad is switched off); content events (videos, news) embed their title with the
+    catalog's text encoder, so cross-domain behaviour moves the query as well. Each event is
+    weighted by its action and by recency (most recent first)."""
+
+    def __init__(self, sids_dir: str, cache_titles: int = 50_000):
+        from leadre.index import load_embeddings
+
+        self.sids_dir = sids_dir
+        ids, self.emb = load_embeddings(sids_dir)
+        self._row = pd.Index(ids)
+        self._encoder = None
+        self._titles: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_titles = cache_titles
+
+    @property
+    def dim(self) -> int:
+        return self.emb.shape[1]
+
+    def _encode_titles(self, titles: list[str]) -> list[np.ndarray]:
+        missing = [t for t in dict.fromkeys(titles) if t not in self._titles]
+        if missing:
+            if self._encoder is None:
+                from leadre.artifacts import join
+                from leadre.sids.encoder import load_encoder
+
+                self._encoder = load_encoder(join(self.sids_dir, "encoder"))
+            for t, v in zip(missing, self._encoder.encode(missing)):
+                self._titles[t] = v.astype(np.float32)
+            while len(self._titles) > self._cache_titles:
+                self._titles.popitem(last=False)
+        return [self._titles[t] for t in titles]
+
+    def ad_vectors(self, ad_ids: Sequence[str]) -> np.ndarray:
+        rows = self._row.get_indexer(list(ad_ids))
+        return self.emb[rows[rows >= 0]]
+
+    def vector(self, events: Sequence[dict]) -> np.ndarray | None:
+        """Weighted mean of the events' vectors, unit length; None when nothing is usable."""
+        vecs, weights, titles, title_w = [], [], [], []
+        n = len(events)
+        for i, ev in enumerate(events):
+            w = ACTION_WEIGHT.get(ev.get("action"), 0.5) * RECENCY_DECAY ** (n - 1 - i)
+            ad = ev.get("ad_id")
+            if ad:
+                r = self._row.get_indexer([ad])[0]
+                if r >= 0:
+                    vecs.append(self.emb[r])
+                    weights.append(w)
+                    continue
+            if ev.get("title"):
+                titles.append(ev["title"])
+                title_w.append(w)
+        if titles:
+            for v, w in zip(self._encode_titles(titles), title_w):
+                if np.any(v):
+                    vecs.append(v)
+                    weights.append(w)
+        if not vecs:
+            return None
+        q = np.average(np.stack(vecs), axis=0, weights=np.asarray(weights))
+        norm = np.linalg.norm(q)
+        return (q / norm).astype(np.float32) if norm > 1e-9 else None
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _days_ago(ts: float | None, now: float) -> int:
+    return max(0, int((now - ts) // 86_400)) if ts is not None else 0
+
+
+def build_prompt(ctx: dict | None, table: Any, now: float | None = None) -> str:
+    """The main-task (intent-aware) prompt of a user context, in the training wording.
+
+    Uses ``leadre.prompts.build_user_prompt`` (the function every training prompt comes
+    from, so online and offline prompts cannot drift); long-term categories are counted over
+    the stored events (each ad event carries its category). Without that module, the first
+    template of ``leadre.prompt_templates`` is filled here."""
+    ctx = ctx or {}
+    try:
+        from leadre.prompts import build_user_prompt
+    except ImportError:
+        build_user_prompt = None
+    if build_user_prompt is not None:
+        events = [{**e, "ts": int(round((e.get("ts") or 0.0) * 1000))}
+                  for e in ctx.get("events", [])]
+        cats = {e["ad_id"]: e["category"] for e in events if e.get("ad_id") and e.get("category")}
+
+        def sid_of(ad_id: str) -> str | None:
+            return table.sids([ad_id])[0]
+
+        return build_user_prompt(ctx.get("profile") or None, events, sid_of,
+                                 ad_category_of=cats.get,
+                                 now=None if now is None else int(now * 1000))
+    return _template_prompt(ctx, table, now)
+
+
+def _template_prompt(ctx: dict, table: Any, now: float | None = None) -> str:
+    from leadre import prompt_templates as T
+
+    events = [e for e in ctx.get("events", []) if e.get("action") in T.BEHAVIOURS]
+    if now is None:
+        stamps = [e.get("ts") for e in events if e.get("ts") is not None]
+        now = max(stamps) if stamps else 0.0
+    tpl = T.PROMPT_TEMPLATES[0]
+    parts = [tpl.instruction]
+    prof = ctx.get("profile") or {}
+    pieces = [T.PROFILE_PARTS[k].format(**{k: prof[k]}) for k in T.PROFILE_PARTS if prof.get(k)]
+    if pieces:
+        parts.append(tpl.profile.format(profile=T.PROFILE_JOINER.join(pieces)))
+    cats = ctx.get("categories") or []
+    if cats:
+        parts.append(tpl.categories.format(categories=T.LIST_JOINER.join(
+            T.CATEGORY_ITEM.format(category=c, count=n) for c, n in cats)))
+    items = []
+    sids = table.sids([e.get("ad_id") or "" for e in events]) if events else []
+    for e, sid in zip(events, sids):
+        obj = sid if e.get("domain") == "ad" else e.get("title")
+        if not obj:
+            continue
+        items.append(T.BEHAVIOUR_ITEM.format(days=_days_ago(e.get("ts"), now),
+                                             behaviour=T.BEHAVIOURS[e["action"]], object=obj))
+    if items:
+        parts.append(tpl.behaviours.format(behaviours=T.LIST_JOINER.join(items)))
+    parts.append(tpl.question)
+    return T.FACET_JOINER.join(parts)

@@ -1,0 +1,185 @@
+"""The latency-tolerant tier: the fine-tuned LLM generates S-IDs into the candidate store.
+
+Work arrives two ways, both ending in the same ``@serve.batch`` method:
+
+* the ingress nudges ``Generator.generate(user_id)`` (fire-and-forget) on a cache miss;
+* each replica drains the store's durable queue (``claim`` with a lease, ``ack`` when the
+  candidates are written), so users queued while no generator was alive, or claimed by a
+  replica that died mid-batch, are generated anyway.
+
+Engines: ``llm`` = ``leadre.generate.SidGenerator`` (trie-constrained beam search over active
+ads; GPU when present) on the user's intent-aware prompt; ``embedding`` = a baseline used when
+no trained model is configured (nearest active ads to the user's history), so the graph runs
+end to end before training finishes. Results carry ``model_version`` so the two never mix
+silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from leadre.store import CandidateRecord, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratedBatch:
+    users: int
+    written: int
+    seconds: float
+
+
+class GeneratorCore:
+    """Context -> prompt -> candidates -> store, for a batch of user ids (in-process)."""
+
+    def __init__(self, sids_dir: str, store_url: str, model_dir: str | None = None,
+                 index_dir: str | None = None, ttl_s: float = 86_400.0, top_k: int = 20,
+                 beam_size: int = 20, batch_size: int = 16):
+        from leadre.sids import load_table
+
+        self.store = open_store(store_url)
+        self.ttl_s = ttl_s
+        self.top_k = top_k
+        self.table = load_table(sids_dir)
+        self.engine = "llm" if model_dir else "embedding"
+        if model_dir:
+            from leadre.generate import GenerateConfig, SidGenerator
+
+            self.llm = SidGenerator.from_stage_dir(
+                model_dir, sids_dir, GenerateConfig(beam_size=beam_size, top_k=top_k,
+                                                    batch_size=batch_size))
+            self.table = self.llm.table
+            self.model_version = _model_version(model_dir)
+        else:
+            from leadre.index import AdIndex
+            from leadre.serve.context import QueryBuilder
+
+            if index_dir is None:
+                raise ValueError("the embedding generator needs index_dir")
+            self.index = AdIndex.load(index_dir)
+            self.queries = QueryBuilder(sids_dir)
+            self.model_version = "embedding-baseline"
+
+    def device(self) -> str:
+        return str(self.llm.device) if self.engine == "llm" else "cpu"
+
+    def candidates(self, contexts: list[dict | None]) -> list[list[tuple[str, float]]]:
+        """(S-ID, score) lists, best first, one per context."""
+        if self.engine == "llm":
+            from leadre.serve.context import build_prompt
+
+            prompts = [build_prompt(c, self.table) for c in contexts]
+            return [[(c.sid, c.score) for c in cands]
+                    for cands in self.llm.generate(prompts, self.top_k)]
+        out = []
+        for ctx in contexts:
+            q = self.queries.vector((ctx or {}).get("events") or [])
+            if q is None:
+                ads = [(self.index.ad_ids[r], 0.0) for r in self.index.popular[:self.top_k]]
+            else:
+                ads = self.index.search(q, self.top_k)
+            sids = self.table.sids([a for a, _ in ads])
+            out.append([(s, sc) for s, (_, sc) in zip(sids, ads) if s is not None])
+        return out
+
+    def generate_and_store(self, user_ids: list[str]) -> GeneratedBatch:
+        t0 = time.perf_counter()
+        users = list(dict.fromkeys(user_ids))
+        ctx = self.store.get_users(users)
+        cands = self.candidates([ctx.get(u) for u in users])
+        now = time.time()
+        recs = [CandidateRecord(u, [s for s, _ in c], [float(x) for _, x in c],
+                                self.model_version, self.table.version, now)
+                for u, c in zip(users, cands)]
+        written = self.store.put_many(recs, ttl_s=self.ttl_s)
+        self.store.ack(users)
+        return GeneratedBatch(len(users), written, time.perf_counter() - t0)
+
+
+def _model_version(model_dir: str) -> str:
+    """The training manifest's identity (stage + creation time), hashed short."""
+    from leadre.artifacts import read_manifest
+
+    try:
+        m = read_manifest(model_dir)
+        raw = f"{m.get('stage')}:{m.get('created_at')}:{m.get('version', '')}"
+        return f"{m.get('stage')}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
+    except Exception:
+        return "model-" + hashlib.sha256(model_dir.encode()).hexdigest()[:10]
+
+
+def _deployment():
+    from ray import serve
+    from ray.serve.metrics import Counter, Gauge, Histogram
+
+    @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0.1},
+                      max_ongoing_requests=64, max_queued_requests=256,
+                      health_check_period_s=5, health_check_timeout_s=30)
+    class Generator:
+        """LLM generator replica: ``@serve.batch`` over user ids + a queue-draining loop."""
+
+        async def __init__(self, sids_dir: str, store_url: str, model_dir: str | None = None,
+                           index_dir: str | None = None, ttl_s: float = 86_400.0,
+                           top_k: int = 20, beam_size: int = 20, batch_size: int = 16,
+                           batch_wait_s: float = 0.05, poll_interval_s: float = 0.5,
+                           lease_s: float = 120.0):
+            self.core = await asyncio.to_thread(GeneratorCore, sids_dir, store_url, model_dir,
+                                                index_dir, ttl_s, top_k, beam_size, batch_size)
+            self.generate.set_max_batch_size(batch_size)
+            self.generate.set_batch_wait_timeout_s(batch_wait_s)
+            self.batch_size, self.poll, self.lease = batch_size, poll_interval_s, lease_s
+            self.latency = Histogram(
+                "leadre_tier_latency_ms", description="latency per serving tier (ms)",
+                boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 20000], tag_keys=("tier",))
+            self.latency.set_default_tags({"tier": "generator"})
+            self.users = Counter("leadre_generated_users_total",
+                                 description="users whose candidates were (re)generated")
+            self.queue = Gauge("leadre_generation_queue_depth",
+                               description="users waiting for LLM generation")
+            self.batch_sizes = Histogram("leadre_generator_batch_size",
+                                         description="users per generation batch",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+            self._drain = asyncio.get_running_loop().create_task(self._drain_queue())
+            log.info("generator: engine=%s model=%s device=%s", self.core.engine,
+                     self.core.model_version, self.core.device())
+
+        async def _drain_queue(self) -> None:
+            while True:
+                try:
+                    ids = await asyncio.to_thread(self.core.store.claim, self.batch_size,
+                                                  self.lease)
+                    self.queue.set(await asyncio.to_thread(self.core.store.queue_depth))
+                    if ids:
+                        await asyncio.gather(*(self.generate(u) for u in ids))
+                        continue
+                except RuntimeError as e:  # the replica is shutting down
+                    if "shutdown" in str(e):
+                        return
+                    log.exception("generator: queue drain failed")
+                except Exception:
+                    log.exception("generator: queue drain failed")
+                await asyncio.sleep(self.poll)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+        async def generate(self, user_ids: list[str]) -> list[bool]:
+            t0 = time.perf_counter()
+            # The model runs in a worker thread: the replica keeps accepting requests.
+            out = await asyncio.to_thread(self.core.generate_and_store, user_ids)
+            self.latency.observe((time.perf_counter() - t0) * 1000)
+            self.users.inc(out.users)
+            self.batch_sizes.observe(len(user_ids))
+            return [True] * len(user_ids)
+
+        async def info(self) -> dict:
+            return {"engine": self.core.engine, "model_version": self.core.model_version,
+                    "device": self.core.device(), "sid_version": self.core.table.version}
+
+    return Generator
+
+
+Generator = _deployment()

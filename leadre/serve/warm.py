@@ -1,0 +1,150 @@
+"""Bulk warm-up of the candidate store with Ray Data (``ray_jobs/warm_cache.py``).
+
+Two passes over the ingest tables:
+
+1. contexts: the users table in batches; each batch reads its users' events with a
+   pushed-down filter (no shuffle) -> profile + long-term categories + the last
+   ``max_events`` behaviours -> ``store.put_users``;
+2. generation: the ids of the active users stream through an actor pool of generators
+   (one model copy per actor, ``num_gpus`` each on a GPU cluster) that write candidates with
+   the TTL and versions, exactly as the serving Generator does.
+
+"Active users" = users with at least one event in the last ``active_days`` days of the log
+(all users with events when unset).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from leadre.config import ConfigError
+from leadre.runtime import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmConfig:
+    """Configuration of the store warm-up job.
+
+    Parameters:
+        ingest_dir: output of ``leadre ingest`` (users, events, ads).
+        sids_dir / index_dir / model_dir: as in ``ServeConfig``; ``model_dir`` unset uses the
+            embedding baseline generator.
+        store_url: the serving store (``sqlite:///...`` on one node, ``redis://`` on a cluster).
+    """
+
+    ingest_dir: str = field(default="runs/ingest", metadata={"help": "output of `leadre ingest`"})
+    sids_dir: str = field(default="runs/sids", metadata={"help": "output of `leadre sids`"})
+    index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
+    model_dir: str | None = field(default=None, metadata={
+        "help": "output of `leadre sft`/`leadre dpo`; unset: embedding baseline"})
+    store_url: str = field(default="sqlite:///runs/store/candidates.db", metadata={
+        "help": "candidate store URL (redis://... when workers run on several nodes)"})
+    ttl_s: float = field(default=86_400.0, metadata={"help": "lifetime of the candidates"})
+    top_k: int = field(default=20, metadata={"help": "candidates per user"})
+    beam_size: int = field(default=20, metadata={"help": "beams per user"})
+    max_events: int = field(default=50, metadata={"help": "behaviours kept per user context"})
+    active_days: int | None = field(default=None, metadata={
+        "help": "warm users active in the last N days of the log (unset: all with events)"})
+    context_batch_size: int = field(default=20_000, metadata={
+        "help": "users per context-building task"})
+    batch_size: int = field(default=64, metadata={"help": "users per generation batch"})
+    workers: int = field(default=1, metadata={"help": "generator actors (model copies)"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per generator actor"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per generator actor"})
+    contexts_only: bool = field(default=False, metadata={
+        "help": "write user contexts only (serving then generates on demand)"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.batch_size < 1:
+            raise ConfigError("workers and batch_size must be >= 1")
+        if self.active_days is not None and self.active_days < 1:
+            raise ConfigError("active_days must be >= 1 when set")
+
+
+def _contexts_fn(batch: pd.DataFrame, events_path: str, ads_category, store_url: str,
+                 max_events: int) -> pd.DataFrame:
+    """Contexts of one batch of users: their events are read with a pushed-down filter."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from leadre.artifacts import resolve
+    from leadre.serve.context import contexts_from_frames
+    from leadre.store import open_store
+
+    cats = ray.get(ads_category) if isinstance(ads_category, ray.ObjectRef) else ads_category
+    fs, path = resolve(events_path)
+    uids = batch.user_id.astype(str).tolist()
+    events = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        filter=pads.field("user_id").isin(uids)).to_pandas()
+    ctx = contexts_from_frames(batch, events, cats, max_events)
+    with open_store(store_url) as store:
+        store.put_users(ctx)
+    return pd.DataFrame({"users": [len(ctx)]})
+
+
+class _GenerateWorker:
+    def __init__(self, cfg_dict: dict):
+        from leadre.serve.generator import GeneratorCore
+
+        c = cfg_dict
+        self.core = GeneratorCore(c["sids_dir"], c["store_url"], c["model_dir"], c["index_dir"],
+                                  c["ttl_s"], c["top_k"], c["beam_size"], c["batch_size"])
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.core.generate_and_store([str(u) for u in batch["user_id"]])
+        return {"written": np.asarray([out.written])}
+
+
+def run(cfg: WarmConfig) -> dict:
+    import ray
+    import ray.data
+
+    from leadre.artifacts import join, read_table
+    from leadre.runtime import init_ray
+    from leadre.serve.config import ServeConfig
+
+    # Same absolute-path rules as serving (workers may run elsewhere).
+    abs_cfg = ServeConfig(index_dir=cfg.index_dir, sids_dir=cfg.sids_dir, model_dir=cfg.model_dir,
+                          store_url=cfg.store_url).absolute()
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    timings = {}
+    ads = read_table(cfg.ingest_dir, "ads").select(["ad_id", "category"]).to_pandas()
+    # Batches of users, each reading only its users' events (predicate pushdown): no shuffle.
+    written_ctx = ray.data.read_parquet(join(cfg.ingest_dir, "users")).map_batches(
+        _contexts_fn, batch_format="pandas", batch_size=cfg.context_batch_size,
+        fn_kwargs={"events_path": join(cfg.ingest_dir, "events"), "ads_category": ray.put(ads),
+                   "store_url": abs_cfg.store_url, "max_events": cfg.max_events},
+    ).sum("users") or 0
+    timings["contexts_s"] = round(time.perf_counter() - t0, 2)
+
+    ev = read_table(cfg.ingest_dir, "events").select(["user_id", "ts"]).to_pandas()
+    if cfg.active_days is not None and len(ev):
+        cutoff = ev.ts.max() - pd.Timedelta(days=cfg.active_days)
+        ev = ev[ev.ts >= cutoff]
+    active = sorted(ev.user_id.unique().tolist())
+    generated = 0
+    if not cfg.contexts_only and active:
+        t1 = time.perf_counter()
+        c = {**asdict(cfg), "sids_dir": abs_cfg.sids_dir, "index_dir": abs_cfg.index_dir,
+             "model_dir": abs_cfg.model_dir, "store_url": abs_cfg.store_url}
+        c.pop("ray")
+        ds = ray.data.from_items([{"user_id": u} for u in active])
+        generated = ds.map_batches(
+            _GenerateWorker, fn_constructor_kwargs={"cfg_dict": c}, batch_size=cfg.batch_size,
+            concurrency=cfg.workers, num_gpus=cfg.gpus_per_worker,
+            num_cpus=cfg.cpus_per_worker).sum("written") or 0
+        timings["generate_s"] = round(time.perf_counter() - t1, 2)
+        timings["users_per_s"] = round(generated / max(timings["generate_s"], 1e-9), 1)
+    summary = {"store_url": abs_cfg.store_url, "contexts": int(written_ctx),
+               "active_users": len(active), "generated": int(generated),
+               "engine": "llm" if cfg.model_dir else "embedding-baseline", **timings}
+    return {"stage": "warm_cache", "config": asdict(cfg), "summary": summary}
