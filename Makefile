@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -22,8 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/leadre demo
 
+# Redis backs the production candidate store; its tests need a real redis-server.
 test: $(STAMP)
+	@bash scripts/install_redis.sh || echo "WARNING: no redis-server: the Redis store tests will be skipped"
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
+
+# Long checks excluded from the default suite (autoscaling on a fake multi-node cluster, ...).
+test-slow: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,6 +8,7 @@ and `small` model presets, ratio measured in one run. Appends to bench/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--presets", default="tiny,small")
     args = ap.parse_args()
 
+    load0 = os.getloadavg()[0]
     table = catalog(args.ads)
     texts = prompts(table, args.batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,11 +100,14 @@ def main() -> None:
         lines.append(f"| {preset} | {n_params / 1e6:.2f} M | {n_tok:.0f} | {ours_s:.3f} | "
                      f"{hf_s:.3f} | **{hf_s / ours_s:.1f}x** | {same}/{len(texts)} | {diff:.1e} |")
         print(lines[-1], flush=True)
+    load = os.getloadavg()[0]
     lines += ["", "Both decoders rank by the full-vocabulary log-probability of the S-ID tokens "
               "(HF: `length_penalty=0`, `max_new_tokens` = S-ID length); the HF callback looks "
               "allowed tokens up in a memoised prefix -> ids dict (a fair, fast callback). "
               "Differences in 'identical lists' come from float near-ties between a B-row and a "
-              "B x beam-row prefill."]
+              "B x beam-row prefill.",
+              "", f"Load average (1 min) at start / end: {load0:.1f} / {load:.1f} on "
+              f"{os.cpu_count()} cores."]
     append("Constrained S-ID beam search vs model.generate(prefix_allowed_tokens_fn)",
            "\n".join(lines))
 

@@ -13,6 +13,7 @@ the wall-clock column). On a CPU each worker runs torch with one thread per rese
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ def main() -> None:
     from leadre.sft import SftConfig, run
 
     init_ray(RayConfig())
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="leadre-bench-train-") as tmp:
         world = write_prompts(Path(tmp) / "w", n_users=a.users, seed=0)
@@ -67,7 +69,9 @@ def main() -> None:
         lines.append(f"| {r['workers']} | {r['device']} | {r['sps']:.1f} | "
                      f"{r['sps'] / base:.2f}x | {r['fit']:.1f} | {r['loss']} |")
     lines += ["", "samples/s: time inside optimiser steps only (median logging window). The "
-              "machine's cores are shared with other jobs, so expect run-to-run noise."]
+              "machine's cores are shared with other jobs: 1-minute load average "
+              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (on {os.cpu_count()} "
+              "cores); a load above the core count makes the ratio meaningless."]
     body = "\n".join(lines)
     if a.no_append:
         print(body)

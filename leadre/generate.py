@@ -25,7 +25,6 @@ is impossible by construction (:func:`invalid_rate` measures it anyway).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence

@@ -23,8 +23,8 @@ from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.model import MODEL_DIR, PresetName, load_model, load_tokenizer, prepare_base_model
 from leadre.runtime import init_ray
-from leadre.train_common import (TrainArgs, hf_args, load_split, lora_config, prompts_inputs,
-                                 summary, to_hf, train_and_export)
+from leadre.train_common import (TrainArgs, load_split, lora_config, prompts_inputs, summary,
+                                 to_hf, train_and_export)
 
 log = logging.getLogger(__name__)
 STAGE = "sft"

@@ -2,7 +2,8 @@
 transformers and Ray Train are slow to import).
 
 * :class:`StepTimer` adds throughput (``samples_per_second``, time inside optimiser steps only,
-  so evaluation and checkpointing don't dilute it) to each training log entry.
+  so evaluation and checkpointing don't dilute it) to each training log entry, and prints one
+  progress line per logging window on rank 0 (HF's own printer is removed).
 * :class:`ReportCallback` reports each saved HF checkpoint to Ray Train (rank 0 uploads it, the
   other ranks report the same metrics without one) and, optionally, metrics every N steps.
 * :class:`FaultInjector` makes rank 0 raise at a given step of a run that did not start from a
@@ -34,8 +35,9 @@ class InjectedFault(RuntimeError):
 class StepTimer(TrainerCallback):
     """Samples per second over each logging window, from the time spent inside steps."""
 
-    def __init__(self, global_batch: int):
+    def __init__(self, global_batch: int, rank: int = 0):
         self.global_batch = global_batch
+        self.rank = rank
         self.t0: float | None = None
         self.busy = 0.0
         self.steps = 0
@@ -57,6 +59,9 @@ class StepTimer(TrainerCallback):
         entry["samples_per_second"] = round(self.steps * self.global_batch / self.busy, 3)
         entry["seconds_per_step"] = round(self.busy / self.steps, 4)
         self.busy, self.steps = 0.0, 0
+        if self.rank == 0:  # one progress line per logging window in the job's log
+            keys = ("step", "loss", "learning_rate", "samples_per_second", "seconds_per_step")
+            print("leadre train:", {k: entry[k] for k in keys if k in entry}, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:  # resumed: mark where, for the manifest and the tests

@@ -293,7 +293,7 @@ def train_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="leadre-train-") as work, \
             (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
         resume = str(Path(ckpt_dir) / train_callbacks.HF_CHECKPOINT) if ckpt_dir else None
-        callbacks = [train_callbacks.StepTimer(global_batch),
+        callbacks = [train_callbacks.StepTimer(global_batch, rank),
                      train_callbacks.FaultInjector(cfg.fail_at_step, resumed=resume is not None,
                                                    rank=rank),
                      train_callbacks.ReportCallback(rank=rank, report_every=cfg.report_every)]

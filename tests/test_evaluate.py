@@ -4,10 +4,8 @@ Ray Data generation, zero invalid outputs, baselines on the same rows, JSON/Mark
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 

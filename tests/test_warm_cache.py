@@ -1,27 +1,20 @@
-"""ray_jobs/warm_cache.py: Ray Data writes every user's context and generated candidates
+"""`leadre warm` (ray_jobs/warm_cache.py): Ray Data writes every user's context and generated candidates
 (TTL + versions) into the store, in bulk."""
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-import pytest
-
+from leadre.cli import main
 from leadre.store import open_store
 
 from serving_world import make_world
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ray_jobs"))
-
 
 def test_warm_cache_job(ray_local, tmp_path):
-    import warm_cache
-
     w = make_world(tmp_path, ads=300, users=80)
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    rc = warm_cache.main(["--ingest-dir", w["ingest"], "--sids-dir", w["sids"],
+    rc = main(["warm", "--ingest-dir", w["ingest"], "--sids-dir", w["sids"],
                           "--index-dir", w["index"], "--store-url", url, "--batch-size", "32",
                           "--cpus-per-worker", "0.5", "--ttl-s", "600"])
     assert rc == 0
@@ -40,4 +33,4 @@ def test_warm_cache_job(ray_local, tmp_path):
     assert all(r.sid_version == version and r.model_version == "embedding-baseline"
                and len(r.sids) == 20 and time.time() + 500 < r.expires_at < time.time() + 700
                for r in recs.values())
-    assert warm_cache.main(["--workers", "0"]) == 2
+    assert main(["warm", "--workers", "0"]) == 2

@@ -1,4 +1,4 @@
-"""Bulk warm-up of the candidate store with Ray Data (``ray_jobs/warm_cache.py``).
+"""Bulk warm-up of the candidate store with Ray Data (``leadre warm``, ``ray_jobs/warm_cache.py``).
 
 Two passes over the ingest tables:
 
@@ -147,4 +147,4 @@ def run(cfg: WarmConfig) -> dict:
     summary = {"store_url": abs_cfg.store_url, "contexts": int(written_ctx),
                "active_users": len(active), "generated": int(generated),
                "engine": "llm" if cfg.model_dir else "embedding-baseline", **timings}
-    return {"stage": "warm_cache", "config": asdict(cfg), "summary": summary}
+    return {"stage": "warm", "config": asdict(cfg), "summary": summary}
