@@ -251,7 +251,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-trie", type=int, default=1_000_000)
     ap.add_argument("--skip-real", action="store_true", help="skip the Scientific sections")
+    ap.add_argument("--sections", default="encoders,quantizers,stage,trie",
+                    help="comma-separated subset of encoders,quantizers,stage,trie")
     args = ap.parse_args()
+    want = set(args.sections.split(","))
     def sh(*cmd: str) -> str:
         return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
@@ -260,15 +263,18 @@ def main() -> None:
              f"torch threads: {torch.get_num_threads()}; {platform.python_version()}"]
     if not args.skip_real and SCIENTIFIC.exists():
         items, _, cats, texts = load_scientific()
-        print("encoders...", flush=True)
-        enc_text, x = bench_encoders(texts, cats)
-        parts.append(enc_text)
-        print("quantisers...", flush=True)
-        parts.append(bench_quantizers(x, cats))
-        print("stage...", flush=True)
-        parts.append(bench_stage(items))
-    print("trie...", flush=True)
-    parts.append(bench_trie(args.n_trie))
+        if "encoders" in want:
+            print("encoders...", flush=True)
+            parts.append(bench_encoders(texts, cats)[0])
+        if "quantizers" in want:
+            print("quantisers...", flush=True)
+            parts.append(bench_quantizers(LsaEncoder(128).fit(texts).encode(texts), cats))
+        if "stage" in want:
+            print("stage...", flush=True)
+            parts.append(bench_stage(items))
+    if "trie" in want:
+        print("trie...", flush=True)
+        parts.append(bench_trie(args.n_trie))
     parts.append(f"Load average (1 min) at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} "
                  "on 2 cores; other engineers' jobs share the machine, so wall times above "
                  "are upper bounds (quality numbers are unaffected).")

@@ -22,7 +22,7 @@ def level_stats(codes: np.ndarray, codebook_sizes: Sequence[int]) -> list[dict]:
             "used": int((counts > 0).sum()),
             "utilisation": round(float((counts > 0).mean()), 4),
             "entropy_bits": round(entropy, 4),
-            "entropy_norm": round(entropy / np.log2(k), 4) if k > 1 else 1.0,
+            "entropy_norm": round(float(entropy / np.log2(k)), 4) if k > 1 else 1.0,
             "max_share": round(float(counts.max() / counts.sum()), 4),
         })
     return out
