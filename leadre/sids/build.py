@@ -77,11 +77,12 @@ def make_encoder(cfg: SidConfig) -> TextEncoder:
 def make_quantizer(cfg: SidConfig, n_items: int) -> Quantizer:
     k = cfg.codes_for(n_items)
     if cfg.quantizer == "rqkmeans":
-        return RqKMeans(cfg.levels, k, cfg.seed, cfg.device, kmeans_iters=cfg.kmeans_iters)
+        return RqKMeans(cfg.levels, k, cfg.seed, cfg.device, kmeans_iters=cfg.kmeans_iters,
+                        threads=cfg.cpu_threads)
     return RqVae(cfg.levels, k, cfg.seed, cfg.device, hidden_dims=cfg.hidden_dims,
                  latent_dim=cfg.latent_dim, epochs=cfg.epochs, batch_size=cfg.batch_size,
                  lr=cfg.lr, beta=cfg.beta, kmeans_iters=cfg.kmeans_iters,
-                 dead_code_reset=cfg.dead_code_reset)
+                 dead_code_reset=cfg.dead_code_reset, threads=cfg.cpu_threads)
 
 
 def quality_report(codes: np.ndarray, table: SidTable, categories: list[str] | None) -> dict:
