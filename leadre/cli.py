@@ -121,7 +121,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help.capitalize() + ".")
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help[:1].upper() + stage.help[1:] + ".")
         p.add_argument("--config", metavar="FILE.yaml",
                        help=f"YAML file; the '{stage.section}' section configures this stage")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
