@@ -154,6 +154,9 @@ def _serve_and_query(cfg: DemoConfig, d: dict[str, str]) -> dict[str, Any]:
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
+    from leadre import artifacts
+    if "://" not in cfg.out:  # Ray workers do not share the driver's working directory
+        cfg.out = artifacts.resolve(cfg.out)[1]
     init_ray(cfg.ray)
     stages = _stages(cfg)
     summary: dict[str, Any] = {}

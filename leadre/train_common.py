@@ -138,6 +138,12 @@ class TrainArgs:
         if "://" in self.out:
             raise ConfigError(f"out={self.out}: model directories are written with "
                               "save_pretrained, so `out` must be a local or mounted path")
+        # Ray Train workers run in their own working directory: a relative local path given
+        # to the driver must reach them absolute.
+        for name in ("out", "prompts", "sids", "sft", "base_model"):
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value and "://" not in value:
+                setattr(self, name, str(Path(value).expanduser().resolve()))
         positive = ("num_workers", "batch_size", "grad_accum", "logging_steps", "save_steps",
                     "lora_r", "lora_alpha", "max_length")
         for name in positive:

@@ -142,3 +142,16 @@ def test_dpo_starts_from_the_sft_adapter_and_exports_the_same_layout(dpo_run, sf
         (sft_run[0] / "model" / "model.safetensors").read_bytes()
     model, tokenizer = load_for_inference(out)
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_relative_paths_reach_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory (the demo failed on this)."""
+    from leadre.dpo import DpoConfig
+    from leadre.sft import SftConfig
+
+    monkeypatch.chdir(tmp_path)
+    sft = SftConfig(prompts="runs/prompts", out="runs/sft")
+    assert sft.prompts == str(tmp_path / "runs/prompts") and sft.out == str(tmp_path / "runs/sft")
+    dpo = DpoConfig(prompts="p", sft="runs/sft", out="o")
+    assert dpo.sft == str(tmp_path / "runs/sft")
+    assert SftConfig(prompts="s3://bucket/prompts", out="o").prompts == "s3://bucket/prompts"
