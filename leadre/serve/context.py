@@ -176,62 +176,20 @@ class QueryBuilder:
 # --------------------------------------------------------------------------- prompts
 
 
-def _days_ago(ts: float | None, now: float) -> int:
-    return max(0, int((now - ts) // 86_400)) if ts is not None else 0
-
-
 def build_prompt(ctx: dict | None, table: Any, now: float | None = None) -> str:
-    """The main-task (intent-aware) prompt of a user context, in the training wording.
+    """The main-task (intent-aware) prompt of a user context, in the training wording:
+    ``leadre.prompts.build_user_prompt`` is the function every training prompt comes from, so
+    online and offline prompts cannot drift. Long-term categories are counted over the stored
+    events (each ad event carries its category)."""
+    from leadre.prompts import build_user_prompt
 
-    Uses ``leadre.prompts.build_user_prompt`` (the function every training prompt comes
-    from, so online and offline prompts cannot drift); long-term categories are counted over
-    the stored events (each ad event carries its category). Without that module, the first
-    template of ``leadre.prompt_templates`` is filled here."""
     ctx = ctx or {}
-    try:
-        from leadre.prompts import build_user_prompt
-    except ImportError:
-        build_user_prompt = None
-    if build_user_prompt is not None:
-        events = [{**e, "ts": int(round((e.get("ts") or 0.0) * 1000))}
-                  for e in ctx.get("events", [])]
-        cats = {e["ad_id"]: e["category"] for e in events if e.get("ad_id") and e.get("category")}
+    events = [{**e, "ts": int(round((e.get("ts") or 0.0) * 1000))} for e in ctx.get("events", [])]
+    cats = {e["ad_id"]: e["category"] for e in events if e.get("ad_id") and e.get("category")}
 
-        def sid_of(ad_id: str) -> str | None:
-            return table.sids([ad_id])[0]
+    def sid_of(ad_id: str) -> str | None:
+        return table.sids([ad_id])[0]
 
-        return build_user_prompt(ctx.get("profile") or None, events, sid_of,
-                                 ad_category_of=cats.get,
-                                 now=None if now is None else int(now * 1000))
-    return _template_prompt(ctx, table, now)
-
-
-def _template_prompt(ctx: dict, table: Any, now: float | None = None) -> str:
-    from leadre import prompt_templates as T
-
-    events = [e for e in ctx.get("events", []) if e.get("action") in T.BEHAVIOURS]
-    if now is None:
-        stamps = [e.get("ts") for e in events if e.get("ts") is not None]
-        now = max(stamps) if stamps else 0.0
-    tpl = T.PROMPT_TEMPLATES[0]
-    parts = [tpl.instruction]
-    prof = ctx.get("profile") or {}
-    pieces = [T.PROFILE_PARTS[k].format(**{k: prof[k]}) for k in T.PROFILE_PARTS if prof.get(k)]
-    if pieces:
-        parts.append(tpl.profile.format(profile=T.PROFILE_JOINER.join(pieces)))
-    cats = ctx.get("categories") or []
-    if cats:
-        parts.append(tpl.categories.format(categories=T.LIST_JOINER.join(
-            T.CATEGORY_ITEM.format(category=c, count=n) for c, n in cats)))
-    items = []
-    sids = table.sids([e.get("ad_id") or "" for e in events]) if events else []
-    for e, sid in zip(events, sids):
-        obj = sid if e.get("domain") == "ad" else e.get("title")
-        if not obj:
-            continue
-        items.append(T.BEHAVIOUR_ITEM.format(days=_days_ago(e.get("ts"), now),
-                                             behaviour=T.BEHAVIOURS[e["action"]], object=obj))
-    if items:
-        parts.append(tpl.behaviours.format(behaviours=T.LIST_JOINER.join(items)))
-    parts.append(tpl.question)
-    return T.FACET_JOINER.join(parts)
+    return build_user_prompt(ctx.get("profile") or None, events, sid_of,
+                             ad_category_of=cats.get,
+                             now=None if now is None else int(now * 1000))
