@@ -61,7 +61,10 @@ class HeadNode:
             [str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={self.port}",
              f"--num-cpus={num_cpus}", "--object-store-memory=300000000",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"],
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+             # The agent's default port 52365 is taken by the session's own cluster: jobs
+             # would fail with "No available agent to submit job".
+             f"--dashboard-agent-listen-port={free_port()}"],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
