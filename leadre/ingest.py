@@ -79,8 +79,7 @@ class IngestConfig:
 # output per batch; the split into two datasets happens afterwards.
 
 def _combined_schema(name: str) -> pa.Schema:
-    base = [f.with_nullable(True) for f in schema.SCHEMAS[name]]
-    return pa.schema(base + [pa.field(c, pa.string()) for c in _Q])
+    return pa.schema(list(schema.RAW_SCHEMAS[name]) + [pa.field(c, pa.string()) for c in _Q])
 
 
 def _combine(name: str, v: schema.Validated) -> pa.Table:
@@ -136,7 +135,7 @@ def _read_raw(cfg: IngestConfig) -> tuple[dict[str, ray.data.Dataset], dict[str,
         path = artifacts.join(cfg.input, name)
         if not artifacts.exists(path):
             if name == "users":  # profiles are optional: every facet is nullable
-                datasets[name] = ray.data.from_arrow(lcrec.RAW["users"].empty_table())
+                datasets[name] = ray.data.from_arrow(schema.RAW_SCHEMAS["users"].empty_table())
                 continue
             raise artifacts.ArtifactError(f"{path} does not exist: --input must hold ads/ and "
                                           f"events/ parquet directories (users/ optional)")
@@ -156,8 +155,9 @@ def _validate_dimension(ds: ray.data.Dataset, name: str, key: str, cfg: IngestCo
     are small next to events, and the clean ad ids are needed in full for the event checks)."""
     combined = ds.map_batches(_validate_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                               fn_kwargs={"name": name, "max_age": cfg.max_age})
-    both = pa.concat_tables(ray.get(combined.to_arrow_refs())) if ds.count() else \
-        _combined_schema(name).empty_table()
+    # One execution of the pipeline; an empty input yields no blocks at all.
+    blocks = ray.get(combined.to_arrow_refs())
+    both = pa.concat_tables(blocks) if blocks else _combined_schema(name).empty_table()
     clean = _clean_rows(both, name)
     dedup = schema.flag_duplicate_keys(clean, name, key)
     quarantine = pa.concat_tables([_quarantine_rows(both, name), dedup.quarantine])

@@ -22,8 +22,6 @@ import pyarrow as pa
 from leadre import schema
 from leadre.artifacts import ArtifactError
 
-RAW = {name: pa.schema([f.with_nullable(True) for f in s]) for name, s in schema.SCHEMAS.items()}
-
 
 @dataclass
 class LcRecFiles:
@@ -132,11 +130,11 @@ def load(directory: str | Path, name: str | None = None, category_level: int = 1
         "action": ["click"] * n,
         "ad_id": ev_ad,
         "title": pa.nulls(n, pa.string()),
-    }, schema=RAW["events"])
+    }, schema=schema.RAW_SCHEMAS["events"])
     users_t = pa.table({"user_id": users, **{f.name: pa.nulls(len(users), f.type)
                                              for f in schema.USERS if f.name != "user_id"}},
-                       schema=RAW["users"])
-    ads_t = pa.Table.from_pydict(_as_strings(ads), schema=RAW["ads"])
+                       schema=schema.RAW_SCHEMAS["users"])
+    ads_t = pa.Table.from_pydict(_as_strings(ads), schema=schema.RAW_SCHEMAS["ads"])
     return {"ads": ads_t, "users": users_t, "events": events}, notes
 
 

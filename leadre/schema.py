@@ -63,6 +63,9 @@ QUARANTINE = pa.schema(
 )
 
 SCHEMAS: dict[str, pa.Schema] = {"ads": ADS, "users": USERS, "events": EVENTS}
+# Raw logs may hold nulls anywhere; validation is what enforces the strict schemas above.
+RAW_SCHEMAS: dict[str, pa.Schema] = {
+    name: pa.schema([f.with_nullable(True) for f in s]) for name, s in SCHEMAS.items()}
 
 # Which actions are legal in which domain. Ad events carry an ad_id, content events a title.
 DOMAIN_ACTIONS: dict[str, frozenset[str]] = {
@@ -394,6 +397,3 @@ def flag_duplicate_events(table: pa.Table) -> Validated:
     rej.add(dup, Reason.DUPLICATE_EVENT, "identical to an earlier event of the same user")
     return Validated(table.filter(pa.array(~dup)), _quarantine_table("events", df, rej))
 
-
-def empty(name: str) -> pa.Table:
-    return (QUARANTINE if name == "quarantine" else SCHEMAS[name]).empty_table()

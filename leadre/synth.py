@@ -32,8 +32,6 @@ from leadre.synth_vocab import (AD_DESCRIPTION_TEMPLATES, AD_TITLE_TEMPLATES, AG
 
 DOMAINS = ("ad", "video", "news")
 MS_PER_DAY = 86_400_000
-# Raw logs may hold nulls anywhere; the ingest stage enforces the strict schema.
-RAW_EVENTS = pa.schema([f.with_nullable(True) for f in schema.EVENTS])
 
 
 @dataclass
@@ -308,8 +306,9 @@ def _corrupt(events: pa.Table, cfg: SynthConfig, rng: np.random.Generator) -> pa
     bad.loc[kind == 2, "action"] = "share"
     bad.loc[kind == 3, "user_id"] = None
     bad.loc[kind == 4, "ts"] = pd.Timestamp("1971-01-01", tz="UTC")
-    return pa.concat_tables([events.cast(RAW_EVENTS),
-                             pa.Table.from_pandas(bad, schema=RAW_EVENTS, preserve_index=False)])
+    raw = schema.RAW_SCHEMAS["events"]
+    return pa.concat_tables([events.cast(raw),
+                             pa.Table.from_pandas(bad, schema=raw, preserve_index=False)])
 
 
 def write_world(world: World, cfg: SynthConfig) -> dict[str, Any]:
