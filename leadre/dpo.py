@@ -204,6 +204,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                 "heldout_pairs": heldout_info.get("pairs", 0)},
         timings=timings,
         extra={"sid_version": sft_manifest.get("sid_version"), "training": info,
-               "history": history})
+               "history": history,
+               "prompt_config": sft_manifest.get("prompt_config") or prompts_manifest.get("config")})
     manifest["summary"] = {**summary(cfg, info, timings), "heldout": heldout_info}
     return manifest

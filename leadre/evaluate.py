@@ -194,6 +194,18 @@ def load_catalog(ingest_dir: str | None, table, popularity: dict[str, int]):
 
 # --- generation ---------------------------------------------------------------------------
 
+def _ray_actor_cpus() -> float | None:
+    """The CPUs Ray gave this actor; None outside a Ray actor (asking Ray anything while it
+    is not initialised would start a cluster)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    return ctx.get_assigned_resources().get("CPU", 1) if ctx.get_actor_id() else None
+
+
 class GenerateBatch:
     """Ray Data actor: holds one :class:`SidGenerator`; maps a batch of prompts to top-K."""
 
@@ -202,13 +214,9 @@ class GenerateBatch:
 
         from leadre.generate import GenerateConfig, SidGenerator
 
-        try:  # Ray caps actor threads at their CPU share; use what the actor was given.
-            import ray
-
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        cpus = _ray_actor_cpus()
+        if cpus is not None:  # Ray caps actor threads at their CPU share: use that share
             torch.set_num_threads(max(1, int(round(cpus))))
-        except Exception:  # pragma: no cover - outside Ray
-            pass
         self.gen = SidGenerator.from_stage_dir(model_dir, sids_dir, GenerateConfig(**gen_cfg))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

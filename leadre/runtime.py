@@ -6,8 +6,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import ray
-
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +28,8 @@ class RayConfig:
 
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Idempotent ``ray.init`` with settings that work on a 2-core machine."""
+    import ray  # here, not at the top: configs import this module and must not need Ray
+
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()

@@ -154,6 +154,6 @@ def run(cfg: SftConfig) -> dict[str, Any]:
                 "sid_tokens": len(table.tokens()), **lengths},
         timings=timings,
         extra={"sid_version": table.version, "model": model_info, "training": info,
-               "history": history})
+               "history": history, "prompt_config": prompts_manifest.get("config")})
     manifest["summary"] = summary(cfg, info, timings)
     return manifest

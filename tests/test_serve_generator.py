@@ -72,3 +72,30 @@ def test_llm_generator_writes_active_sids_with_versions(llm_world, tmp_path):
         assert (rows >= 0).all() and table.active[rows].all()  # valid, active only
         assert rec.scores == sorted(rec.scores, reverse=True)
     assert store.queue_depth() == 0  # acked
+
+
+def test_generator_builds_prompts_the_way_the_model_was_trained(llm_world, tmp_path):
+    """The serving prompt follows the training manifest's PromptConfig (here: no profile,
+    no categories), not the defaults."""
+    import shutil
+
+    from leadre.artifacts import read_manifest
+    from leadre.prompts import PromptConfig, trained_prompt_config
+
+    model = tmp_path / "sft"
+    shutil.copytree(llm_world["model"], model)
+    trained = PromptConfig(profile=False, categories=False, max_events=3)
+    write_manifest(str(model), "sft", inputs={}, config={}, counts={}, timings={},
+                   extra={"prompt_config": {**read_manifest(llm_world["model"]).get("config", {}),
+                                            "profile": False, "categories": False,
+                                            "max_events": 3}})
+    assert trained_prompt_config(str(model)) == trained
+    core = GeneratorCore(llm_world["sids"], f"sqlite:///{tmp_path / 's.db'}", model_dir=str(model))
+    assert core.prompt_cfg == trained
+    table = load_table(llm_world["sids"])
+    uid, ctx = next((u, c) for u, c in llm_world["contexts"].items() if len(c["events"]) > 3)
+    default, served = build_prompt(ctx, table), build_prompt(ctx, table, cfg=core.prompt_cfg)
+    assert served != default and len(served) < len(default)
+    assert served.count("<a_") <= 3 < default.count("<a_")
+    # A plain model directory falls back to the defaults.
+    assert trained_prompt_config(str(tmp_path)) == PromptConfig()

@@ -78,6 +78,9 @@ def test_killed_run_resumes_from_its_checkpoint_not_from_zero(sft_run):
 def test_sft_artifacts_follow_the_contract(sft_run, world):
     out, m = sft_run
     assert read_manifest(out, stage="sft")["sid_version"] == SID_VERSION == m["sid_version"]
+    from leadre.prompts import trained_prompt_config
+
+    assert trained_prompt_config(str(out)).max_events == 7  # serving prompts like training's
     assert (out / "adapter" / "adapter_config.json").exists()
     for sub in ("model", "merged"):
         assert (out / sub / "config.json").exists() and (out / sub / "tokenizer.json").exists()
@@ -135,6 +138,7 @@ def test_dpo_starts_from_the_sft_adapter_and_exports_the_same_layout(dpo_run, sf
 
     out, m = dpo_run
     assert read_manifest(out, stage="dpo")["inputs"]["start"] == "sft adapter"
+    assert read_manifest(out, stage="dpo")["prompt_config"] == {"max_events": 7}
     for sub in ("model", "adapter", "merged"):
         assert (out / sub).is_dir()
     # the DPO adapter applies to the same base model as the SFT adapter

@@ -16,10 +16,10 @@ single-process reference and serving (:func:`build_user_prompt`).
 from leadre.prompts.builder import (DPO, EVAL, PAIR_TYPES, SFT, SKIPPED, SPLITS, TASKS, Catalog,
                                     Event, Prompt, SplitPlan, approx_tokens, build_ad_rows,
                                     build_user, build_user_prompt, compose_prompt, pick_template)
-from leadre.prompts.config import PromptConfig
+from leadre.prompts.config import PromptConfig, trained_prompt_config
 from leadre.prompts.pipeline import build_local, load_catalog, make_plan, read_output, run
 
-__all__ = ["PromptConfig", "run", "build_local", "read_output", "build_user_prompt",
+__all__ = ["PromptConfig", "trained_prompt_config", "run", "build_local", "read_output", "build_user_prompt",
            "compose_prompt", "build_user", "build_ad_rows", "approx_tokens", "pick_template",
            "load_catalog", "make_plan", "Catalog", "Event", "Prompt", "SplitPlan",
            "SFT", "DPO", "EVAL", "SKIPPED", "SPLITS", "TASKS", "PAIR_TYPES"]

@@ -177,3 +177,27 @@ class PromptConfig:
     @property
     def template_ids(self) -> list[int]:
         return list(self.templates) if self.templates is not None else list(range(len(PROMPT_TEMPLATES)))
+
+
+def trained_prompt_config(model_dir: str) -> PromptConfig:
+    """The ``PromptConfig`` a ``leadre sft`` / ``leadre dpo`` model was trained with (its
+    manifest's ``prompt_config``), so that serving builds prompts with the same facets and
+    limits as training. A directory without one (a plain Hugging Face model) gets the
+    defaults, with a warning."""
+    import dataclasses
+    import logging
+
+    from leadre.artifacts import ArtifactError, read_manifest
+    from leadre.config import from_dict
+
+    try:
+        recorded = read_manifest(model_dir).get("prompt_config")
+    except ArtifactError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        logging.getLogger(__name__).warning(
+            "%s records no prompt_config (not a leadre sft/dpo output?): serving uses the "
+            "default PromptConfig, which may differ from how the model was trained", model_dir)
+        return PromptConfig()
+    known = {f.name for f in dataclasses.fields(PromptConfig)}
+    return from_dict(PromptConfig, {k: v for k, v in recorded.items() if k in known})

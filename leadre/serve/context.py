@@ -18,10 +18,13 @@ import logging
 import math
 from collections import Counter, OrderedDict
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from leadre.prompts import PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +179,14 @@ class QueryBuilder:
 # --------------------------------------------------------------------------- prompts
 
 
-def build_prompt(ctx: dict | None, table: Any, now: float | None = None) -> str:
+def build_prompt(ctx: dict | None, table: Any, now: float | None = None,
+                 cfg: "PromptConfig | None" = None) -> str:
     """The main-task (intent-aware) prompt of a user context, in the training wording:
     ``leadre.prompts.build_user_prompt`` is the function every training prompt comes from, so
-    online and offline prompts cannot drift. Long-term categories are counted over the stored
-    events (each ad event carries its category)."""
+    online and offline prompts cannot drift; ``cfg`` is the model's training
+    ``PromptConfig`` (:func:`leadre.prompts.trained_prompt_config`; default: the defaults).
+    Long-term categories are counted over the stored events (each ad event carries its
+    category)."""
     from leadre.prompts import build_user_prompt
 
     ctx = ctx or {}
@@ -191,5 +197,5 @@ def build_prompt(ctx: dict | None, table: Any, now: float | None = None) -> str:
         return table.sids([ad_id])[0]
 
     return build_user_prompt(ctx.get("profile") or None, events, sid_of,
-                             ad_category_of=cats.get,
+                             cfg=cfg, ad_category_of=cats.get,
                              now=None if now is None else int(now * 1000))

@@ -49,12 +49,14 @@ class GeneratorCore:
         self.engine = "llm" if model_dir else "embedding"
         if model_dir:
             from leadre.generate import GenerateConfig, SidGenerator
+            from leadre.prompts import trained_prompt_config
 
             self.llm = SidGenerator.from_stage_dir(
                 model_dir, sids_dir, GenerateConfig(beam_size=beam_size, top_k=top_k,
                                                     batch_size=batch_size))
             self.table = self.llm.table
             self.model_version = _model_version(model_dir)
+            self.prompt_cfg = trained_prompt_config(model_dir)
         else:
             from leadre.index import AdIndex
             from leadre.serve.context import QueryBuilder
@@ -73,7 +75,7 @@ class GeneratorCore:
         if self.engine == "llm":
             from leadre.serve.context import build_prompt
 
-            prompts = [build_prompt(c, self.table) for c in contexts]
+            prompts = [build_prompt(c, self.table, cfg=self.prompt_cfg) for c in contexts]
             return [[(c.sid, c.score) for c in cands]
                     for cands in self.llm.generate(prompts, self.top_k)]
         out = []
