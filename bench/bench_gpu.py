@@ -43,6 +43,23 @@ from leadre.train_common import OFFLINE_ENV  # noqa: E402
 log = logging.getLogger("bench_gpu")
 
 
+class Clock(TrainerCallback):
+    """When each optimiser step ended (the step rate, without the start-up steps)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.deadline: float | None = None  # the budget holds even if calibration was off
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+        if self.deadline is not None and self.ends[-1] > self.deadline:
+            control.should_training_stop = True
+
+    def steps_per_s(self, skip: int) -> float:
+        ends = self.ends[min(skip, len(self.ends) - 2):]
+        return (len(ends) - 1) / (ends[-1] - ends[0])
+
+
 class Curve(TrainerCallback):
     """Scores the model being trained on fixed validation rows at given steps."""
 
@@ -111,7 +128,9 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     args = hf_args(cfg, str(run_dir / "hf"), has_eval=False, use_gpu=a.device == "cuda")
     args["dataset_num_proc"] = a.tokenize_procs
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, {"model_dir": str(model_dir), "has_eval": False}, args, [curve])
+    clock = Clock()
+    trainer = build_trainer(cfg, {"model_dir": str(model_dir), "has_eval": False}, args,
+                            [curve, clock])
     tokenize_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in trainer.model.parameters())
 
@@ -120,12 +139,13 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     trainer.train()
     sync()
     calib_s = time.perf_counter() - t0
-    steps_per_s = a.calibration_steps / calib_s
+    steps_per_s = clock.steps_per_s(skip=a.calibration_steps // 3)  # CUDA warm-up excluded
     total = max(a.calibration_steps, int(steps_per_s * a.train_seconds))
     every = max(1, total // a.curve_points)
     curve.steps = {every * i for i in range(1, a.curve_points + 1)}
     trainer.args.max_steps = total
     timer["start"], timer["scoring"] = time.perf_counter(), 0.0
+    clock.deadline = timer["start"] + 1.2 * a.train_seconds + 5 * a.curve_points
     curve.points.append({"step": 0, "train_seconds": 0.0, **score(trainer.model)})
     timer["scoring"] = time.perf_counter() - timer["start"]
     trainer.train()  # fresh optimiser + schedule over `total` steps, from the warm weights
