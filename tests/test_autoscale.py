@@ -67,7 +67,6 @@ def test_fake_cluster_config_passes_ray_schema():
     assert cfg["provider"]["use_node_id_as_ip"] is True  # fake nodes share one IP
 
 
-@pytest.mark.slow
 @pytest.mark.cluster
 def test_fake_multinode_autoscaling(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)],
