@@ -39,6 +39,7 @@ from leadre.train_common import (TrainArgs, load_split, lora_config, prompts_inp
 log = logging.getLogger(__name__)
 STAGE = "dpo"
 COLUMNS = ["prompt", "chosen", "rejected"]
+PAIR_TYPES = ("value", "interest_random", "interest_hard")
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
                    "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
                    "sigmoid_norm"]
@@ -55,6 +56,10 @@ class DpoConfig(TrainArgs):
         loss_type: TRL loss(es): ``sigmoid`` = DPO, ``ipo``, ``hinge``, ``robust``, ...; several
             are summed with ``loss_weights``.
         heldout_split: pairs the before/after preference margin is measured on.
+        pair_types: train (and measure) only on these pair types: ``value`` (the paper's
+            business-value pairs, same category, chosen eCPM higher), ``interest_random`` /
+            ``interest_hard`` (engaged ad vs a random / same-first-level negative); ``None`` =
+            all of them.
     """
 
     out: str = field(default="runs/dpo", metadata={
@@ -66,6 +71,8 @@ class DpoConfig(TrainArgs):
         "help": "TRL DPO loss type(s): sigmoid (DPO), ipo, hinge, robust, apo_zero, ..."})
     loss_weights: list[float] | None = field(default=None, metadata={
         "help": "weights of several loss types (default: 1 each)"})
+    pair_types: list[str] | None = field(default=None, metadata={
+        "help": "train only on these pair types (value, interest_random, interest_hard)"})
     heldout_split: Literal["valid", "test"] = field(default="test", metadata={
         "help": "split of DPO pairs the before/after preference margin is measured on"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
@@ -74,6 +81,10 @@ class DpoConfig(TrainArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        unknown = sorted(set(self.pair_types or ()) - set(PAIR_TYPES))
+        if unknown or (self.pair_types is not None and not self.pair_types):
+            raise ConfigError(f"pair_types: {self.pair_types!r}; list some of {list(PAIR_TYPES)}"
+                              " or leave it null for all")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.loss_type:
@@ -97,10 +108,10 @@ def build_trainer(cfg: DpoConfig, ctx: dict[str, Any], args: dict[str, Any], cal
         model = PeftModel.from_pretrained(model, ctx["start_adapter"], is_trainable=True)
     elif cfg.finetune == "lora":
         peft_config = lora_config(cfg, model)  # reference = adapter disabled = the SFT model
-    train = load_split(cfg.prompts, "dpo", "train", COLUMNS, limit=cfg.max_train_samples,
-                       seed=cfg.seed)
-    valid = load_split(cfg.prompts, "dpo", "valid", COLUMNS, limit=cfg.max_eval_samples,
-                       seed=cfg.seed) if ctx["has_eval"] else None
+    train = load_split(cfg.prompts, "dpo", "train", COLUMNS, tasks=cfg.pair_types,
+                       limit=cfg.max_train_samples, seed=cfg.seed)
+    valid = load_split(cfg.prompts, "dpo", "valid", COLUMNS, tasks=cfg.pair_types,
+                       limit=cfg.max_eval_samples, seed=cfg.seed) if ctx["has_eval"] else None
     dpo_args = DPOConfig(**args, beta=cfg.beta, loss_type=list(cfg.loss_type),
                          loss_weights=cfg.loss_weights)
     return DPOTrainer(model=model, ref_model=None, args=dpo_args, processing_class=tokenizer,
@@ -157,11 +168,11 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                 sid_version != sft_manifest["sid_version"]:
             raise ArtifactError(f"{cfg.prompts} uses S-ID version {sid_version} but the SFT model "
                                 f"in {cfg.sft} learned version {sft_manifest['sid_version']}")
-        train = load_split(cfg.prompts, "dpo", "train", COLUMNS, limit=cfg.max_train_samples,
-                           seed=cfg.seed)
-        valid = load_split(cfg.prompts, "dpo", "valid", COLUMNS, limit=cfg.max_eval_samples,
-                           seed=cfg.seed, required=False)
-        heldout = load_split(cfg.prompts, "dpo", cfg.heldout_split, COLUMNS,
+        train = load_split(cfg.prompts, "dpo", "train", COLUMNS, tasks=cfg.pair_types,
+                           limit=cfg.max_train_samples, seed=cfg.seed)
+        valid = load_split(cfg.prompts, "dpo", "valid", COLUMNS, tasks=cfg.pair_types,
+                           limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
+        heldout = load_split(cfg.prompts, "dpo", cfg.heldout_split, COLUMNS, tasks=cfg.pair_types,
                              limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
         if train.num_rows == 0:
             raise ArtifactError(f"{cfg.prompts}/dpo/train has no preference pairs")
@@ -205,6 +216,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         timings=timings,
         extra={"sid_version": sft_manifest.get("sid_version"), "training": info,
                "history": history,
-               "prompt_config": sft_manifest.get("prompt_config") or prompts_manifest.get("config")})
+               "prompt_config": (sft_manifest.get("prompt_config")
+                                 or prompts_manifest.get("config"))})
     manifest["summary"] = {**summary(cfg, info, timings), "heldout": heldout_info}
     return manifest

@@ -189,8 +189,9 @@ def prompts_inputs(prompts: str, sids: str | None) -> tuple[dict[str, Any], str]
 def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: list[str],
                *, tasks: list[str] | None = None, limit: int | None = None, seed: int = 0,
                required: bool = True) -> pa.Table | None:
-    """``<prompts>/<kind>/<split>`` with ``columns`` (optionally only some SFT tasks and a
-    seeded random subset of ``limit`` rows, the same subset on every worker)."""
+    """``<prompts>/<kind>/<split>`` with ``columns`` (optionally only some ``tasks``: SFT
+    tasks, or DPO pair types; and a seeded random subset of ``limit`` rows, the same subset on
+    every worker)."""
     location = artifacts.join(prompts, kind, split)
     if not artifacts.exists(location):
         if required:
@@ -202,7 +203,8 @@ def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: l
     if missing:
         raise ArtifactError(f"{location} lacks column(s) {sorted(missing)}")
     if tasks is not None:
-        table = table.filter(pc.is_in(table.column("task"), pa.array(tasks, pa.string())))
+        kind_column = "task" if kind == "sft" else "pair_type"
+        table = table.filter(pc.is_in(table.column(kind_column), pa.array(tasks, pa.string())))
     table = table.select(columns)
     for c in columns:
         if table.column(c).null_count:

@@ -159,3 +159,19 @@ def test_relative_paths_reach_workers_absolute(tmp_path, monkeypatch):
     dpo = DpoConfig(prompts="p", sft="runs/sft", out="o")
     assert dpo.sft == str(tmp_path / "runs/sft")
     assert SftConfig(prompts="s3://bucket/prompts", out="o").prompts == "s3://bucket/prompts"
+
+
+def test_dpo_pair_types_select_the_pairs_trained_on(tmp_path):
+    from leadre.config import ConfigError
+    from leadre.dpo import COLUMNS, DpoConfig
+    from leadre.train_common import load_split
+
+    prompts = str(write_prompts(tmp_path, n_users=20)["prompts"])
+    every = load_split(prompts, "dpo", "train", COLUMNS)
+    assert every.num_rows > 0
+    assert load_split(prompts, "dpo", "train", COLUMNS, tasks=["value"]).num_rows == every.num_rows
+    assert load_split(prompts, "dpo", "train", COLUMNS, tasks=["interest_hard"]).num_rows == 0
+    assert DpoConfig(pair_types=["value"]).pair_types == ["value"]
+    for bad in (["ecpm"], []):
+        with pytest.raises(ConfigError, match="pair_types"):
+            DpoConfig(pair_types=bad)

@@ -80,7 +80,7 @@ def write_prompts(root: Path, n_users: int = 200, seed: int = 0) -> dict[str, Pa
             if good["codes"][1] == bad["codes"][1]:
                 continue
             dpo[split].append({"prompt": prompt, "chosen": good["sid"], "rejected": bad["sid"],
-                               "pair_type": "ecpm", "user_id": f"u{u}",
+                               "pair_type": "value", "user_id": f"u{u}",
                                "chosen_ad_id": good["ad_id"], "rejected_ad_id": bad["ad_id"],
                                "chosen_ecpm": good["ecpm"], "rejected_ecpm": bad["ecpm"]})
     for a in ads:  # auxiliary alignment tasks, training split only
