@@ -26,11 +26,6 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports ray: the driver must send the cluster's auth token (STACK-NOTES).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.pop("RAY_ADDRESS", None)  # never join a cluster someone else started
-
 import argparse
 import json
 import math
@@ -547,6 +542,11 @@ def _disconnect() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here, not at import (the tests import this module): before anything imports ray, the
+    # driver must send the cluster's auth token (STACK-NOTES), and never join another cluster.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.pop("RAY_ADDRESS", None)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "autoscale_check"),
                     help="where autoscale_summary.json/.md are written")
