@@ -175,7 +175,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         heldout = load_split(cfg.prompts, "dpo", cfg.heldout_split, COLUMNS, tasks=cfg.pair_types,
                              limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
         if train.num_rows == 0:
-            raise ArtifactError(f"{cfg.prompts}/dpo/train has no preference pairs")
+            raise ArtifactError(f"{cfg.prompts}/dpo/train has no preference pairs"
+                                + (f" of types {cfg.pair_types}" if cfg.pair_types else ""))
     has_eval = valid is not None and valid.num_rows > 0
     sft, out = Path(cfg.sft).resolve(), Path(cfg.out).resolve()
     sft_adapter = sft / ADAPTER_DIR
