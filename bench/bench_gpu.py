@@ -100,8 +100,9 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     cfg = SftConfig(prompts=prompts, sids=sids, out=str(run_dir), preset=a.preset, tasks=tasks,
                     finetune="full", batch_size=a.batch_size, learning_rate=a.lr,
                     max_steps=a.calibration_steps, logging_steps=50, save_steps=10**9,
-                    max_length=a.max_length, bf16=a.device == "cuda", device="gpu" if a.device == "cuda" else "cpu", seed=0,
-                    warmup_ratio=0.03, num_workers=1)
+                    max_length=a.max_length, bf16=a.device == "cuda",
+                    device="gpu" if a.device == "cuda" else "cpu", seed=0, warmup_ratio=0.03,
+                    num_workers=1)
     table = load_table(sids)
     t0 = time.perf_counter()
     train = load_split(prompts, "sft", "train", COLUMNS, tasks=tasks)
@@ -146,7 +147,9 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     trainer.args.max_steps = total
     timer["start"], timer["scoring"] = time.perf_counter(), 0.0
     clock.deadline = timer["start"] + 1.2 * a.train_seconds + 5 * a.curve_points
-    curve.points.append({"step": 0, "train_seconds": 0.0, **score(trainer.model)})
+    # Step 0 of the timed run: the model has had the calibration steps already.
+    curve.points.append({"step": 0, "train_seconds": 0.0,
+                         "after_calibration_steps": a.calibration_steps, **score(trainer.model)})
     timer["scoring"] = time.perf_counter() - timer["start"]
     trainer.train()  # fresh optimiser + schedule over `total` steps, from the warm weights
     sync()
@@ -162,7 +165,8 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
                              batch_size=a.gen_batch, baselines=["most_popular"]))
     report = json.loads((run_dir / "eval" / "metrics.json").read_text())
     result = {
-        "dataset": name, "preset": a.preset, "tasks": tasks or "all", "parameters": n_params, "model": info.get("preset"),
+        "dataset": name, "preset": a.preset, "tasks": tasks or "all", "parameters": n_params,
+        "model": info.get("preset"),
         "train_examples": train.num_rows, "batch_size": a.batch_size, "lr": a.lr,
         "steps": a.calibration_steps + total, "epochs": round(
             (a.calibration_steps + total) * a.batch_size / train.num_rows, 2),
