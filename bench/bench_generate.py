@@ -1,4 +1,4 @@
-"""Trie-constrained beam search (leadre.generate) vs the common approach, `model.generate(
+"""Trie-constrained beam search (leadre.eval.generate) vs the common approach, `model.generate(
 num_beams=20, prefix_allowed_tokens_fn=...)`, at equal results: batch 32, beam 20, the `tiny`
 and `small` model presets, ratio measured in one run. Appends to bench/RESULTS.md.
 
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._results import append  # noqa: E402
-from leadre.generate import GenerateConfig, SidGenerator, hf_constrained_generate  # noqa: E402
-from leadre.model import PRESETS, build_model, train_tokenizer  # noqa: E402
-from leadre.prompt_templates import PROMPT_TEMPLATES  # noqa: E402
+from leadre.eval.generate import GenerateConfig, SidGenerator, hf_constrained_generate  # noqa: E402
+from leadre.train.model import PRESETS, build_model, train_tokenizer  # noqa: E402
+from leadre.prompts.templates import PROMPT_TEMPLATES  # noqa: E402
 from leadre.sids.table import SidTable  # noqa: E402
 
 

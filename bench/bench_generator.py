@@ -34,9 +34,10 @@ def main() -> int:
     import torch
 
     from _results import append
+    from leadre.serve import GeneratorConfig, ServePaths
     from leadre.serve.context import user_contexts
     from leadre.serve.generator import GeneratorCore
-    from leadre.store import open_store
+    from leadre.serve.store import open_store
 
     demo = Path(a.demo_dir)
     model_dir = a.model_dir or str(demo / "dpo")
@@ -53,8 +54,9 @@ def main() -> int:
         url = f"sqlite:///{tmp}/bench.db"
         open_store(url).put_users({u: contexts[u] for u in users})
         for bs in a.batch_sizes:
-            core = GeneratorCore(str(demo / "sids"), url, model_dir, ttl_s=3600,
-                                 top_k=a.top_k, beam_size=a.beam_size, batch_size=bs)
+            core = GeneratorCore(GeneratorConfig(ttl_s=3600, top_k=a.top_k,
+                                                 beam_size=a.beam_size, batch_size=bs),
+                                 ServePaths(str(demo / "sids"), url, model_dir=model_dir))
             core.generate_and_store(users[:bs])  # warm-up
             t0 = time.perf_counter()
             written = sum(core.generate_and_store(users[i:i + bs]).written

@@ -3,7 +3,7 @@ TRL trainer each Ray Train worker builds, a learning curve, then ``leadre eval``
 
 Why not ``leadre sft``: the lent GPU machine has no Ray (its wheel is larger than what can be
 carried there), so this script drives the same pieces Ray Train's worker runs
-(:func:`leadre.sft.build_trainer`, :func:`leadre.train_common.hf_args`) in one process. Under
+(:func:`leadre.train.sft.build_trainer`, :func:`leadre.train.common.hf_args`) in one process. Under
 Ray Train the only difference is the worker group around it.
 
 The time budget is fixed in wall-clock seconds, not steps: a short calibration run measures
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from leadre.train_common import OFFLINE_ENV  # noqa: E402
+from leadre.train.common import OFFLINE_ENV  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 
@@ -85,19 +85,19 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     import torch
 
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    from leadre.evaluate import EvalConfig, load_eval_rows
-    from leadre.evaluate import run as run_eval
-    from leadre.generate import GenerateConfig, SidGenerator
-    from leadre.metrics import ranking_metrics
-    from leadre.model import load_tokenizer, prepare_base_model
-    from leadre.sft import COLUMNS, SftConfig, build_trainer
+    from leadre.eval.evaluate import EvalConfig, load_eval_rows
+    from leadre.eval.evaluate import run as run_eval
+    from leadre.eval.generate import GenerateConfig, SidGenerator
+    from leadre.eval.metrics import ranking_metrics
+    from leadre.train.model import load_tokenizer, prepare_base_model
+    from leadre.train.sft import COLUMNS, SftConfig, build_trainer
     from leadre.sids.build import load_table
-    from leadre.train_common import hf_args, load_split
+    from leadre.train.common import hf_args, load_split
 
     prompts, sids, ingest = (str(root / d) for d in ("prompts", "sids", "ingest"))
     run_dir = out / name
     tasks = ["main"] if name in a.main_only else None
-    cfg = SftConfig(prompts=prompts, sids=sids, out=str(run_dir), preset=a.preset, tasks=tasks,
+    cfg = SftConfig(prompts_dir=prompts, sids_dir=sids, out=str(run_dir), preset=a.preset, tasks=tasks,
                     finetune="full", batch_size=a.batch_size, learning_rate=a.lr,
                     max_steps=a.calibration_steps, logging_steps=50, save_steps=10**9,
                     max_length=a.max_length, bf16=a.device == "cuda",

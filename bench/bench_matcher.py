@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from _results import append
-from leadre.index import IndexConfig, build, exact_topk, recall_at
+from leadre.index.ann import recall_at
+from leadre.index.build import IndexConfig, build
 
 
 def clustered(n: int, d: int, centers: int, seed: int) -> np.ndarray:

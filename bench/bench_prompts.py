@@ -3,7 +3,7 @@
 
     python bench/bench_prompts.py [--users 100000] [--ads 10000]
 
-The world is generated with leadre.synth and written directly as an ingest directory (the
+The world is generated with leadre.data.synth and written directly as an ingest directory (the
 generator's tables are already clean, so the ingest stage is not part of what is measured).
 S-IDs come from a random 4-level table (first level = ad category, 256 codes per level, plus
 the disambiguation level), built in a second: only its shape matters for prompt building.
@@ -28,7 +28,7 @@ from leadre import artifacts  # noqa: E402
 from leadre.prompts import PromptConfig, build_local, run  # noqa: E402
 from leadre.runtime import RayConfig, init_ray  # noqa: E402
 from leadre.sids.table import SidTable  # noqa: E402
-from leadre.synth import SynthConfig, generate, write_world  # noqa: E402
+from leadre.data.synth import SynthConfig, generate, write_world  # noqa: E402
 
 
 def make_inputs(root: str, users: int, ads: int, seed: int) -> tuple[str, str, int]:

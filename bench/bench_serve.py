@@ -40,10 +40,10 @@ def main() -> None:
     from ray import serve
 
     from leadre.runtime import RayConfig, init_ray
-    from leadre.serve import ServeConfig
+    from leadre.serve import GeneratorConfig, IngressConfig, MatcherConfig, ServeConfig
     from leadre.serve.app import build
     from leadre.serve.context import user_contexts
-    from leadre.store import open_store
+    from leadre.serve.store import open_store
     from serving_world import make_world
 
     root = Path(tempfile.mkdtemp(prefix="leadre-bench-serve-"))
@@ -63,7 +63,9 @@ def main() -> None:
         port = sk.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(ServeConfig(index_dir=w["index"], sids_dir=w["sids"], store_url=store_url,
-                                generator_gpus=0, replica_cpus=0.1)),
+                                ingress=IngressConfig(num_cpus=0.1),
+                                matcher=MatcherConfig(num_cpus=0.1),
+                                generator=GeneratorConfig(num_gpus=0))),
               name="leadre-bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     users = list(ctx)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append  # noqa: E402
 
 from leadre.artifacts import write_manifest, write_table  # noqa: E402
-from leadre.schema import ADS  # noqa: E402
+from leadre.data.schema import ADS  # noqa: E402
 from leadre.sids import SidConfig, SidTable, SidTrie, run  # noqa: E402
 from leadre.sids.encoder import (HashingEncoder, LsaEncoder, _tfidf_csr, ad_text,  # noqa: E402
                                  smooth_idf)

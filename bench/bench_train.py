@@ -39,7 +39,7 @@ def main() -> None:
     from train_data import write_prompts
 
     from leadre.runtime import RayConfig, init_ray
-    from leadre.sft import SftConfig, run
+    from leadre.train.sft import SftConfig, run
 
     init_ray(RayConfig())
     load_before = os.getloadavg()[0]
@@ -48,7 +48,7 @@ def main() -> None:
         world = write_prompts(Path(tmp) / "w", n_users=a.users, seed=0)
         for n in [int(x) for x in a.workers.split(",")]:
             t0 = time.perf_counter()
-            m = run(SftConfig(prompts=str(world["prompts"]), out=f"{tmp}/sft{n}",
+            m = run(SftConfig(prompts_dir=str(world["prompts"]), out=f"{tmp}/sft{n}", finetune="lora",
                               preset=a.preset, max_steps=a.steps, batch_size=a.batch_size,
                               logging_steps=max(1, a.steps // 6), save_steps=a.steps,
                               num_workers=n, cpus_per_worker=a.cpus_per_worker,

@@ -90,28 +90,48 @@ def write_manifest(location: str | Path, stage: str, *, inputs: dict[str, Any], 
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         **(extra or {}),
     }
-    manifest = _jsonable(manifest)
-    fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
-        f.write(json.dumps(manifest, indent=2).encode())
-    return manifest
+    write_json(location, MANIFEST, manifest)
+    return _jsonable(manifest)
 
 
 def read_manifest(location: str | Path, stage: str | None = None) -> dict[str, Any]:
     """The manifest of a stage directory; ``stage`` checks it came from the expected stage."""
-    fs, path = resolve(location)
-    try:
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
+    if not exists(join(location, MANIFEST)):
         raise ArtifactError(f"{location} has no {MANIFEST}: is it the output of a leadre stage?")
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{location}/{MANIFEST} is corrupt: {e}") from None
+    manifest = read_json(location, MANIFEST)
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(
             f"{location} holds the output of stage {manifest.get('stage')!r}, expected {stage!r}")
     return manifest
+
+
+def write_text(location: str | Path, name: str, data: str | bytes) -> str:
+    """Write one file ``<location>/<name>`` (text is UTF-8), creating the directory."""
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return join(location, name)
+
+
+def read_bytes(location: str | Path, name: str) -> bytes:
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ArtifactError(f"{join(location, name)} does not exist") from None
+
+
+def write_json(location: str | Path, name: str, obj: Any) -> str:
+    return write_text(location, name, json.dumps(_jsonable(obj), indent=2))
+
+
+def read_json(location: str | Path, name: str) -> Any:
+    try:
+        return json.loads(read_bytes(location, name))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{join(location, name)} is corrupt: {e}") from None
 
 
 def write_table(table: pa.Table, location: str | Path, name: str,

@@ -1,70 +1,27 @@
 """The ``leadre`` command: one sub-command per pipeline stage.
 
-Every stage is declared the same way: a config dataclass whose fields carry
-``metadata={"help": ...}`` and a ``run(cfg) -> dict`` function. The CLI turns each field into
-a ``--flag``, accepts ``--config FILE.yaml`` (the stage's section of it) and ``--set
-key=value`` overrides, so the command line, the YAML files and ``ray job submit`` all map onto
-the same typed object.
+Every stage (listed once, in :mod:`leadre.stages`) is declared the same way: a config
+dataclass whose fields carry ``metadata={"help": ...}`` and a ``run(cfg) -> dict`` function.
+The CLI turns each field into a ``--flag``, accepts ``--config FILE.yaml`` (the stage's section
+of it) and ``--set key=value`` overrides, so the command line, the YAML files and ``ray job
+submit`` all map onto the same typed object.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import sys
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
-from leadre.config import ConfigError, from_dict, parse_overrides, read_yaml, _merge
 from leadre.artifacts import ArtifactError
+from leadre.config import RENAMED, ConfigError, load_config, merge, parse_overrides
+from leadre.stages import STAGES, Stage, config_class, run_stage
 
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    name: str
-    module: str
-    config: str
-    help: str
-    section: str  # the YAML section this stage reads
-
-
-# Pipeline order. Modules are imported only when their sub-command runs (torch/trl are slow).
-STAGES: tuple[Stage, ...] = (
-    Stage("generate", "leadre.synth", "SynthConfig",
-          "generate the synthetic ad world (ads, users, events as parquet)", "synth"),
-    Stage("ingest", "leadre.ingest", "IngestConfig",
-          "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest"),
-    Stage("sids", "leadre.sids", "SidConfig",
-          "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie", "sids"),
-    Stage("prompts", "leadre.prompts", "PromptConfig",
-          "build intent-aware prompts, auxiliary tasks and DPO pairs (leak-free splits) "
-          "with Ray Data", "prompts"),
-    Stage("sft", "leadre.sft", "SftConfig",
-          "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
-          "checkpoints, resume, adapter and merged model", "sft"),
-    Stage("dpo", "leadre.dpo", "DpoConfig",
-          "DPO from the SFT adapter on eCPM preference pairs (Ray Train + TRL DPOTrainer)", "dpo"),
-    Stage("eval", "leadre.evaluate", "EvalConfig",
-          "trie-constrained beam search for every eval user (Ray Data), metrics, baselines, "
-          "report (JSON, Markdown, PNG)", "eval"),
-    Stage("ablation", "leadre.ablation", "AblationConfig",
-          "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
-          "(drives prompts -> sft -> dpo -> eval)", "ablation"),
-    Stage("index", "leadre.index", "IndexConfig",
-          "build the ScaNN index over the active ads' embeddings (recall@10 vs exact search)",
-          "index"),
-    Stage("warm", "leadre.serve.warm", "WarmConfig",
-          "fill the candidate store for all active users in bulk (Ray Data + generator actors)",
-          "warm"),
-    Stage("serve", "leadre.serve", "ServeConfig",
-          "run the two-tier Ray Serve graph (ingress, ScaNN matcher, LLM generator) over HTTP",
-          "serve"),
-    Stage("demo", "leadre.demo", "DemoConfig",
-          "run the whole pipeline on the embedded synthetic world and print a summary", "demo"),
-)
+__all__ = ["STAGES", "build_parser", "config_from_args", "main"]
 
 
 def _scalar_type(tp: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None, bool]:
@@ -86,10 +43,15 @@ def _scalar_type(tp: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None
     return None, None, optional
 
 
+# Options every sub-command has; a config field of the same name is set through them.
+COMMON_OPTIONS = {"config", "overrides", "verbose"}
+VERBOSE_HELP = "debug logging (demo: the libraries' logs as they happen)"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in COMMON_OPTIONS:
             continue
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
@@ -118,45 +80,73 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "Each sub-command is one pipeline stage; each stage reads the previous "
                     "stage's artifact directory and writes its own, with a manifest.json.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help[:1].upper() + stage.help[1:] + ".")
+        p = sub.add_parser(stage.name, help=stage.help,
+                           description=stage.help[:1].upper() + stage.help[1:] + ".")
         p.add_argument("--config", metavar="FILE.yaml",
                        help=f"YAML file; the '{stage.section}' section configures this stage")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field (repeatable); VALUE is parsed as YAML")
+        cls = config_class(stage.name) if stage.name == chosen else None
+        own = {f.name: f for f in dataclasses.fields(cls)}.get("verbose") if cls else None
+        # Also after the stage name (`leadre demo -v`); SUPPRESS keeps a `-v` given before it.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=own.metadata.get("help", VERBOSE_HELP) if own else VERBOSE_HELP)
         p.set_defaults(_stage=stage)
-        if stage.name == chosen:
-            _add_config_flags(p, getattr(importlib.import_module(stage.module), stage.config))
+        if cls is not None:
+            _add_config_flags(p, cls)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults <- the stage's section of ``--config`` <- ``--set`` overrides <- flags."""
     stage: Stage = args._stage
-    cls = getattr(importlib.import_module(stage.module), stage.config)
-    data: dict[str, Any] = {}
-    if args.config:
-        data = read_yaml(args.config).get(stage.section) or {}
-    data = _merge(data, parse_overrides(args.overrides))
-    reserved = {"config", "overrides", "_stage", "stage", "verbose"}
+    cls = config_class(stage.name)
+    reserved = COMMON_OPTIONS | {"_stage", "stage"}
     flags = {k: v for k, v in vars(args).items() if k not in reserved}
-    return from_dict(cls, _merge(data, flags))
+    if args.verbose and _has_verbose(cls):
+        flags["verbose"] = True
+    return load_config(cls, args.config, section=stage.section,
+                       overrides=merge(parse_overrides(args.overrides), flags))
+
+
+def _has_verbose(cls: type) -> bool:
+    """A stage with its own ``verbose`` option (the demo) gets ``-v`` instead of debug
+    logging."""
+    return any(f.name == "verbose" for f in dataclasses.fields(cls))
+
+
+def _renamed_flag(argv: list[str]) -> str | None:
+    """A message for a flag spelled the way an earlier release did (``--prompts``), which
+    argparse would only call unrecognised."""
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old.startswith("--") and old[2:].replace("-", "_") in RENAMED:
+            new = "--" + RENAMED[old[2:].replace("-", "_")].replace("_", "-")
+            return f"leadre: error: {old} is now called {new}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    renamed = _renamed_flag(argv)
+    if renamed:
+        print(renamed, file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    stage: Stage = args._stage
+    debug = args.verbose and not _has_verbose(config_class(stage.name))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        module = importlib.import_module(args._stage.module)
-        result = module.run(cfg)
+        result = run_stage(stage.name, cfg)
     except (ConfigError, ArtifactError, FileNotFoundError) as e:
-        print(f"leadre {args._stage.name}: error: {e}", file=sys.stderr)
+        print(f"leadre {stage.name}: error: {e}", file=sys.stderr)
         return 2
-    if result is not None:
+    if result is not None and stage.json_result:
         print(json.dumps(result.get("summary", result), indent=2, default=str))
     return 0
 

@@ -3,6 +3,10 @@ from one section of a YAML file plus command-line overrides, and type-checked on
 typo fails before an hour of work, not during it.
 
     cfg = load_config(SynthConfig, "configs/demo.yaml", section="synth", overrides=["users=500"])
+
+Every option that names another stage's artifact directory is spelled ``<stage>_dir``
+(``ingest_dir``, ``sids_dir``, ``prompts_dir``, ``sft_dir``, ``model_dir`` for the output of
+either training stage, ``index_dir``); the old spellings are refused with the new name.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# Option names that earlier releases used for artifact directories -> today's name.
+RENAMED: dict[str, str] = {"prompts": "prompts_dir", "sids": "sids_dir", "sft": "sft_dir",
+                           "input": "input_dir"}
 
 
 def _check(name: str, value: Any, tp: Any) -> Any:
@@ -74,6 +83,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = [u for u in unknown if RENAMED.get(u) in fields]
+    if renamed:
+        raise ConfigError("; ".join(f"{cls.__name__}: option {prefix + u!r} is now called "
+                                    f"{prefix + RENAMED[u]!r}" for u in renamed))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} option(s) {', '.join(prefix + u for u in unknown)};"
                           f" valid: {', '.join(sorted(fields))}")
@@ -100,10 +113,10 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -128,4 +141,4 @@ def load_config(cls: type[T], path: str | Path | None = None, section: str | Non
         if section is not None:
             data = data.get(section) or {}
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return from_dict(cls, _merge(data, extra))
+    return from_dict(cls, merge(data, extra))

@@ -5,18 +5,34 @@ stage writing its artifact directory under ``out`` exactly as the stand-alone co
 
 Sizes are chosen to finish in about ten minutes on a 2-core CPU machine; every knob of every
 stage stays reachable through that stage's own command.
+
+The terminal gets one line per stage and a short summary at the end. Everything the stages
+and their libraries print goes to ``<out>/logs/<stage>.log`` (``<out>/logs/ray`` links the Ray
+session's logs, where the workers' output is); ``verbose`` prints it all as it happens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
+import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
 
 from leadre.runtime import RayConfig, init_ray
+from leadre.stages import pipeline_dirs, run_stage, wire
+
+PIPELINE = ("generate", "ingest", "sids", "prompts", "sft", "dpo", "eval", "index", "warm",
+            "serve")
+SUMMARY_K = 10
 
 
 @dataclass
@@ -38,68 +54,32 @@ class DemoConfig:
     beam_size: int = field(default=10, metadata={"help": "beam width of constrained decoding"})
     port: int = field(default=8000, metadata={"help": "HTTP port of the demo's Serve app"})
     requests: int = field(default=3, metadata={"help": "users to query over HTTP at the end"})
+    verbose: bool = field(default=False, metadata={
+        "help": "print the libraries' logs (Ray, Ray Data, Ray Train, ...) on the terminal "
+                "instead of only to <out>/logs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray connection"})
 
 
-def _stages(cfg: DemoConfig) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
-    from leadre import ingest, synth
-
-    d = {name: f"{cfg.out}/{name}" for name in
-         ("world", "ingest", "sids", "prompts", "sft", "dpo", "eval", "index")}
-
-    def sids() -> dict[str, Any]:
-        from leadre.sids import SidConfig, run
-        return run(SidConfig(ingest_dir=d["ingest"], out=d["sids"], seed=cfg.seed,
-                             quantizer="rqkmeans", ray=cfg.ray))
-
-    def prompts() -> dict[str, Any]:
-        from leadre.prompts import PromptConfig, run
-        return run(PromptConfig(ingest_dir=d["ingest"], sids_dir=d["sids"], out=d["prompts"],
-                                seed=cfg.seed, ray=cfg.ray))
-
-    def sft() -> dict[str, Any]:
-        from leadre.sft import SftConfig, run
-        return run(SftConfig(prompts=d["prompts"], out=d["sft"], preset=cfg.preset,
-                             num_workers=cfg.workers, max_steps=cfg.sft_steps,
-                             seed=cfg.seed, ray=cfg.ray))
-
-    def dpo() -> dict[str, Any]:
-        from leadre.dpo import DpoConfig, run
-        return run(DpoConfig(prompts=d["prompts"], sft=d["sft"], out=d["dpo"],
-                             num_workers=cfg.workers, max_steps=cfg.dpo_steps,
-                             seed=cfg.seed, ray=cfg.ray))
-
-    def evaluate() -> dict[str, Any]:
-        from leadre.evaluate import EvalConfig, run
-        return run(EvalConfig(prompts_dir=d["prompts"], model_dir=d["dpo"], sids_dir=d["sids"],
-                              ingest_dir=d["ingest"], out=d["eval"], max_rows=cfg.eval_rows,
-                              beam_size=cfg.beam_size, seed=cfg.seed, ray=cfg.ray))
-
-    def index() -> dict[str, Any]:
-        from leadre.index import IndexConfig, run
-        return run(IndexConfig(sids_dir=d["sids"], ingest_dir=d["ingest"], out=d["index"],
-                               seed=cfg.seed))
-
-    def warm() -> dict[str, Any]:
-        # Contexts only: the serving generator fills candidates asynchronously on first
-        # request, which is what the demo shows. A production warm-up also generates.
-        from leadre.serve.warm import WarmConfig, run
-        return run(WarmConfig(ingest_dir=d["ingest"], sids_dir=d["sids"], index_dir=d["index"],
-                              model_dir=d["dpo"], store_url=_store_url(cfg),
-                              contexts_only=True, ray=cfg.ray))
-
-    def serve() -> dict[str, Any]:
-        return _serve_and_query(cfg, d)
-
-    return [
-        ("generate", lambda: synth.run(synth.SynthConfig(
-            out=d["world"], users=cfg.users, ads=cfg.ads, seed=cfg.seed,
-            corrupt_share=cfg.corrupt_share))),
-        ("ingest", lambda: ingest.run(ingest.IngestConfig(input=d["world"], out=d["ingest"],
-                                                          ray=cfg.ray))),
-        ("sids", sids), ("prompts", prompts), ("sft", sft), ("dpo", dpo), ("eval", evaluate),
-        ("index", index), ("warm", warm), ("serve", serve),
-    ]
+def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """The demo's choices per stage; the input/output directories come from the wiring."""
+    ray, seed = {"ray": cfg.ray}, {"seed": cfg.seed}
+    # Contexts only at warm-up: the serving generator fills candidates asynchronously on first
+    # request, which is what the demo shows. A production warm-up also generates.
+    store = {"store_url": _store_url(cfg)}
+    return {
+        "generate": {"users": cfg.users, "ads": cfg.ads, "corrupt_share": cfg.corrupt_share,
+                     **seed},
+        "ingest": ray,
+        "sids": {"quantizer": "rqkmeans", **seed, **ray},
+        "prompts": {**seed, **ray},
+        "sft": {"preset": cfg.preset, "num_workers": cfg.workers, "max_steps": cfg.sft_steps,
+                **seed, **ray},
+        "dpo": {"num_workers": cfg.workers, "max_steps": cfg.dpo_steps, **seed, **ray},
+        "eval": {"max_rows": cfg.eval_rows, "beam_size": cfg.beam_size, **seed, **ray},
+        "index": seed,
+        "warm": {**store, "contexts_only": True, **ray},
+        "serve": {**store, "port": cfg.port, "blocking": False, **ray},
+    }
 
 
 def _store_url(cfg: DemoConfig) -> str:
@@ -114,34 +94,27 @@ def _post(url: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, An
         return json.loads(r.read())
 
 
-def _serve_and_query(cfg: DemoConfig, d: dict[str, str]) -> dict[str, Any]:
+def _serve_and_query(cfg: DemoConfig, dirs: dict[str, str],
+                     settings: dict[str, Any]) -> dict[str, Any]:
     """Deploy the two-tier graph on the DPO model, then ask for a few users twice: the first
     answer comes from the real-time ANN fallback (cache miss, generation queued), the second
     from the LLM's generated candidates once the generator has filled the store."""
     from ray import serve
 
     from leadre import artifacts
-    from leadre.serve import ServeConfig, run
 
-    served = run(ServeConfig(index_dir=d["index"], sids_dir=d["sids"], model_dir=d["dpo"],
-                             store_url=_store_url(cfg),
-                             port=cfg.port, blocking=False, ray=cfg.ray))
+    served = run_stage("serve", wire("serve", dirs, settings))
     url = served["summary"]["recommend"]
-    users = artifacts.read_table(d["prompts"], "eval/test").column("user_id").to_pylist()
+    users = artifacts.read_table(dirs["prompts"], "eval/test").column("user_id").to_pylist()
     answers: dict[str, Any] = {}
     try:
         for user in users[: cfg.requests]:
             first = _post(url, {"user_id": user, "k": 5})
-            print(f"  {user} (1st call): cache={first['cache']} "
-                  f"sources={[a['source'] for a in first['ads']]}", flush=True)
             second = first
             deadline = time.time() + 60
             while second["cache"] != "hit" and time.time() < deadline:
                 time.sleep(2)
                 second = _post(url, {"user_id": user, "k": 5})
-            print(f"  {user} (later):    cache={second['cache']} ads="
-                  f"{[(a['ad_id'], a['source'], round(a['score'], 3)) for a in second['ads']]}",
-                  flush=True)
             answers[user] = {"first": first, "later": second}
     except (urllib.error.URLError, OSError) as e:
         answers["error"] = f"HTTP request failed: {e}"
@@ -149,25 +122,293 @@ def _serve_and_query(cfg: DemoConfig, d: dict[str, str]) -> dict[str, Any]:
         serve.shutdown()
     return {"summary": {"url": url, "answers": {
         u: {"first_cache": a["first"]["cache"], "later_cache": a["later"]["cache"],
-            "ads": [x["ad_id"] for x in a["later"]["ads"]]} if isinstance(a, dict) else a
+            "ads": [x["ad_id"] for x in a["later"]["ads"]],
+            "sources": [x["source"] for x in a["later"]["ads"]]} if isinstance(a, dict) else a
         for u, a in answers.items()}}}
 
 
+# --------------------------------------------------------------------------- the terminal
+
+
+def _stage_note(name: str, s: dict[str, Any]) -> str:
+    """A few words on what a stage produced, from its manifest summary."""
+    def num(v: Any) -> str:
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    try:
+        if name == "generate":
+            return f"{num(s['users'])} users, {num(s['ads'])} ads, {num(s['events'])} events"
+        if name == "ingest":
+            return f"events: {s['events']}"
+        if name == "sids":
+            return (f"{num(s['ads'])} ads -> S-IDs like {s['sid_example']}, "
+                    f"collision rate {s['collision_rate']:.3f}")
+        if name == "prompts":
+            users = s["users"]["with_examples"] if isinstance(s["users"], dict) else s["users"]
+            return (f"{num(users)} users, {num(sum(s['sft'].values()))} SFT examples, "
+                    f"{num(sum(s['dpo'].values()))} DPO pairs")
+        if name in ("sft", "dpo"):
+            return f"{s['steps']} steps on {s['workers']}, train loss {s['train_loss']}"
+        if name == "eval":
+            ours = {m: v for m, v in s.items() if m.startswith("leadre") and isinstance(v, dict)}
+            return f"{num(s['rows'])} test users scored" + "".join(
+                f"; {m} HR@{SUMMARY_K} {v[f'hr@{SUMMARY_K}']:.4f}" for m, v in ours.items())
+        if name == "index":
+            return f"{s['mode']} over {num(s['ads'])} ads, recall@10 {s['recall_at_10']:.3f}"
+        if name == "warm":
+            return f"{num(s['contexts'])} user contexts in the candidate store"
+        if name == "serve":
+            return f"{s['url']}, {len(s['answers'])} users asked over HTTP"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return ""
+
+
+class _Console:
+    """One line per stage on the terminal. When quiet, file descriptors 1 and 2 point at the
+    current stage's log file, so everything else the process prints (Python logging,
+    warnings, tqdm, Ray's C++ core) lands there; this console keeps its own copy of the
+    terminal."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        sys.stdout.flush()
+        self.term: IO[str] = os.fdopen(os.dup(1), "w", buffering=1) if quiet else sys.stdout
+        self.live = quiet and self.term.isatty()
+        # Text streams writing to fds 1 and 2 themselves, standing in for a sys.stdout that is
+        # not on fd 1 (pytest's, a notebook's). Never closed: a logging handler created
+        # during a stage keeps the stream it found and must still work afterwards.
+        self.fd_streams = (open(1, "w", buffering=1, closefd=False),
+                           open(2, "w", buffering=1, closefd=False)) if quiet else ()
+
+    def print(self, text: str = "", end: str = "\n") -> None:
+        self.term.write(text + end)
+        self.term.flush()
+
+    @contextlib.contextmanager
+    def output_to(self, log_file: Path) -> Iterator[None]:
+        if not self.quiet:
+            yield
+            return
+        out, err = self.fd_streams
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                yield
+        finally:
+            for stream in (sys.stdout, sys.stderr, out, err):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+    @contextlib.contextmanager
+    def stage_line(self, label: str) -> Iterator[Callable[[str], None]]:
+        """``label`` now, then its time and a note (set through the yielded function). On a
+        terminal the line counts the seconds while the stage runs."""
+        note = [""]
+        t0 = time.perf_counter()
+        stop = threading.Event()
+        if self.live:
+            def tick() -> None:
+                while not stop.wait(1.0):
+                    self.term.write(f"\r{label} {time.perf_counter() - t0:6.0f}s")
+                    self.term.flush()
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+        self.print(label if self.quiet else label.rstrip(), end="" if self.quiet else "\n")
+        ok = False
+        try:
+            yield lambda text: note.__setitem__(0, text)
+            ok = True
+        finally:
+            stop.set()
+            if self.live:
+                ticker.join()
+            took = f"{time.perf_counter() - t0:6.1f}s"
+            status = f"{took}  {note[0]}" if ok else f"{took}  FAILED"
+            prefix = "\r" + label + " " if self.live else (" " if self.quiet else label + " ")
+            self.print(prefix + status.rstrip())
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _link_ray_logs(logs: Path) -> str | None:
+    """``<logs>/ray`` -> the Ray session's logs (the workers' stdout/stderr are there)."""
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # a remote cluster or no session: nothing local to link
+        return None
+    target, link = Path(session) / "logs", logs / "ray"
+    if not target.is_dir():
+        return None
+    with contextlib.suppress(OSError):
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    return str(link if link.is_symlink() else target)
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and v == v else "-"
+
+
+def metrics_table(metrics: dict[str, Any], k: int = SUMMARY_K) -> list[str]:
+    """LEADRE and the baselines side by side (``metrics.json`` of the eval stage)."""
+    cols = [f"hr@{k}", f"ndcg@{k}", f"coverage@{k}"]
+    methods = metrics.get("methods", {})
+    if not methods:
+        return ["  (no methods were evaluated)"]
+    width = max(12, *(len(n) for n in methods))
+    head = "".join(f"{c.upper().replace('COVERAGE', 'coverage'):>13}" for c in cols)
+    lines = [f"  {'method':<{width}}{head}"]
+    for name, m in sorted(methods.items(), key=lambda nm: not nm[0].startswith("leadre")):
+        lines.append(f"  {name:<{width}}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols))
+    return lines
+
+
+def recommendation_lines(answers: dict[str, Any], titles: dict[str, str],
+                         per_user: int = 5) -> list[str]:
+    """A few users with the titles of the ads the server recommended them."""
+    lines: list[str] = []
+    if "error" in answers:
+        lines.append(f"  {answers['error']}")
+    for user, a in answers.items():
+        if not isinstance(a, dict):
+            continue
+        lines.append(f"  {user}  (first call: {a['first_cache']}, later: {a['later_cache']})")
+        sources = a.get("sources") or [""] * len(a["ads"])
+        for i, (ad, src) in enumerate(zip(a["ads"][:per_user], sources), 1):
+            title = titles.get(ad, "?")
+            title = title if len(title) <= 60 else title[:57] + "..."
+            lines.append(f"     {i}. {title}  [{ad}{', ' + src if src else ''}]")
+    return lines or ["  (no users were asked)"]
+
+
+def render_summary(*, metrics: dict[str, Any], answers: dict[str, Any],
+                   titles: dict[str, str], root: str, outputs: list[str], eval_dir: str,
+                   model_dir: str, logs: str, ray_logs: str | None, seconds: float,
+                   serve_cmd: str, curl_cmd: str, plots: list[str] | None = None) -> str:
+    """The human summary the demo ends with."""
+    out = [f"Offline evaluation on {metrics.get('rows')} test users ({eval_dir}/metrics.json):",
+           *metrics_table(metrics), "",
+           "Recommendations over HTTP (first call: real-time ANN fallback; later: the LLM's "
+           "candidates):",
+           *recommendation_lines(answers, titles), "",
+           "Artifacts:",
+           f"  stage outputs  {root}/{{{','.join(outputs)}}}  (a manifest.json in each)",
+           f"  eval report    {eval_dir}/report.md"]
+    if plots:
+        out.append("  plots          " + ", ".join(f"{eval_dir}/{p}" for p in plots))
+    out += [f"  served model   {model_dir}/merged",
+            f"  logs           {logs}/<stage>.log"
+            + (f"; Ray workers: {ray_logs}" if ray_logs else ""), "",
+            "Serve the model again and ask it yourself:",
+            f"  {serve_cmd}", f"  {curl_cmd}", "",
+            f"Done in {seconds / 60:.1f} min."]
+    return "\n".join(out)
+
+
+def _summary(cfg: DemoConfig, dirs: dict[str, str], served: dict[str, Any], plots: list[str],
+             logs: Path, ray_logs: str | None, seconds: float) -> str:
+    from leadre import artifacts
+
+    metrics = artifacts.read_json(dirs["eval"], "metrics.json")
+    ads = artifacts.read_table(dirs["ingest"], "ads").select(["ad_id", "title"]).to_pydict()
+    answers = served.get("answers", {})
+    user = next((u for u, a in answers.items() if isinstance(a, dict)), "<user_id>")
+    # `make demo` runs .venv/bin/leadre, which need not be on the PATH
+    exe = sys.argv[0] if Path(sys.argv[0]).name == "leadre" else "leadre"
+    serve_cmd = (f"{exe} serve --index-dir {dirs['index']} --sids-dir {dirs['sids']} "
+                 f"--model-dir {dirs['dpo']} --store-url {_store_url(cfg)} --port {cfg.port}")
+    curl_cmd = (f"curl -s http://127.0.0.1:{cfg.port}/recommend -H 'Content-Type: "
+                f"application/json' -d '{{\"user_id\": \"{user}\", \"k\": 5}}'")
+    outputs = [Path(d).name for d in dirs.values() if os.path.isdir(d)]
+    return render_summary(metrics=metrics, answers=answers,
+                          titles=dict(zip(ads["ad_id"], ads["title"])), root=cfg.out,
+                          outputs=outputs, eval_dir=dirs["eval"], model_dir=dirs["dpo"],
+                          logs=str(logs), ray_logs=ray_logs, seconds=seconds,
+                          serve_cmd=serve_cmd, curl_cmd=curl_cmd,
+                          plots=plots)
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
+    import ray
+
     from leadre import artifacts
     if "://" not in cfg.out:  # Ray workers do not share the driver's working directory
         cfg.out = artifacts.resolve(cfg.out)[1]
-    init_ray(cfg.ray)
-    stages = _stages(cfg)
+    quiet = not cfg.verbose
+    cfg.ray.quiet = cfg.ray.quiet or quiet
+    logs = (Path(cfg.out) if "://" not in cfg.out
+            else Path(tempfile.mkdtemp(prefix="leadre-demo-"))) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    console = _Console(quiet)
+    dirs = pipeline_dirs(cfg.out, PIPELINE)
+    settings = _settings(cfg)
+    console.print(f"LEADRE demo: {cfg.users:,} synthetic users, {cfg.ads:,} ads -> {cfg.out}")
+    if quiet:
+        console.print(f"(library logs: {logs}/<stage>.log; --verbose prints them here)")
+    console.print()
+
+    started_ray = not ray.is_initialized()
     summary: dict[str, Any] = {}
+    plots: list[str] = []
     t_all = time.perf_counter()
-    for i, (name, step) in enumerate(stages, 1):
-        print(f"\n=== [{i}/{len(stages)}] {name} ===", flush=True)
-        t0 = time.perf_counter()
-        manifest = step()
-        summary[name] = manifest.get("summary", manifest.get("counts"))
-        print(f"=== [{i}/{len(stages)}] {name} done in {time.perf_counter() - t0:.1f}s ===",
-              flush=True)
+    try:
+        with console.output_to(logs / "demo.log"):
+            init_ray(cfg.ray)
+        ray_logs = _link_ray_logs(logs)
+        for i, name in enumerate(PIPELINE, 1):
+            label = f"  [{i:>2}/{len(PIPELINE)}] {name:<9}"
+            log_file = logs / f"{name}.log"
+            try:
+                with console.stage_line(label) as note, console.output_to(log_file):
+                    if name == "serve":
+                        manifest = _serve_and_query(cfg, dirs, settings["serve"])
+                    else:
+                        manifest = run_stage(name, wire(name, dirs, settings[name]))
+                    summary[name] = manifest.get("summary", manifest.get("counts"))
+                    note(_stage_note(name, summary[name] or {}))
+            except BaseException:
+                if quiet:
+                    with open(log_file, "a") as f:
+                        traceback.print_exc(file=f)
+                    console.print(f"\n{name} failed; the end of {log_file}:\n{_tail(log_file)}\n")
+                raise
+            if name == "eval":
+                plots = [Path(p).name for p in manifest.get("plots", [])]
+        text = _summary(cfg, dirs, summary["serve"], plots, logs, ray_logs,
+                        time.perf_counter() - t_all)
+        artifacts.write_text(cfg.out, "summary.txt", text + "\n")
+        console.print()
+        console.print(text)
+    finally:
+        if started_ray:
+            with console.output_to(logs / "demo.log"):
+                ray.shutdown()
+        if quiet:
+            console.term.close()
     summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
     summary["artifacts"] = cfg.out
     return {"summary": summary}

@@ -16,7 +16,7 @@ Exit status 0 only when all four were observed: (a) Matcher replicas above min_r
 (c) Matcher replicas back at min_replicas and (d) the cluster back to the head node alone, and
 every process the check started is gone afterwards. Otherwise 1 (or 2 for a crash), with the
 reason printed. Writes autoscale_summary.json and autoscale_summary.md to --out (default
-runs/autoscale_check). Run by tests/test_autoscale.py (marked slow and cluster).
+runs/autoscale_check). Run by tests/serve/test_autoscale.py (marked slow and cluster).
 
 Never runs `ray stop` (other clusters share this machine): it stops only the processes that
 descend from its own `ray start`, and checks that none is left.
@@ -68,7 +68,7 @@ def fake_cluster_config(gcs: str, max_workers: int, idle_timeout_s: float) -> di
         "idle_timeout_minutes": idle_timeout_s / 60,
         "provider": {
             "type": "fake_multinode",
-            # Fake nodes join this GCS; the provider assumes port 6379 otherwise (STACK-NOTES).
+            # Fake nodes join this GCS; the provider assumes port 6379 otherwise.
             "gcs_address": gcs,
             # All fake nodes share one IP: without this the autoscaler cannot tell them apart
             # and kills every new node as "launch failed" a second after it starts.
@@ -543,7 +543,7 @@ def _disconnect() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # Here, not at import (the tests import this module): before anything imports ray, the
-    # driver must send the cluster's auth token (STACK-NOTES), and never join another cluster.
+    # driver must send the cluster's auth token (Ray 2.60 CLI clients need RAY_AUTH_MODE=token), and never join another cluster.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("RAY_ADDRESS", None)

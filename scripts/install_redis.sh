@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install redis-server (used by tests/test_store.py's Redis backend tests) when it is absent.
+# Install redis-server (used by tests/serve/test_store.py's Redis backend tests) when it is absent.
 # Idempotent: does nothing when `redis-server` is already on PATH. Needs root or sudo for apt.
 set -euo pipefail
 if command -v redis-server >/dev/null 2>&1; then

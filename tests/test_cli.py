@@ -1,5 +1,6 @@
 """The `leadre` command and the `ray job submit` entrypoints."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from leadre import artifacts
 from leadre.cli import STAGES, main
 from leadre.config import ConfigError, load_config
-from leadre.synth import SynthConfig
+from leadre.data.synth import SynthConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_ingest_job_through_ray_job_submit(ray_head, tmp_path):
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait",
          "--submission-id", job_id,
          "--address", ray_head.dashboard, "--working-dir", str(REPO),
-         "--", "python", "ray_jobs/ingest.py", "--input", str(world), "--out", str(out)],
+         "--", "python", "ray_jobs/ingest.py", "--input-dir", str(world), "--out", str(out)],
         capture_output=True, text=True, env=ray_head.env, timeout=120)
     assert submit.returncode == 0, submit.stderr
 
@@ -104,3 +105,39 @@ def test_ingest_job_through_ray_job_submit(ray_head, tmp_path):
 def _auth_headers():
     token = Path.home() / ".ray" / "auth_token"
     return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else None
+
+
+def test_stage_table_wires_real_options_to_earlier_stages():
+    from leadre.stages import STAGES, config_class
+
+    seen: set[str] = set()
+    for stage in STAGES:
+        options = {f.name for f in dataclasses.fields(config_class(stage.name))}
+        for inp in stage.inputs:
+            assert inp.option in options, f"{stage.name} has no option {inp.option}"
+            assert set(inp.sources) <= seen, f"{stage.name}.{inp.option} reads a later stage"
+        seen.add(stage.name)
+
+
+def test_wire_points_inputs_at_upstream_outputs():
+    from leadre.stages import wire
+
+    assert wire("ingest", "/r").input_dir == "/r/world"  # the generate stage writes the world
+    ev = wire("eval", "/r", {"max_rows": 7, "prompts_dir": "/elsewhere"})
+    assert (ev.prompts_dir, ev.model_dir, ev.sids_dir, ev.ingest_dir, ev.out) == (
+        "/r/prompts", "/r/dpo", "/r/sids", "/r/ingest", "/r/eval")
+    assert ev.max_rows == 7
+    # without a DPO directory the eval reads the SFT model; unwired inputs keep their value
+    ev = wire("eval", {"sft": "/s", "eval": "/e"}, {"sids_dir": "/my/sids"})
+    assert (ev.model_dir, ev.out, ev.sids_dir) == ("/s", "/e", "/my/sids")
+    serve = wire("serve", "/r", {"port": 8123})
+    assert (serve.index_dir, serve.sids_dir, serve.model_dir, serve.port) == (
+        "/r/index", "/r/sids", "/r/dpo", 8123)
+
+
+@pytest.mark.parametrize("argv", [["demo", "-v"], ["-v", "demo"], ["demo", "--verbose"]])
+def test_verbose_flag_reaches_the_demo(argv):
+    from leadre.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser(argv).parse_args(argv)).verbose is True
+    assert config_from_args(build_parser(["demo"]).parse_args(["demo"])).verbose is False

@@ -96,7 +96,7 @@ def write_prompts(root: Path, n_users: int = 200, seed: int = 0) -> dict[str, Pa
         rng.shuffle(sft[split])
         write_table(pa.Table.from_pylist(sft[split]), out / "sft", split)
         write_table(pa.Table.from_pylist(dpo[split]), out / "dpo", split)
-    write_manifest(out, "prompts", inputs={"sids": str(sids_dir), "fixture": True},
+    write_manifest(out, "prompts", inputs={"sids_dir": str(sids_dir), "fixture": True},
                    config={"max_events": 7},  # a non-default prompt format the models record
                    counts={s: len(v) for s, v in sft.items()}, timings={},
                    extra={"sid_version": SID_VERSION})

@@ -8,9 +8,9 @@ from typing import Literal
 import pandas as pd
 
 from leadre.config import ConfigError
-from leadre.prompt_templates import PROMPT_TEMPLATES
+from leadre.prompts.templates import PROMPT_TEMPLATES
 from leadre.runtime import RayConfig
-from leadre.schema import ACTIONS
+from leadre.data.schema import ACTIONS
 
 FACETS = ("instruction", "profile", "categories", "behaviours", "question")
 
@@ -100,7 +100,7 @@ class PromptConfig:
     min_history: int = field(default=1, metadata={
         "help": "earlier events (of any kind) a target needs to become an example"})
     templates: list[int] | None = field(default=None, metadata={
-        "help": "template variants to use (indices into leadre.prompt_templates); null = all"})
+        "help": "template variants to use (indices into leadre.prompts.templates); null = all"})
 
     # --- auxiliary tasks ----------------------------------------------------------------
     aux_text2sid: float = field(default=1.0, metadata={

@@ -37,21 +37,20 @@ from ray.data.datasource import Datasink
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
-from leadre.prompt_templates import PROMPT_TEMPLATES, templates_version
-from leadre.prompts.builder import (OUTPUTS, PAIR_TYPES, PROFILE_FIELDS, ROWS, SPLITS, TASKS,
-                                    Catalog, Event, Rows, SplitPlan, build_ad_rows, build_user,
-                                    profile_from_json)
+from leadre.data.schema import MS_PER_DAY, PROFILE_FIELDS
+from leadre.prompts.catalog import Catalog
 from leadre.prompts.config import PromptConfig
+from leadre.prompts.contract import (EXPECTED, LAYOUT, OUTPUTS, PAIR_TYPES, SPLITS, STAGE, TASKS,
+                                     split_path)
+from leadre.prompts.examples import Rows, SplitPlan, build_ad_rows, build_user
+from leadre.prompts.render import Event
+from leadre.prompts.templates import PROMPT_TEMPLATES, templates_version
+from leadre.sids.table import SidTable
 
 log = logging.getLogger(__name__)
-STAGE = "prompts"
 PROFILE_DOMAIN = "__profile__"
 GROUP_SCHEMA = pa.schema([("user_id", pa.string()), ("ts", pa.int64()), ("domain", pa.string()),
                           ("action", pa.string()), ("ad_id", pa.string()), ("title", pa.string())])
-MS_PER_DAY = 86_400_000
-# Every output directory the contract promises, written even when empty.
-EXPECTED = [("sft", s) for s in SPLITS] + [("dpo", s) for s in SPLITS] + \
-           [("eval", s) for s in SPLITS] + [("skipped", None)]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -61,8 +60,6 @@ def load_catalog(cfg: PromptConfig) -> tuple[Catalog, dict[str, Any], dict[str, 
     """(catalog, ingest manifest, sids manifest); ArtifactError on missing/wrong inputs."""
     ingest = artifacts.read_manifest(cfg.ingest_dir, stage="ingest")
     sids = artifacts.read_manifest(cfg.sids_dir, stage="sids")
-    from leadre.sids.table import SidTable  # driver only: workers never import leadre.sids
-
     table = SidTable.load(cfg.sids_dir)
     ads = artifacts.read_table(cfg.ingest_dir, "ads")
     return Catalog.from_tables(ads, table), ingest, sids
@@ -142,6 +139,14 @@ def profile_batch(batch: pa.Table) -> pa.Table:
                      "title": pa.array(profiles, pa.string())}, schema=GROUP_SCHEMA)
 
 
+def profile_from_json(raw: str | None) -> dict[str, Any] | None:
+    """The inverse of :func:`profile_batch`: a profile row's JSON -> its known attributes."""
+    if not raw:
+        return None
+    prof = json.loads(raw)
+    return {k: v for k, v in prof.items() if k in PROFILE_FIELDS and v is not None} or None
+
+
 def build_group_rows(group: pa.Table, catalog: Catalog, cfg: PromptConfig, plan: SplitPlan,
                      rows: Rows) -> None:
     """One user's group (GROUP_SCHEMA rows) -> rows appended to ``rows``. A bug or bad data
@@ -213,10 +218,6 @@ def route(block: pa.Table) -> tuple[dict[tuple[str, str | None], pa.Table], Coun
     return out, counts
 
 
-def _out_path(root: str, kind: str, split: str | None) -> str:
-    return f"{root}/{kind}/{split}" if split else f"{root}/{kind}"
-
-
 class PromptSink(Datasink):
     """Writes each task's rows to ``<out>/<kind>/<split>/part-<task>.parquet`` (one file per
     output per write task; a retried task overwrites its own files) and returns counts."""
@@ -240,7 +241,7 @@ class PromptSink(Datasink):
                 counts.update(c)
                 for key, table in tables.items():
                     if key not in writers:
-                        d = _out_path(root, *key)
+                        d = split_path(root, *key)
                         fs.create_dir(d, recursive=True)
                         writers[key] = pq.ParquetWriter(f"{d}/part-{ctx.task_idx:05d}.parquet",
                                                         table.schema, filesystem=fs)
@@ -258,8 +259,8 @@ class PromptSink(Datasink):
 
 def _clear_outputs(out: str) -> None:
     fs, root = artifacts.resolve(out)
-    for kind in ("sft", "dpo", "eval", "skipped"):
-        p = f"{root}/{kind}"
+    for kind in OUTPUTS:
+        p = split_path(root, kind)
         if fs.get_file_info(p).type != pafs.FileType.NotFound:
             fs.delete_dir(p)
 
@@ -267,7 +268,7 @@ def _clear_outputs(out: str) -> None:
 def _write_local(out: str, tables: dict[tuple[str, str | None], pa.Table], name: str) -> None:
     fs, root = artifacts.resolve(out)
     for key, table in tables.items():
-        d = _out_path(root, *key)
+        d = split_path(root, *key)
         fs.create_dir(d, recursive=True)
         pq.write_table(table, f"{d}/part-{name}.parquet", filesystem=fs)
 
@@ -276,7 +277,7 @@ def _fill_empty(out: str) -> None:
     """Every promised output directory exists, with a zero-row shard if nothing went there."""
     fs, root = artifacts.resolve(out)
     for kind, split in EXPECTED:
-        d = _out_path(root, kind, split)
+        d = split_path(root, kind, split)
         if fs.get_file_info(d).type == pafs.FileType.NotFound or not fs.get_file_info(
                 pafs.FileSelector(d)):
             fs.create_dir(d, recursive=True)
@@ -334,8 +335,7 @@ def _finish(cfg: PromptConfig, flat: Counter, timings: dict[str, float], catalog
         config=cfg, counts=counts, timings=timings,
         extra={"sid_version": sid_version, "split": split_info,
                "templates_version": templates_version(), "template_variants": len(PROMPT_TEMPLATES),
-               "layout": {"sft": "sft/<split>/part-*.parquet", "dpo": "dpo/<split>/part-*.parquet",
-                          "eval": "eval/<split>/part-*.parquet", "skipped": "skipped/part-*.parquet"},
+               "layout": LAYOUT,
                **(extra or {})})
     manifest["summary"] = {
         "out": cfg.out, "split": split_info["mode"], "sid_version": sid_version,
@@ -433,15 +433,4 @@ def build_local(cfg: PromptConfig, write: bool = True) -> dict[str, Any]:
     if not write:
         return {"tables": tables, "counts": shape_counts(flat), "timings": timings}
     return _finish(cfg, flat, timings, catalog, ingest, sids, split_info, {"engine": "local"})
-
-
-def read_output(out: str, kind: str, split: str | None = None) -> pa.Table:
-    """One output table of a ``leadre prompts`` directory (e.g. ``read_output(d, "sft",
-    "train")``), with its public schema."""
-    schema = OUTPUTS[kind][0]
-    fs, root = artifacts.resolve(out)
-    path = _out_path(root, kind, split)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise ArtifactError(f"{out} has no {kind}/{split or ''} output")
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table()
 

@@ -1,15 +1,17 @@
-"""Stage 8: the two-tier Ray Serve graph (DESIGN.md "7-8 serving").
+"""Stage 8: the two-tier Ray Serve graph.
 
 ``Ingress`` (FastAPI, HTTP) -> ``Matcher`` (ScaNN + candidate store, latency-sensitive, CPU)
 and, asynchronously, ``Generator`` (the fine-tuned LLM, ``@serve.batch``, GPU when present),
-which writes generated S-IDs to the candidate store (``leadre.store``).
+which writes generated S-IDs to the candidate store (``leadre.serve.store``).
 
 Entry points: ``leadre serve`` (``run``), ``serve run leadre.serve:build_app`` and the
-``serve_configs/*.yaml`` files (``build_app``). Ray Serve is imported lazily: importing this
-package for its config costs nothing.
+``serve_configs/*.yaml`` files (``build_app``). ``ServeConfig`` holds one typed section per
+tier (``IngressConfig``, ``MatcherConfig``, ``GeneratorConfig``). Ray Serve is imported lazily:
+importing this package for its config costs nothing.
 """
 
-from leadre.serve.config import ServeConfig
+from leadre.serve.config import (GeneratorConfig, IngressConfig, MatcherConfig, ServeConfig,
+                                 ServePaths)
 
 
 def build_app(args=None):
@@ -30,4 +32,5 @@ def run(cfg: ServeConfig) -> dict:
     return _run(cfg)
 
 
-__all__ = ["ServeConfig", "build_app", "build", "run"]
+__all__ = ["GeneratorConfig", "IngressConfig", "MatcherConfig", "ServeConfig", "ServePaths",
+           "build_app", "build", "run"]

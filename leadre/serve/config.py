@@ -1,13 +1,234 @@
-"""``ServeConfig``: every knob of stage 8, the two-tier Ray Serve graph."""
+"""``ServeConfig``: every knob of stage 8, the two-tier Ray Serve graph, and the only place
+its defaults are written. Each tier (``ingress``, ``matcher``, ``generator``) has its own typed
+section: what the tier does plus its Ray Serve deployment options, which ``app.build`` applies
+with ``.options(...)``; the deployment classes themselves carry no sizes."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from leadre.config import ConfigError
 from leadre.runtime import RayConfig
+from leadre.serve.store import DEFAULT_URL
+
+
+@dataclass
+class DeploymentConfig:
+    """Ray Serve deployment options of one tier (a Serve config YAML's ``deployments:``
+    section overrides them per deployment).
+
+    Parameters:
+        num_replicas: fixed replica count; ignored when ``autoscaling_config`` is set.
+        autoscaling_config: Ray Serve's autoscaling options (``min_replicas``,
+            ``max_replicas``, ``target_ongoing_requests``, ...); unset: ``num_replicas``.
+        num_cpus: CPUs reserved per replica.
+        max_ongoing_requests: requests one replica works on at once.
+        max_queued_requests: requests a caller queues before it gets a back-pressure error
+            (overload sheds with 503 instead of queueing forever).
+        health_check_period_s / health_check_timeout_s: how often Serve calls a replica's
+            health check, and how long it waits before restarting the replica.
+    """
+
+    num_replicas: int = field(default=1, metadata={"help": "replicas (unless autoscaling)"})
+    autoscaling_config: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Ray Serve autoscaling options; unset: num_replicas"})
+    num_cpus: float = field(default=0.1, metadata={"help": "CPUs reserved per replica"})
+    max_ongoing_requests: int = field(default=32, metadata={
+        "help": "requests in flight per replica"})
+    max_queued_requests: int = field(default=64, metadata={
+        "help": "requests queued per caller before back-pressure (503)"})
+    health_check_period_s: float = field(default=10.0, metadata={
+        "help": "seconds between health checks of a replica"})
+    health_check_timeout_s: float = field(default=30.0, metadata={
+        "help": "a health check slower than this restarts the replica"})
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.num_replicas < 1:
+            raise ConfigError(f"{name}: num_replicas must be >= 1, got {self.num_replicas}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"{name}: num_cpus must be >= 0, got {self.num_cpus}")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError(f"{name}: max_ongoing_requests must be >= 1")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError(f"{name}: max_queued_requests must be >= 1 (or -1: unbounded)")
+        if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
+            raise ConfigError(f"{name}: health check period and timeout must be > 0")
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus}
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s}
+        if self.autoscaling_config:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+@dataclass
+class IngressConfig(DeploymentConfig):
+    """The HTTP tier: request limits and the admin endpoint (plus its deployment options).
+
+    Parameters:
+        k_default: ads per answer when the request has no ``k``.
+        k_max: the largest ``k`` a request may ask for.
+        max_recent_events: most ``recent_events`` one request may carry.
+        max_body_bytes: request bodies above this size get 413.
+        request_timeout_s: the ingress answers 503 when the matcher takes longer than this.
+        admin_token: bearer token of ``POST /admin/index``; unset reads
+            ``$LEADRE_ADMIN_TOKEN`` where the graph is built; with neither, the admin endpoint
+            answers 403.
+    """
+
+    k_default: int = field(default=10, metadata={"help": "ads per answer when k is absent"})
+    k_max: int = field(default=100, metadata={"help": "largest k a request may ask for"})
+    max_recent_events: int = field(default=50, metadata={
+        "help": "most recent_events a request may carry"})
+    max_body_bytes: int = field(default=65_536, metadata={
+        "help": "request bodies above this size get 413"})
+    request_timeout_s: float = field(default=2.0, metadata={
+        "help": "the ingress answers 503 when the matcher takes longer than this"})
+    admin_token: str | None = field(default=None, metadata={
+        "help": "bearer token for POST /admin/index (default: $LEADRE_ADMIN_TOKEN)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k_default <= self.k_max:
+            raise ConfigError(f"need 1 <= k_default <= k_max, got {self.k_default}, {self.k_max}")
+        if self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s must be > 0")
+        if self.max_body_bytes < 256:
+            raise ConfigError("max_body_bytes must be >= 256")
+        if self.max_recent_events < 0:
+            raise ConfigError("max_recent_events must be >= 0")
+
+    def token(self) -> str | None:
+        return self.admin_token or os.environ.get("LEADRE_ADMIN_TOKEN") or None
+
+
+@dataclass
+class MatcherConfig(DeploymentConfig):
+    """The latency-sensitive tier: cached candidates + ScaNN (plus its deployment options).
+
+    Parameters:
+        history_events: events (request + stored history) that build a real-time ANN query.
+        watch_interval_s: how often a replica looks in the store for an index swapped in
+            through another replica, and publishes the generation queue depth.
+    """
+
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 15.0
+    history_events: int = field(default=20, metadata={
+        "help": "events (request + stored history) that build a real-time ANN query"})
+    watch_interval_s: float = field(default=2.0, metadata={
+        "help": "how often a replica follows index swaps made through other replicas"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.history_events < 0:
+            raise ConfigError("history_events must be >= 0")
+        if self.watch_interval_s <= 0:
+            raise ConfigError("watch_interval_s must be > 0")
+
+
+@dataclass
+class GeneratorConfig(DeploymentConfig):
+    """The latency-tolerant tier: the LLM (or the embedding baseline) writing candidates to the
+    store (plus its deployment options; GPUs here).
+
+    Parameters:
+        ttl_s: lifetime of generated candidates in the store.
+        top_k: candidates generated per user.
+        beam_size: beams per user (>= top_k).
+        batch_size: users per ``@serve.batch`` call (and prompts decoded together).
+        batch_wait_s: how long ``@serve.batch`` waits to fill a batch.
+        poll_interval_s: how often an idle replica looks at the store's queue.
+        lease_s: a claimed queue entry returns to the queue after this (a dead replica's).
+        num_gpus: GPUs per replica; unset: 1 when the cluster has GPUs, else 0.
+    """
+
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 256
+    health_check_period_s: float = 5.0
+    ttl_s: float = field(default=86_400.0, metadata={"help": "lifetime of generated candidates"})
+    top_k: int = field(default=20, metadata={"help": "candidates generated per user"})
+    beam_size: int = field(default=20, metadata={"help": "beams per user (>= top_k)"})
+    batch_size: int = field(default=16, metadata={"help": "@serve.batch max_batch_size"})
+    batch_wait_s: float = field(default=0.05, metadata={"help": "@serve.batch wait timeout"})
+    poll_interval_s: float = field(default=0.5, metadata={
+        "help": "how often an idle generator replica looks at the store's queue"})
+    lease_s: float = field(default=120.0, metadata={
+        "help": "a claimed queue entry returns to the queue after this (dead replica)"})
+    num_gpus: float | None = field(default=None, metadata={
+        "help": "GPUs per generator replica; unset: 1 when the cluster has GPUs, else 0"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k > self.beam_size:
+            raise ConfigError(f"top_k={self.top_k} > beam_size={self.beam_size}")
+        if self.ttl_s <= 0:
+            raise ConfigError("ttl_s must be > 0")
+        if self.batch_size < 1 or self.top_k < 1:
+            raise ConfigError("batch_size and top_k must be >= 1")
+        if self.batch_wait_s < 0 or self.poll_interval_s <= 0 or self.lease_s <= 0:
+            raise ConfigError("batch_wait_s must be >= 0, poll_interval_s and lease_s > 0")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError("num_gpus must be >= 0 when set")
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        gpus = self.num_gpus
+        if gpus is None:  # decided on the driver, where the cluster is known
+            try:
+                import ray
+
+                gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 \
+                    else 0.0
+            except Exception:  # noqa: BLE001
+                gpus = 0.0
+        return {**super().ray_actor_options(), "num_gpus": gpus}
+
+
+@dataclass(frozen=True)
+class ServePaths:
+    """Where the tiers read from and write to; :meth:`absolute` before shipping to replicas.
+
+    Parameters:
+        sids_dir: output of ``leadre sids``.
+        store_url: the candidate store.
+        index_dir: output of ``leadre index`` (the matcher needs it; so does the embedding
+            generator).
+        model_dir: output of ``leadre sft`` / ``leadre dpo``; None: embedding generator.
+    """
+
+    sids_dir: str
+    store_url: str
+    index_dir: str | None = None
+    model_dir: str | None = None
+
+    def absolute(self) -> "ServePaths":
+        """Paths made absolute on the driver: replicas may run with another working dir."""
+
+        def fix(p: str | None) -> str | None:
+            return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+        url = self.store_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            url = "sqlite:///" + str(Path(url[len("sqlite:///"):]).resolve())
+        elif "://" not in url:
+            url = "sqlite:///" + str(Path(url).resolve())
+        return ServePaths(sids_dir=fix(self.sids_dir), store_url=url,
+                          index_dir=fix(self.index_dir), model_dir=fix(self.model_dir))
 
 
 @dataclass
@@ -21,92 +242,34 @@ class ServeConfig:
         model_dir: output of ``leadre sft`` / ``leadre dpo``; ``None`` runs the generator with
             the embedding baseline (history -> nearest ads) so the graph works before training.
         store_url: candidate store, ``sqlite:///path.db`` (embedded) or ``redis://host:port/0``.
-        admin_token: bearer token of ``POST /admin/index``; ``None`` reads
-            ``$LEADRE_ADMIN_TOKEN``; with neither, the admin endpoint answers 403.
-        ttl_s: lifetime of generated candidates in the store.
-    Deployment sizes here are defaults for ``leadre serve``; a Serve config YAML overrides
-    them per deployment (``deployments:`` section), autoscaling included.
+        host / port / app_name / route_prefix: where ``leadre serve`` answers HTTP.
+        ingress / matcher / generator: each tier's knobs and deployment options
+            (:class:`IngressConfig`, :class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
+            ``--set generator.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
+        ray: how to reach Ray. blocking: ``leadre serve`` keeps running until Ctrl-C.
     """
 
     index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
     sids_dir: str = field(default="runs/sids", metadata={"help": "output of `leadre sids`"})
     model_dir: str | None = field(default=None, metadata={
         "help": "output of `leadre sft`/`leadre dpo`; unset: embedding-baseline generator"})
-    store_url: str = field(default="sqlite:///runs/store/candidates.db", metadata={
+    store_url: str = field(default=DEFAULT_URL, metadata={
         "help": "candidate store: sqlite:///path.db (embedded) or redis://host:port/0"})
-    admin_token: str | None = field(default=None, metadata={
-        "help": "bearer token for POST /admin/index (default: $LEADRE_ADMIN_TOKEN)"})
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP host (leadre serve)"})
     port: int = field(default=8000, metadata={"help": "HTTP port (leadre serve)"})
     app_name: str = field(default="leadre", metadata={"help": "Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "HTTP route prefix"})
-
-    # --- request handling -------------------------------------------------------------
-    k_default: int = field(default=10, metadata={"help": "ads per answer when k is absent"})
-    k_max: int = field(default=100, metadata={"help": "largest k a request may ask for"})
-    max_recent_events: int = field(default=50, metadata={
-        "help": "most recent_events a request may carry"})
-    max_body_bytes: int = field(default=65_536, metadata={
-        "help": "request bodies above this size get 413"})
-    request_timeout_s: float = field(default=2.0, metadata={
-        "help": "the ingress answers 503 when the matcher takes longer than this"})
-    history_events: int = field(default=20, metadata={
-        "help": "events (request + stored history) that build a real-time ANN query"})
-
-    # --- generator ----------------------------------------------------------------------
-    ttl_s: float = field(default=86_400.0, metadata={"help": "lifetime of generated candidates"})
-    top_k: int = field(default=20, metadata={"help": "candidates generated per user"})
-    beam_size: int = field(default=20, metadata={"help": "beams per user (>= top_k)"})
-    batch_size: int = field(default=16, metadata={"help": "@serve.batch max_batch_size"})
-    batch_wait_s: float = field(default=0.05, metadata={"help": "@serve.batch wait timeout"})
-    poll_interval_s: float = field(default=0.5, metadata={
-        "help": "how often an idle generator replica looks at the store's queue"})
-    lease_s: float = field(default=120.0, metadata={
-        "help": "a claimed queue entry returns to the queue after this (dead replica)"})
-
-    # --- deployments (defaults for `leadre serve`; YAML configs override) ---------------
-    ingress_replicas: int = field(default=1, metadata={"help": "ingress replicas"})
-    matcher_replicas: int = field(default=1, metadata={"help": "matcher replicas"})
-    generator_replicas: int = field(default=1, metadata={"help": "generator replicas"})
-    replica_cpus: float = field(default=0.1, metadata={
-        "help": "CPUs reserved per ingress/matcher replica"})
-    generator_cpus: float = field(default=0.1, metadata={"help": "CPUs per generator replica"})
-    generator_gpus: float | None = field(default=None, metadata={
-        "help": "GPUs per generator replica; unset: 1 when the cluster has GPUs, else 0"})
-    max_ongoing_requests: int = field(default=32, metadata={
-        "help": "requests in flight per ingress/matcher replica"})
-    max_queued_requests: int = field(default=64, metadata={
-        "help": "requests queued per caller before 503 (overload shedding)"})
+    ingress: IngressConfig = field(default_factory=IngressConfig, metadata={
+        "help": "HTTP tier: request limits, admin token, deployment options"})
+    matcher: MatcherConfig = field(default_factory=MatcherConfig, metadata={
+        "help": "ScaNN tier: query history, deployment options"})
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={
+        "help": "LLM tier: TTL, beams, batching, queue, deployment options (GPUs)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
     blocking: bool = field(default=True, metadata={
         "help": "leadre serve: keep running until Ctrl-C (false: deploy and return)"})
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_default <= self.k_max:
-            raise ConfigError(f"need 1 <= k_default <= k_max, got {self.k_default}, {self.k_max}")
-        if self.top_k > self.beam_size:
-            raise ConfigError(f"top_k={self.top_k} > beam_size={self.beam_size}")
-        if self.ttl_s <= 0 or self.request_timeout_s <= 0:
-            raise ConfigError("ttl_s and request_timeout_s must be > 0")
-        if self.max_body_bytes < 256:
-            raise ConfigError("max_body_bytes must be >= 256")
-        if self.max_ongoing_requests < 1:
-            raise ConfigError("max_ongoing_requests must be >= 1")
-
-    def token(self) -> str | None:
-        return self.admin_token or os.environ.get("LEADRE_ADMIN_TOKEN") or None
-
-    def absolute(self) -> "ServeConfig":
-        """Paths made absolute on the driver: replicas may run with another working dir."""
-        import dataclasses
-
-        def fix(p: str | None) -> str | None:
-            return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
-
-        url = self.store_url
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-            url = "sqlite:///" + str(Path(url[len("sqlite:///"):]).resolve())
-        elif "://" not in url:
-            url = "sqlite:///" + str(Path(url).resolve())
-        return dataclasses.replace(self, index_dir=fix(self.index_dir), sids_dir=fix(self.sids_dir),
-                                   model_dir=fix(self.model_dir), store_url=url)
+    def paths(self) -> ServePaths:
+        """The artifact paths and store URL, absolute (computed on the driver)."""
+        return ServePaths(sids_dir=self.sids_dir, store_url=self.store_url,
+                          index_dir=self.index_dir, model_dir=self.model_dir).absolute()

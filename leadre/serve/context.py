@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from leadre.data.schema import ENGAGE, PROFILE_FIELDS
+
 if TYPE_CHECKING:
     from leadre.prompts import PromptConfig
 
@@ -31,8 +33,6 @@ log = logging.getLogger(__name__)
 # How much each behaviour says about the next ad (impressions are mostly targeting noise).
 ACTION_WEIGHT = {"conversion": 3.0, "click": 2.0, "impression": 0.3, "play": 1.0, "read": 1.0}
 RECENCY_DECAY = 0.85  # per position, most recent first
-ENGAGE = ("click", "conversion")
-PROFILE_FIELDS = ("age", "gender", "city", "education", "industry")
 
 
 def _ts(value: Any) -> float | None:
@@ -117,7 +117,7 @@ class QueryBuilder:
     weighted by its action and by recency (most recent first)."""
 
     def __init__(self, sids_dir: str, cache_titles: int = 50_000):
-        from leadre.index import load_embeddings
+        from leadre.index.ann import load_embeddings
 
         self.sids_dir = sids_dir
         ids, self.emb = load_embeddings(sids_dir)

@@ -7,7 +7,7 @@ Work arrives two ways, both ending in the same ``@serve.batch`` method:
   candidates are written), so users queued while no generator was alive, or claimed by a
   replica that died mid-batch, are generated anyway.
 
-Engines: ``llm`` = ``leadre.generate.SidGenerator`` (trie-constrained beam search over active
+Engines: ``llm`` = ``leadre.eval.generate.SidGenerator`` (trie-constrained beam search over active
 ads; GPU when present) on the user's intent-aware prompt; ``embedding`` = a baseline used when
 no trained model is configured (nearest active ads to the user's history), so the graph runs
 end to end before training finishes. Results carry ``model_version`` so the two never mix
@@ -22,7 +22,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from leadre.store import CandidateRecord, open_store
+from leadre.serve.config import GeneratorConfig, ServePaths
+from leadre.serve.store import CandidateRecord, open_store
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +36,37 @@ class GeneratedBatch:
 
 
 class GeneratorCore:
-    """Context -> prompt -> candidates -> store, for a batch of user ids (in-process)."""
+    """Context -> prompt -> candidates -> store, for a batch of user ids (in-process). Of
+    ``cfg`` it uses ``ttl_s``, ``top_k``, ``beam_size`` and ``batch_size``; ``paths.model_dir``
+    unset selects the embedding engine, which searches ``paths.index_dir``."""
 
-    def __init__(self, sids_dir: str, store_url: str, model_dir: str | None = None,
-                 index_dir: str | None = None, ttl_s: float = 86_400.0, top_k: int = 20,
-                 beam_size: int = 20, batch_size: int = 16):
+    def __init__(self, cfg: GeneratorConfig, paths: ServePaths):
         from leadre.sids import load_table
 
-        self.store = open_store(store_url)
-        self.ttl_s = ttl_s
-        self.top_k = top_k
-        self.table = load_table(sids_dir)
-        self.engine = "llm" if model_dir else "embedding"
-        if model_dir:
-            from leadre.generate import GenerateConfig, SidGenerator
+        self.store = open_store(paths.store_url)
+        self.ttl_s = cfg.ttl_s
+        self.top_k = cfg.top_k
+        self.table = load_table(paths.sids_dir)
+        self.engine = "llm" if paths.model_dir else "embedding"
+        if paths.model_dir:
+            from leadre.eval.generate import GenerateConfig, SidGenerator
             from leadre.prompts import trained_prompt_config
 
             self.llm = SidGenerator.from_stage_dir(
-                model_dir, sids_dir, GenerateConfig(beam_size=beam_size, top_k=top_k,
-                                                    batch_size=batch_size))
+                paths.model_dir, paths.sids_dir,
+                GenerateConfig(beam_size=cfg.beam_size, top_k=cfg.top_k,
+                               batch_size=cfg.batch_size))
             self.table = self.llm.table
-            self.model_version = _model_version(model_dir)
-            self.prompt_cfg = trained_prompt_config(model_dir)
+            self.model_version = _model_version(paths.model_dir)
+            self.prompt_cfg = trained_prompt_config(paths.model_dir)
         else:
-            from leadre.index import AdIndex
+            from leadre.index.ann import AdIndex
             from leadre.serve.context import QueryBuilder
 
-            if index_dir is None:
-                raise ValueError("the embedding generator needs index_dir")
-            self.index = AdIndex.load(index_dir)
-            self.queries = QueryBuilder(sids_dir)
+            if paths.index_dir is None:
+                raise ValueError("the embedding generator needs paths.index_dir")
+            self.index = AdIndex.load(paths.index_dir)
+            self.queries = QueryBuilder(paths.sids_dir)
             self.model_version = "embedding-baseline"
 
     def device(self) -> str:
@@ -119,22 +121,18 @@ def _deployment():
     from ray import serve
     from ray.serve.metrics import Counter, Gauge, Histogram
 
-    @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0.1},
-                      max_ongoing_requests=64, max_queued_requests=256,
-                      health_check_period_s=5, health_check_timeout_s=30)
+    # Sizes and replica options: GeneratorConfig, applied with .options() by app.build.
+    @serve.deployment(name="Generator")
     class Generator:
         """LLM generator replica: ``@serve.batch`` over user ids + a queue-draining loop."""
 
-        async def __init__(self, sids_dir: str, store_url: str, model_dir: str | None = None,
-                           index_dir: str | None = None, ttl_s: float = 86_400.0,
-                           top_k: int = 20, beam_size: int = 20, batch_size: int = 16,
-                           batch_wait_s: float = 0.05, poll_interval_s: float = 0.5,
-                           lease_s: float = 120.0):
-            self.core = await asyncio.to_thread(GeneratorCore, sids_dir, store_url, model_dir,
-                                                index_dir, ttl_s, top_k, beam_size, batch_size)
-            self.generate.set_max_batch_size(batch_size)
-            self.generate.set_batch_wait_timeout_s(batch_wait_s)
-            self.batch_size, self.poll, self.lease = batch_size, poll_interval_s, lease_s
+        async def __init__(self, cfg: GeneratorConfig, paths: ServePaths):
+            self.core = await asyncio.to_thread(GeneratorCore, cfg, paths)
+            # Before any call can arrive: the batch sizes are the config's, not the decorator's.
+            self.generate.set_max_batch_size(cfg.batch_size)
+            self.generate.set_batch_wait_timeout_s(cfg.batch_wait_s)
+            self.batch_size, self.poll, self.lease = cfg.batch_size, cfg.poll_interval_s, \
+                cfg.lease_s
             self.latency = Histogram(
                 "leadre_tier_latency_ms", description="latency per serving tier (ms)",
                 boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 20000], tag_keys=("tier",))
@@ -167,7 +165,7 @@ def _deployment():
                     log.exception("generator: queue drain failed")
                 await asyncio.sleep(self.poll)
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+        @serve.batch
         async def generate(self, user_ids: list[str]) -> list[bool]:
             t0 = time.perf_counter()
             # The model runs in a worker thread: the replica keeps accepting requests.

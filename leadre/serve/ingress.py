@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from leadre.schema import DOMAIN_ACTIONS
+from leadre.data.schema import DOMAIN_ACTIONS
+from leadre.serve.config import IngressConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +116,19 @@ def _deployment():
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
     from ray.serve.metrics import Counter, Histogram
 
-    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1},
-                      max_ongoing_requests=32, max_queued_requests=64)
+    # Sizes and replica options: IngressConfig, applied with .options() by app.build.
+    @serve.deployment(name="Ingress")
     @serve.ingress(app)
     class Ingress:
-        def __init__(self, matcher, generator, k_default: int = 10, k_max: int = 100,
-                     max_recent_events: int = 50, max_body_bytes: int = 65_536,
-                     request_timeout_s: float = 2.0, admin_token: str | None = None):
+        def __init__(self, matcher, generator, cfg: IngressConfig):
+            """``matcher`` / ``generator``: handles of those tiers. ``cfg.admin_token`` is
+            used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
             self.matcher = matcher
             self.generator = generator
-            self.Request = request_model(k_default, k_max, max_recent_events)
-            self.limit = max_body_bytes
-            self.timeout = request_timeout_s
-            self.token = admin_token
+            self.Request = request_model(cfg.k_default, cfg.k_max, cfg.max_recent_events)
+            self.limit = cfg.max_body_bytes
+            self.timeout = cfg.request_timeout_s
+            self.token = cfg.admin_token
             self._nudges: set = set()
             self.latency = Histogram(
                 "leadre_tier_latency_ms", description="latency per serving tier (ms)",

@@ -19,17 +19,17 @@ fails during a swap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
 import time
 from typing import Any
 
-import numpy as np
-
-from leadre.index import AdIndex
+from leadre.index.ann import AdIndex
+from leadre.serve.config import MatcherConfig, ServePaths
 from leadre.serve.context import QueryBuilder, merge_events
-from leadre.store import open_store
+from leadre.serve.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,16 @@ class MatcherCore:
     """Everything the matcher does, in-process (the deployment wraps it; the benchmark and
     unit tests use it directly)."""
 
-    def __init__(self, index_dir: str, sids_dir: str, store_url: str, history_events: int = 20):
+    def __init__(self, cfg: MatcherConfig, paths: ServePaths):
         from leadre.sids import load_table
 
-        self.table = load_table(sids_dir)
-        self.queries = QueryBuilder(sids_dir)
-        self.store = open_store(store_url)
-        self.history_events = history_events
-        self.index = AdIndex.load(index_dir)
+        if paths.index_dir is None:
+            raise ValueError("the matcher needs paths.index_dir")
+        self.table = load_table(paths.sids_dir)
+        self.queries = QueryBuilder(paths.sids_dir)
+        self.store = open_store(paths.store_url)
+        self.history_events = cfg.history_events
+        self.index = AdIndex.load(paths.index_dir)
         self._swap_lock = threading.Lock()
 
     # --- index swap ---------------------------------------------------------------------
@@ -138,28 +140,25 @@ def _deployment():
     from ray import serve
     from ray.serve.metrics import Counter, Gauge, Histogram
 
-    @serve.deployment(name="Matcher", ray_actor_options={"num_cpus": 0.1},
-                      max_ongoing_requests=32, max_queued_requests=64,
-                      health_check_period_s=5, health_check_timeout_s=15)
+    # Sizes and replica options: MatcherConfig, applied with .options() by app.build.
+    @serve.deployment(name="Matcher")
     class Matcher:
         """ScaNN matcher replica. ``user_config={"index_dir": ...}`` (``serve deploy``) or
         ``swap_index`` (admin endpoint, broadcast to every replica) changes the index; the
         store remembers the last swapped-in directory so new replicas start on it."""
 
-        async def __init__(self, index_dir: str, sids_dir: str, store_url: str,
-                           history_events: int = 20, watch_interval_s: float = 2.0):
-            stored = open_store(store_url).get_meta(INDEX_META_KEY)
-            current = json.loads(stored)["index_dir"] if stored else index_dir
+        async def __init__(self, cfg: MatcherConfig, paths: ServePaths):
+            stored = open_store(paths.store_url).get_meta(INDEX_META_KEY)
+            current = json.loads(stored)["index_dir"] if stored else paths.index_dir
             try:
-                self.core = await asyncio.to_thread(MatcherCore, current, sids_dir, store_url,
-                                                    history_events)
+                self.core = await asyncio.to_thread(
+                    MatcherCore, cfg, dataclasses.replace(paths, index_dir=current))
             except Exception:
-                if current == index_dir:
+                if current == paths.index_dir:
                     raise
                 log.exception("matcher: stored index %s unusable, starting on %s", current,
-                              index_dir)
-                self.core = await asyncio.to_thread(MatcherCore, index_dir, sids_dir, store_url,
-                                                    history_events)
+                              paths.index_dir)
+                self.core = await asyncio.to_thread(MatcherCore, cfg, paths)
             self.latency = Histogram(
                 "leadre_tier_latency_ms", description="latency per serving tier (ms)",
                 boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000], tag_keys=("tier",))
@@ -171,7 +170,7 @@ def _deployment():
                                    description="ads returned, by source", tag_keys=("source",))
             self.queue = Gauge("leadre_generation_queue_depth",
                                description="users waiting for LLM generation")
-            self._watch_interval = watch_interval_s
+            self._watch_interval = cfg.watch_interval_s
             self._watch = asyncio.get_running_loop().create_task(self._watch_store())
 
         async def _watch_store(self) -> None:

@@ -24,6 +24,8 @@ import pandas as pd
 
 from leadre.config import ConfigError
 from leadre.runtime import RayConfig
+from leadre.serve.config import GeneratorConfig, ServePaths
+from leadre.serve.store import DEFAULT_URL
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,13 @@ class WarmConfig:
     index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
     model_dir: str | None = field(default=None, metadata={
         "help": "output of `leadre sft`/`leadre dpo`; unset: embedding baseline"})
-    store_url: str = field(default="sqlite:///runs/store/candidates.db", metadata={
+    store_url: str = field(default=DEFAULT_URL, metadata={
         "help": "candidate store URL (redis://... when workers run on several nodes)"})
-    ttl_s: float = field(default=86_400.0, metadata={"help": "lifetime of the candidates"})
-    top_k: int = field(default=20, metadata={"help": "candidates per user"})
-    beam_size: int = field(default=20, metadata={"help": "beams per user"})
+    # Candidates as the serving generator writes them, so its defaults.
+    ttl_s: float = field(default=GeneratorConfig.ttl_s, metadata={
+        "help": "lifetime of the candidates"})
+    top_k: int = field(default=GeneratorConfig.top_k, metadata={"help": "candidates per user"})
+    beam_size: int = field(default=GeneratorConfig.beam_size, metadata={"help": "beams per user"})
     max_events: int = field(default=50, metadata={"help": "behaviours kept per user context"})
     active_days: int | None = field(default=None, metadata={
         "help": "warm users active in the last N days of the log (unset: all with events)"})
@@ -77,7 +81,7 @@ def _contexts_fn(batch: pd.DataFrame, events_path: str, ads_category, store_url:
 
     from leadre.artifacts import resolve
     from leadre.serve.context import contexts_from_frames
-    from leadre.store import open_store
+    from leadre.serve.store import open_store
 
     cats = ray.get(ads_category) if isinstance(ads_category, ray.ObjectRef) else ads_category
     fs, path = resolve(events_path)
@@ -91,12 +95,10 @@ def _contexts_fn(batch: pd.DataFrame, events_path: str, ads_category, store_url:
 
 
 class _GenerateWorker:
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, cfg: GeneratorConfig, paths: ServePaths):
         from leadre.serve.generator import GeneratorCore
 
-        c = cfg_dict
-        self.core = GeneratorCore(c["sids_dir"], c["store_url"], c["model_dir"], c["index_dir"],
-                                  c["ttl_s"], c["top_k"], c["beam_size"], c["batch_size"])
+        self.core = GeneratorCore(cfg, paths)
 
     def __call__(self, batch: dict) -> dict:
         out = self.core.generate_and_store([str(u) for u in batch["user_id"]])
@@ -109,11 +111,12 @@ def run(cfg: WarmConfig) -> dict:
 
     from leadre.artifacts import join, read_table
     from leadre.runtime import init_ray
-    from leadre.serve.config import ServeConfig
 
     # Same absolute-path rules as serving (workers may run elsewhere).
-    abs_cfg = ServeConfig(index_dir=cfg.index_dir, sids_dir=cfg.sids_dir, model_dir=cfg.model_dir,
-                          store_url=cfg.store_url).absolute()
+    paths = ServePaths(sids_dir=cfg.sids_dir, store_url=cfg.store_url, index_dir=cfg.index_dir,
+                       model_dir=cfg.model_dir).absolute()
+    gen_cfg = GeneratorConfig(ttl_s=cfg.ttl_s, top_k=cfg.top_k, beam_size=cfg.beam_size,
+                              batch_size=cfg.batch_size)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     timings = {}
@@ -122,7 +125,7 @@ def run(cfg: WarmConfig) -> dict:
     written_ctx = ray.data.read_parquet(join(cfg.ingest_dir, "users")).map_batches(
         _contexts_fn, batch_format="pandas", batch_size=cfg.context_batch_size,
         fn_kwargs={"events_path": join(cfg.ingest_dir, "events"), "ads_category": ray.put(ads),
-                   "store_url": abs_cfg.store_url, "max_events": cfg.max_events},
+                   "store_url": paths.store_url, "max_events": cfg.max_events},
     ).sum("users") or 0
     timings["contexts_s"] = round(time.perf_counter() - t0, 2)
 
@@ -134,17 +137,15 @@ def run(cfg: WarmConfig) -> dict:
     generated = 0
     if not cfg.contexts_only and active:
         t1 = time.perf_counter()
-        c = {**asdict(cfg), "sids_dir": abs_cfg.sids_dir, "index_dir": abs_cfg.index_dir,
-             "model_dir": abs_cfg.model_dir, "store_url": abs_cfg.store_url}
-        c.pop("ray")
         ds = ray.data.from_items([{"user_id": u} for u in active])
         generated = ds.map_batches(
-            _GenerateWorker, fn_constructor_kwargs={"cfg_dict": c}, batch_size=cfg.batch_size,
+            _GenerateWorker, fn_constructor_kwargs={"cfg": gen_cfg, "paths": paths},
+            batch_size=cfg.batch_size,
             concurrency=cfg.workers, num_gpus=cfg.gpus_per_worker,
             num_cpus=cfg.cpus_per_worker).sum("written") or 0
         timings["generate_s"] = round(time.perf_counter() - t1, 2)
         timings["users_per_s"] = round(generated / max(timings["generate_s"], 1e-9), 1)
-    summary = {"store_url": abs_cfg.store_url, "contexts": int(written_ctx),
+    summary = {"store_url": paths.store_url, "contexts": int(written_ctx),
                "active_users": len(active), "generated": int(generated),
                "engine": "llm" if cfg.model_dir else "embedding-baseline", **timings}
     return {"stage": "warm", "config": asdict(cfg), "summary": summary}

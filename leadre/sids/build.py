@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leadre.artifacts import (ArtifactError, join, read_manifest, read_table, resolve, timed,
-                              write_manifest, write_table)
+from leadre.artifacts import (ArtifactError, join, read_manifest, read_table, timed,
+                              write_json, write_manifest, write_table)
 from leadre.sids.config import SidConfig
 from leadre.sids.encoder import HfEncoder, LsaEncoder, TextEncoder, ad_texts, embed_texts
 from leadre.sids.quantize import Quantizer, RqKMeans, RqVae
@@ -99,13 +99,6 @@ def quality_report(codes: np.ndarray, table: SidTable, categories: list[str] | N
     return report
 
 
-def _write_json(location: str, name: str, obj: dict) -> None:
-    fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{name}") as f:
-        f.write(json.dumps(obj, indent=2, default=str).encode())
-
-
 def _embed(cfg: SidConfig, texts: list[str], encoder_dir: str) -> np.ndarray:
     if cfg.embed_on == "local":
         return embed_texts(texts, encoder_dir, on="local", batch_size=cfg.embed_batch_size)
@@ -131,7 +124,7 @@ def _run_byo(cfg: SidConfig, timings: dict[str, float]) -> dict:
                                     f"{cfg.index_json}, e.g. {missing[:5]}")
     with timed(timings, "write"):
         table.save(cfg.out)
-        _write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
+        write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
     codes = table.codes[:, :-1]
     report = quality_report(codes, table, None)
     return _finish(cfg, table, report, timings, {"index_json": cfg.index_json})
@@ -200,7 +193,7 @@ def run(cfg: SidConfig) -> dict:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
         }), cfg.out, "embeddings")
-        _write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
+        write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
 
     categories = ads.column("category").to_pylist() if "category" in ads.column_names else None
     report = quality_report(codes, table, categories)

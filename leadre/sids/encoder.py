@@ -16,7 +16,6 @@ pool (each actor loads the encoder once from the artifact directory).
 from __future__ import annotations
 
 import io
-import json
 import re
 import warnings
 import zlib
@@ -26,7 +25,7 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 import pyarrow as pa
 
-from leadre.artifacts import ArtifactError, makedirs, resolve
+from leadre.artifacts import ArtifactError, read_bytes, read_json, write_json, write_text
 
 
 ENCODER_JSON = "encoder.json"
@@ -69,15 +68,11 @@ class TextEncoder(ABC):
 
     def save(self, location: str) -> None:
         settings, arrays = self.state()
-        makedirs(location)
-        fs, path = resolve(location)
-        with fs.open_output_stream(f"{path}/{ENCODER_JSON}") as f:
-            f.write(json.dumps({"kind": self.kind, "dim": self.dim, **settings}, indent=2).encode())
+        write_json(location, ENCODER_JSON, {"kind": self.kind, "dim": self.dim, **settings})
         if arrays:
             buf = io.BytesIO()
             np.savez(buf, **arrays)
-            with fs.open_output_stream(f"{path}/{LSA_WEIGHTS}") as f:
-                f.write(buf.getvalue())
+            write_text(location, LSA_WEIGHTS, buf.getvalue())
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -134,8 +129,6 @@ def _csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, shape: tup
 
 def _tfidf_csr(texts: Sequence[str], n_features: int, idf: np.ndarray | None, analyzer: str):
     """torch sparse CSR of sublinear-tf x idf rows, L2-normalised; and the raw CSR arrays."""
-    import torch
-
     indptr, indices, counts = hashed_counts(texts, n_features, analyzer)
     vals = 1.0 + np.log(counts)
     if idf is not None:
@@ -148,8 +141,6 @@ def _tfidf_csr(texts: Sequence[str], n_features: int, idf: np.ndarray | None, an
 
 def _compact(x, csr: tuple[np.ndarray, np.ndarray], buckets: np.ndarray):
     """Keep only the columns in ``buckets`` (sorted), renumbered 0..len(buckets)-1."""
-    import torch
-
     indptr, indices = csr
     pos = np.searchsorted(buckets, indices).clip(max=len(buckets) - 1)
     keep = buckets[pos] == indices
@@ -293,14 +284,10 @@ class HfEncoder(TextEncoder):
 
 def load_encoder(location: str, device: str | None = None) -> TextEncoder:
     """Restore an encoder that ``TextEncoder.save`` wrote to ``location``."""
-    fs, path = resolve(location)
+    settings = read_json(location, ENCODER_JSON)
     try:
-        with fs.open_input_stream(f"{path}/{ENCODER_JSON}") as f:
-            settings = json.loads(f.read())
         kind = settings["kind"]
-    except FileNotFoundError:
-        raise ArtifactError(f"{location} has no {ENCODER_JSON}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ArtifactError(f"{location}/{ENCODER_JSON} is corrupt: {e}") from None
     if kind == "hf":
         return HfEncoder(settings["model_path"], settings.get("max_length", 128), device)
@@ -313,13 +300,11 @@ def load_encoder(location: str, device: str | None = None) -> TextEncoder:
                          settings["seed"])
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(f"{location}/{ENCODER_JSON} is corrupt: {e}") from None
+    raw = read_bytes(location, LSA_WEIGHTS)
     try:
-        with fs.open_input_stream(f"{path}/{LSA_WEIGHTS}") as f:
-            arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            enc.idf, enc.buckets = arrays["idf"], arrays["buckets"]
-            enc.components = arrays["components"]
-    except FileNotFoundError:
-        raise ArtifactError(f"{location} has no {LSA_WEIGHTS}") from None
+        arrays = np.load(io.BytesIO(raw), allow_pickle=False)
+        enc.idf, enc.buckets = arrays["idf"], arrays["buckets"]
+        enc.components = arrays["components"]
     except (ValueError, KeyError, OSError, EOFError) as e:
         raise ArtifactError(f"{location}/{LSA_WEIGHTS} is corrupt: {e}") from None
     if (enc.components.shape != (len(enc.buckets), enc.dim) or enc.idf.shape != (enc.n_features,)
@@ -382,7 +367,7 @@ def embed_texts(texts: Sequence[str], encoder_dir: str, *, on: str = "ray",
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         rows.append(batch["row"])
         e = batch["embedding"]
-        embs.append(np.stack(e) if e.dtype == object else e)  # STACK-NOTES: list columns
+        embs.append(np.stack(e) if e.dtype == object else e)  # a fixed-size-list column arrives as a 1-D object array
     rows_a, emb = np.concatenate(rows), np.concatenate(embs).astype(np.float32)
     result = np.empty_like(emb)
     result[rows_a] = emb

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leadre.artifacts import ArtifactError, resolve
+from leadre.artifacts import ArtifactError, read_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,7 @@ class Quantizer(ABC):
         return save({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, meta)
 
     def save(self, location: str) -> str:
-        fs, path = resolve(location)
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{CODEBOOKS_FILE}") as f:
-            f.write(self.to_bytes())
-        return f"{location}/{CODEBOOKS_FILE}"
+        return write_text(location, CODEBOOKS_FILE, self.to_bytes())
 
 
 class RqKMeans(Quantizer):
@@ -366,13 +362,8 @@ def load_quantizer(location: str, device: str = "auto") -> Quantizer:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    fs, path = resolve(location)
     target = f"{location}/{CODEBOOKS_FILE}"
-    try:
-        with fs.open_input_stream(f"{path}/{CODEBOOKS_FILE}") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ArtifactError(f"{target} does not exist") from None
+    raw = read_bytes(location, CODEBOOKS_FILE)
     try:
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")

@@ -27,7 +27,9 @@ from leadre.artifacts import ArtifactError, read_table, write_table
 
 TABLE_NAME = "sid_table"
 META_KEY = b"leadre.sid_table"
-_TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
+# One S-ID token, ``<a_12>``: groups are the level prefix and the code. The one definition:
+# tokenizers, prompt token estimates and parsing all use it.
+SID_TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
 SCHEMA = pa.schema([
     pa.field("ad_id", pa.string(), nullable=False),
     pa.field("codes", pa.list_(pa.int32()), nullable=False),
@@ -47,7 +49,7 @@ def format_sid(codes: Sequence[int], prefixes: Sequence[str]) -> str:
 
 def parse_sid(sid: str) -> list[tuple[str, int]]:
     """``"<a_1><b_2>"`` -> ``[("a", 1), ("b", 2)]``; raises ValueError on anything else."""
-    parts = _TOKEN.findall(sid)
+    parts = SID_TOKEN.findall(sid)
     if not parts or "".join(f"<{p}_{c}>" for p, c in parts) != sid:
         raise ValueError(f"{sid!r} is not an S-ID of the form <a_12><b_6>...")
     return [(p, int(c)) for p, c in parts]
@@ -257,7 +259,7 @@ class SidTable:
 
     def token_level_code(self, token: str) -> tuple[int, int] | None:
         """``"<b_6>"`` -> (1, 6); None when the token is not in this table's vocabulary."""
-        m = _TOKEN.fullmatch(token)
+        m = SID_TOKEN.fullmatch(token)
         if not m or m.group(1) not in self._level_of_prefix:
             return None
         lvl, code = self._level_of_prefix[m.group(1)], int(m.group(2))

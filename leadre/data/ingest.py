@@ -1,0 +1,307 @@
+"""Stage 1, ingest: read raw logs with Ray Data, validate them in batches, write the clean
+``ads`` / ``users`` / ``events`` tables, the ``quarantine`` table and a manifest.
+
+Nothing is dropped silently: every input row ends up either in a clean table or in
+quarantine with a reason (see :class:`leadre.data.schema.Reason`), and the manifest's counts add up
+(``rows_in == clean + quarantined`` per table). Checks that need the whole table run after
+the batch checks: duplicate ad/user ids on the (small) dimension tables in the driver,
+duplicate events per user with a Ray Data group-by, so events scale with the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from leadre import artifacts
+
+from leadre.data import lcrec
+
+from leadre.data import schema
+from leadre.config import ConfigError
+from leadre.runtime import RayConfig, init_ray
+
+log = logging.getLogger(__name__)
+
+# Columns appended to a table's own columns while a batch carries clean and rejected rows.
+_Q = ("_reason", "_detail", "_row")
+
+
+@dataclass
+class IngestConfig:
+    """Where raw logs come from, what counts as valid, and where the tables go."""
+
+    input_dir: str = field(default="runs/world", metadata={
+        "help": "for source=parquet a directory with ads/, users/, events/ parquet "
+                "(e.g. the output of `leadre generate`); for source=lcrec a directory with "
+                "<Name>.inter.json [+ .item.json, .index.json]"})
+    out: str = field(default="runs/ingest", metadata={"help": "output directory (or URI)"})
+    source: Literal["parquet", "lcrec"] = field(default="parquet", metadata={
+        "help": "input format"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "lcrec: the <Name> of <Name>.inter.json when the directory holds several"})
+    category_level: int = field(default=1, metadata={
+        "help": "lcrec: which entry of the category path becomes the ad category (0 = root)"})
+    ecpm: float | None = field(default=None, metadata={
+        "help": "lcrec: eCPM given to every item (real datasets have none; null keeps it unknown)"})
+    ts_start: str = field(default="2000-01-01", metadata={
+        "help": "earliest accepted event time (UTC); older events are quarantined"})
+    ts_end: str = field(default="2100-01-01", metadata={
+        "help": "latest accepted event time (UTC); newer events are quarantined"})
+    max_age: int = field(default=120, metadata={"help": "largest plausible user age"})
+    max_id_chars: int = field(default=schema.TextLimits.ids, metadata={
+        "help": "longest accepted id (ad_id, user_id); longer rows are quarantined"})
+    max_title_chars: int = field(default=schema.TextLimits.titles, metadata={
+        "help": "longest accepted ad or content title; longer rows are quarantined"})
+    max_description_chars: int = field(default=schema.TextLimits.descriptions, metadata={
+        "help": "longest accepted ad description; longer rows are quarantined"})
+    max_field_chars: int = field(default=schema.TextLimits.fields, metadata={
+        "help": "longest accepted other text (category, advertiser, profile, domain, action)"})
+    max_quarantine_share: float = field(default=0.2, metadata={
+        "help": "fail the job when more than this share of any table is quarantined (a broken "
+                "upstream, not dirty data); the quarantine table is still written"})
+    batch_size: int = field(default=100_000, metadata={"help": "rows per validation batch"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={
+        "help": "Ray connection (address, num_cpus, object_store_mb)"})
+
+    def __post_init__(self) -> None:
+        try:
+            start, end = pd.Timestamp(self.ts_start, tz="UTC"), pd.Timestamp(self.ts_end, tz="UTC")
+        except ValueError as e:
+            raise ConfigError(f"ts_start/ts_end must be dates: {e}") from None
+        if start >= end:
+            raise ConfigError(f"ts_start {self.ts_start} must be before ts_end {self.ts_end}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if self.category_level < 0:
+            raise ConfigError("category_level must be >= 0")
+        for name in ("max_id_chars", "max_title_chars", "max_description_chars",
+                     "max_field_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_quarantine_share <= 1.0:
+            raise ConfigError(f"max_quarantine_share is a share in [0, 1], got "
+                              f"{self.max_quarantine_share}")
+
+    @property
+    def text_limits(self) -> schema.TextLimits:
+        return schema.TextLimits(self.max_id_chars, self.max_title_chars,
+                                 self.max_description_chars, self.max_field_chars)
+
+    @property
+    def time_range(self) -> schema.TimeRange:
+        return schema.TimeRange(pd.Timestamp(self.ts_start, tz="UTC").to_pydatetime(),
+                                pd.Timestamp(self.ts_end, tz="UTC").to_pydatetime())
+
+
+# --------------------------------------------------------------------------- batch functions
+# A batch goes in raw and comes out as one table holding both outcomes: the table's columns
+# (nullable) for clean rows, plus _reason/_detail/_row for rejected ones. Ray Data needs one
+# output per batch; the split into two datasets happens afterwards.
+
+def _combined_schema(name: str) -> pa.Schema:
+    return pa.schema(list(schema.RAW_SCHEMAS[name]) + [pa.field(c, pa.string()) for c in _Q])
+
+
+def _combine(name: str, v: schema.Validated) -> pa.Table:
+    target = _combined_schema(name)
+    clean = v.clean.cast(pa.schema(list(target)[: len(schema.SCHEMAS[name])]))
+    for c in _Q:
+        clean = clean.append_column(c, pa.nulls(clean.num_rows, pa.string()))
+    q = v.quarantine
+    rejected = pa.table(
+        [pa.nulls(q.num_rows, f.type) for f in schema.SCHEMAS[name]]
+        + [q.column("reason"), q.column("detail"), q.column("row")], schema=target)
+    return pa.concat_tables([clean, rejected])
+
+
+def _validate_batch(batch: pa.Table, name: str, limits: schema.TextLimits,
+                    known_ads_ref: list | None = None, time_range: schema.TimeRange | None = None,
+                    max_age: int = 120) -> pa.Table:
+    if name == "ads":
+        v = schema.validate_ads(batch, limits)
+    elif name == "users":
+        v = schema.validate_users(batch, max_age=max_age, limits=limits)
+    else:
+        known = ray.get(known_ads_ref[0]) if known_ads_ref else None
+        v = schema.validate_events(batch, known, time_range or schema.TimeRange(), limits)
+    return _combine(name, v)
+
+
+def _dedupe_user_events(group: pa.Table) -> pa.Table:
+    clean = group.select([f.name for f in schema.EVENTS]).cast(schema.EVENTS)
+    return _combine("events", schema.flag_duplicate_events(clean))
+
+
+def _clean_rows(batch: pa.Table, name: str) -> pa.Table:
+    kept = batch.filter(pc.is_null(batch.column("_reason")))
+    return kept.select([f.name for f in schema.SCHEMAS[name]]).cast(schema.SCHEMAS[name])
+
+
+def _quarantine_rows(batch: pa.Table, name: str) -> pa.Table:
+    q = batch.filter(pc.is_valid(batch.column("_reason")))
+    return pa.table({"table": pa.array([name] * q.num_rows, pa.string()),
+                     "reason": q.column("_reason"), "detail": q.column("_detail"),
+                     "row": q.column("_row")}, schema=schema.QUARANTINE)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _read_raw(cfg: IngestConfig) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
+    if cfg.source == "lcrec":
+        tables, notes = lcrec.load(cfg.input_dir, cfg.dataset_name, cfg.category_level, cfg.ecpm)
+        return {k: ray.data.from_arrow(t) for k, t in tables.items()}, notes
+    datasets = {}
+    for name in ("ads", "users", "events"):
+        path = artifacts.join(cfg.input_dir, name)
+        if not artifacts.exists(path):
+            if name == "users":  # profiles are optional: every facet is nullable
+                datasets[name] = ray.data.from_arrow(schema.RAW_SCHEMAS["users"].empty_table())
+                continue
+            raise artifacts.ArtifactError(f"{path} does not exist: --input-dir must hold ads/ and "
+                                          f"events/ parquet directories (users/ optional)")
+        fs, p = artifacts.resolve(path)
+        files = _check_files(name, fs, p, path)
+        datasets[name] = ray.data.read_parquet(files, filesystem=fs)
+    return datasets, {}
+
+
+def _check_files(name: str, fs: Any, path: str, location: str) -> list[str]:
+    """Every parquet file of one table, each checked before any work starts: readable (a
+    truncated file is named, not a traceback from deep inside Ray Data) and holding the
+    table's required columns."""
+    infos = fs.get_file_info(artifacts.pafs.FileSelector(path, recursive=True))
+    files = sorted(i.path for i in infos if i.type == artifacts.pafs.FileType.File
+                   and not i.base_name.startswith((".", "_")))
+    if not files:
+        raise schema.SchemaError(f"{name} table: {location} holds no parquet files")
+    for f in files:
+        try:
+            file_schema = pq.read_schema(f, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise schema.SchemaError(f"{name} table: {f} is not a readable parquet file "
+                                     f"({str(e).splitlines()[0]})") from None
+        schema.check_columns(name, file_schema, f)
+    return files
+
+
+def _reason_counts(q: pa.Table) -> dict[str, int]:
+    if q.num_rows == 0:
+        return {}
+    return {d["values"]: d["counts"] for d in q.column("reason").value_counts().to_pylist()}
+
+
+def _validate_dimension(ds: ray.data.Dataset, name: str, key: str, cfg: IngestConfig):
+    """Ads and users: batch checks on Ray Data, then duplicate ids in the driver (these tables
+    are small next to events, and the clean ad ids are needed in full for the event checks)."""
+    combined = ds.map_batches(_validate_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
+                              fn_kwargs={"name": name, "max_age": cfg.max_age,
+                                         "limits": cfg.text_limits})
+    # One execution of the pipeline; an empty input yields no blocks at all.
+    blocks = ray.get(combined.to_arrow_refs())
+    both = pa.concat_tables(blocks) if blocks else _combined_schema(name).empty_table()
+    clean = _clean_rows(both, name)
+    dedup = schema.flag_duplicate_keys(clean, name, key)
+    quarantine = pa.concat_tables([_quarantine_rows(both, name), dedup.quarantine])
+    return dedup.clean, quarantine, both.num_rows
+
+
+class QuarantineError(artifacts.ArtifactError):
+    """Too large a share of a table failed validation: the upstream is broken."""
+
+
+def _check_quarantine_share(cfg: IngestConfig, counts: dict[str, Any]) -> None:
+    over = [(name, c) for name, c in counts.items()
+            if c["rows_in"] and c["quarantined"] / c["rows_in"] > cfg.max_quarantine_share]
+    if over:
+        lines = [f"{name}: {c['quarantined']:,} of {c['rows_in']:,} rows "
+                 f"({c['quarantined'] / c['rows_in']:.1%}) quarantined ("
+                 + ", ".join(f"{r}={n:,}" for r, n in sorted(c["by_reason"].items())) + ")"
+                 for name, c in over]
+        raise QuarantineError(
+            "; ".join(lines) + f". That is over max_quarantine_share={cfg.max_quarantine_share}"
+            f": a broken upstream, not dirty data. No manifest was written; the rejected rows "
+            f"are in {artifacts.join(cfg.out, 'quarantine')} for inspection.")
+
+
+def run(cfg: IngestConfig) -> dict[str, Any]:
+    # A manifest marks a complete output: remove an old one first, so a run that fails half
+    # way never leaves new partial tables under a manifest that vouches for them.
+    stale = artifacts.join(cfg.out, artifacts.MANIFEST)
+    if artifacts.exists(stale):
+        fs, p = artifacts.resolve(stale)
+        fs.delete_file(p)
+    init_ray(cfg.ray)
+    timings: dict[str, float] = {}
+    counts: dict[str, Any] = {}
+    with artifacts.timed(timings, "read"):
+        raw, notes = _read_raw(cfg)
+
+    with artifacts.timed(timings, "ads"):
+        ads, q_ads, n_ads = _validate_dimension(raw["ads"], "ads", "ad_id", cfg)
+    with artifacts.timed(timings, "users"):
+        users, q_users, n_users = _validate_dimension(raw["users"], "users", "user_id", cfg)
+
+    with artifacts.timed(timings, "events"):
+        known = ray.put(frozenset(ads.column("ad_id").to_pylist()))
+        checked = raw["events"].map_batches(
+            _validate_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
+            fn_kwargs={"name": "events", "known_ads_ref": [known], "time_range": cfg.time_range,
+                       "limits": cfg.text_limits},
+        ).materialize()
+        n_events = checked.count()
+        clean = checked.map_batches(_clean_rows, batch_format="pyarrow",
+                                    fn_kwargs={"name": "events"})
+        # A few large shuffle partitions beat Ray's default 200 tiny ones on small inputs.
+        partitions = max(1, min(200, n_events // cfg.batch_size))
+        deduped = (clean.groupby("user_id", num_partitions=partitions)
+                   .map_groups(_dedupe_user_events, batch_format="pyarrow")
+                   .materialize())
+        q_events = checked.map_batches(_quarantine_rows, batch_format="pyarrow",
+                                       fn_kwargs={"name": "events"}).union(
+            deduped.map_batches(_quarantine_rows, batch_format="pyarrow",
+                                fn_kwargs={"name": "events"}))
+        events = deduped.map_batches(_clean_rows, batch_format="pyarrow",
+                                     fn_kwargs={"name": "events"})
+
+    with artifacts.timed(timings, "write"):
+        artifacts.write_table(ads, cfg.out, "ads")
+        artifacts.write_table(users, cfg.out, "users")
+        for path in ("events", "quarantine"):
+            fs, p = artifacts.resolve(artifacts.join(cfg.out, path))
+            if fs.get_file_info(p).type != artifacts.pafs.FileType.NotFound:
+                fs.delete_dir(p)
+        fs, p = artifacts.resolve(artifacts.join(cfg.out, "events"))
+        events.write_parquet(p, filesystem=fs, min_rows_per_file=cfg.batch_size)
+        q_all = pa.concat_tables([q_ads, q_users, *ray.get(q_events.to_arrow_refs())])
+        artifacts.write_table(q_all, cfg.out, "quarantine")
+
+    n_events_clean = events.count()
+    for name, rows_in, clean_rows in (("ads", n_ads, ads.num_rows),
+                                      ("users", n_users, users.num_rows),
+                                      ("events", n_events, n_events_clean)):
+        q = q_all.filter(pc.equal(q_all.column("table"), name))
+        counts[name] = {"rows_in": rows_in, "clean": clean_rows, "quarantined": q.num_rows,
+                        "by_reason": _reason_counts(q)}
+        if rows_in != clean_rows + q.num_rows:  # the accounting invariant: nothing vanishes
+            raise RuntimeError(f"ingest lost rows of {name}: {rows_in} in, {clean_rows} clean, "
+                               f"{q.num_rows} quarantined")
+    _check_quarantine_share(cfg, counts)
+    manifest = artifacts.write_manifest(cfg.out, "ingest", inputs={"input_dir": cfg.input_dir,
+                                        "source": cfg.source, **notes}, config=cfg,
+                                        counts=counts, timings=timings)
+    manifest["summary"] = {
+        "out": cfg.out,
+        **{name: f"{c['clean']} clean / {c['quarantined']} quarantined" for name, c in counts.items()},
+        "quarantine_reasons": _reason_counts(q_all),
+        "seconds": round(sum(timings.values()), 2),
+    }
+    return manifest

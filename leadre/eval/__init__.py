@@ -1,0 +1,1 @@
+"""Stage 6: trie-constrained generation, metrics, baselines, evaluation and ablations."""

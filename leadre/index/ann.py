@@ -1,0 +1,170 @@
+"""The ANN library behind stage 7 and the serving matcher: ScaNN searchers over unit vectors
+(dot product), exact search and recall for checking them, and :class:`AdIndex`, a loaded index
+directory (built by :mod:`leadre.index.build`).
+
+Algorithm choice follows ScaNN's own rules of thumb: brute force below 20k points (as fast, and
+exact); asymmetric hashing (AH, 2 dims per block) + exact re-scoring below 100k; above that a
+partitioning tree with ~sqrt(n) leaves in front of AH + re-scoring.
+
+String doc ids would be stored by ScaNN in a pickle; we index by row number and keep the
+ad_id mapping in parquet, but ScaNN's own files are still only to be loaded from trusted
+directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from leadre.artifacts import read_json, read_manifest, read_table, resolve
+
+if TYPE_CHECKING:
+    from leadre.index.build import IndexConfig
+
+log = logging.getLogger(__name__)
+
+STAGE = "index"
+INDEX_JSON = "index.json"
+SCANN_DIR = "scann"
+ADS_TABLE = "ads"
+# ScaNN's rules of thumb for the algorithm by number of points.
+BRUTE_FORCE_BELOW = 20_000
+AH_ONLY_BELOW = 100_000
+
+
+def choose_mode(n: int, mode: str = "auto") -> str:
+    if mode != "auto":
+        return mode
+    if n < BRUTE_FORCE_BELOW:
+        return "brute_force"
+    return "ah" if n < AH_ONLY_BELOW else "tree_ah"
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def load_embeddings(sids_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ad_ids object array, (n, d) float32 unit rows) from a sids directory."""
+    t = read_table(sids_dir, "embeddings")
+    col = t.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return np.asarray(t.column("ad_id").to_pylist(), dtype=object), emb
+
+
+def exact_topk(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k rows by dot product (NumPy), best first."""
+    scores = queries @ db.T
+    k = min(k, db.shape[0])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
+    return np.take_along_axis(part, order, 1)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
+    return float(np.sum(hits) / truth.size) if truth.size else 1.0
+
+
+def build_searcher(db: np.ndarray, mode: str, cfg: IndexConfig, k: int = 10):
+    """A ScaNN searcher over ``db`` (unit rows, dot product) for ``mode``."""
+    import scann
+
+    n = db.shape[0]
+    b = scann.scann_ops_pybind.builder(db, max(1, min(k, n)), "dot_product")
+    sample = min(cfg.training_sample_size, n)
+    if mode == "brute_force":
+        return b.score_brute_force().build(), {}
+    if mode == "tree_ah":
+        leaves = cfg.num_leaves or max(2, int(round(math.sqrt(n))))
+        leaves = min(leaves, max(2, n // 50))
+        search = cfg.leaves_to_search or max(1, leaves // 20)
+        b = b.tree(num_leaves=leaves, num_leaves_to_search=search,
+                   training_sample_size=sample)
+        params = {"num_leaves": leaves, "leaves_to_search": search}
+    else:
+        params = {}
+    b = b.score_ah(2, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
+                   training_sample_size=sample)
+    b = b.reorder(max(cfg.reorder, k))
+    params["pre_reorder_num_neighbors"] = max(cfg.reorder, k)
+    return b.build(), params
+
+
+class AdIndex:
+    """A loaded index: ``search(queries, k) -> (ad_ids, scores)`` over active ads only.
+
+    Immutable after load; the matcher swaps whole ``AdIndex`` objects, so a request that
+    started on the old index finishes on it.
+    """
+
+    def __init__(self, searcher, ad_ids: np.ndarray, info: dict, ecpm: np.ndarray | None = None,
+                 popular: np.ndarray | None = None, location: str = ""):
+        self.searcher = searcher
+        self.ad_ids = ad_ids
+        self.info = info
+        self.location = location
+        self.ecpm = ecpm if ecpm is not None else np.zeros(len(ad_ids), np.float32)
+        # Rows of the cold-start fallback list, most popular first.
+        self.popular = popular if popular is not None else np.arange(min(len(ad_ids), 200))
+        self.active = set(ad_ids.tolist())
+        self._query = {k: v for k, v in info.get("query_params", {}).items() if v is not None}
+
+    @property
+    def version(self) -> str:
+        return self.info["version"]
+
+    @property
+    def sid_version(self) -> str:
+        return self.info.get("sid_version", "")
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids (-1 padded when k > #ads) and scores, best first; queries (m, d)."""
+        queries = normalize(np.atleast_2d(queries))
+        kk = max(1, min(k, len(self.ad_ids)))
+        if len(queries) == 1:
+            rows, scores = self.searcher.search(queries[0], final_num_neighbors=kk, **self._query)
+            return np.asarray(rows)[None], np.asarray(scores)[None]
+        rows, scores = self.searcher.search_batched(queries, final_num_neighbors=kk, **self._query)
+        return np.asarray(rows), np.asarray(scores)
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """One query vector -> [(ad_id, score)] of the k nearest active ads."""
+        rows, scores = self.search_rows(query, k)
+        return [(self.ad_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+
+    @classmethod
+    def load(cls, location: str) -> "AdIndex":
+        """Load an index directory written by :func:`leadre.index.build.run` (local path; a URI is copied to a
+        local temp dir first since ScaNN reads local files)."""
+        import scann
+
+        read_manifest(location, stage=STAGE)
+        fs, path = resolve(location)
+        info = read_json(location, INDEX_JSON)
+        local = path
+        if "://" in str(location):
+            local = tempfile.mkdtemp(prefix="leadre-index-")
+            pafs_copy(location, local)
+        ads = read_table(location, ADS_TABLE)
+        searcher = scann.scann_ops_pybind.load_searcher(str(Path(local) / SCANN_DIR))
+        return cls(searcher, np.asarray(ads.column("ad_id").to_pylist(), dtype=object), info,
+                   ads.column("ecpm").to_numpy(zero_copy_only=False).astype(np.float32),
+                   np.asarray(info.get("popular_rows", []), dtype=np.int64), location)
+
+
+def pafs_copy(src: str, dst: str) -> None:
+    fs, path = resolve(src)
+    pafs.copy_files(path, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -1,0 +1,149 @@
+"""The pipeline's stages, once: what each is called, where its code and config live, and
+which upstream artifact directory each of its inputs reads.
+
+The CLI builds its sub-commands from :data:`STAGES`, the demo runs them in order under one
+directory, and the ablation runner wires its variants with :func:`wire`. Stage modules are
+imported only when a stage's config or ``run`` is needed: torch, transformers and Ray are
+slow to import, and ``leadre --help`` must not pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from leadre.config import from_dict, merge
+
+
+@dataclass(frozen=True)
+class Input:
+    """A config option holding an upstream artifact directory: ``option`` reads the output
+    of the first stage in ``sources`` that the wiring knows a directory for."""
+
+    option: str
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the sub-command
+    module: str  # exports the config class and ``run(cfg) -> dict``
+    config: str  # the config class's name in ``module``
+    help: str
+    section: str  # the YAML section this stage reads
+    inputs: tuple[Input, ...] = ()
+    artifact: str | None = None  # directory name under a pipeline root; None: the stage's name
+    json_result: bool = True  # the CLI prints the result's summary as JSON (the demo: its own)
+
+    @property
+    def dir_name(self) -> str:
+        return self.artifact or self.name
+
+
+def _in(option: str, *sources: str) -> Input:
+    return Input(option, sources)
+
+
+# Pipeline order.
+STAGES: tuple[Stage, ...] = (
+    Stage("generate", "leadre.data.synth", "SynthConfig",
+          "generate the synthetic ad world (ads, users, events as parquet)", "synth",
+          artifact="world"),
+    Stage("ingest", "leadre.data.ingest", "IngestConfig",
+          "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest",
+          inputs=(_in("input_dir", "generate"),)),
+    Stage("sids", "leadre.sids", "SidConfig",
+          "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie",
+          "sids", inputs=(_in("ingest_dir", "ingest"),)),
+    Stage("prompts", "leadre.prompts", "PromptConfig",
+          "build intent-aware prompts, auxiliary tasks and DPO pairs (leak-free splits) "
+          "with Ray Data", "prompts",
+          inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
+    # sft's own sids_dir defaults to the one the prompts stage recorded, so it is not wired.
+    Stage("sft", "leadre.train.sft", "SftConfig",
+          "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
+          "checkpoints, resume, adapter and merged model", "sft",
+          inputs=(_in("prompts_dir", "prompts"),)),
+    Stage("dpo", "leadre.train.dpo", "DpoConfig",
+          "DPO from the SFT adapter on eCPM preference pairs (Ray Train + TRL DPOTrainer)", "dpo",
+          inputs=(_in("prompts_dir", "prompts"), _in("sft_dir", "sft"))),
+    Stage("eval", "leadre.eval.evaluate", "EvalConfig",
+          "trie-constrained beam search for every eval user (Ray Data), metrics, baselines, "
+          "report (JSON, Markdown, PNG)", "eval",
+          inputs=(_in("prompts_dir", "prompts"), _in("model_dir", "dpo", "sft"),
+                  _in("sids_dir", "sids"), _in("ingest_dir", "ingest"))),
+    Stage("ablation", "leadre.eval.ablation", "AblationConfig",
+          "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
+          "(drives prompts -> sft -> dpo -> eval)", "ablation",
+          inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
+    Stage("index", "leadre.index", "IndexConfig",
+          "build the ScaNN index over the active ads' embeddings (recall@10 vs exact search)",
+          "index", inputs=(_in("sids_dir", "sids"), _in("ingest_dir", "ingest"))),
+    Stage("warm", "leadre.serve.warm", "WarmConfig",
+          "fill the candidate store for all active users in bulk (Ray Data + generator actors)",
+          "warm", inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"),
+                          _in("index_dir", "index"), _in("model_dir", "dpo", "sft"))),
+    Stage("serve", "leadre.serve", "ServeConfig",
+          "run the two-tier Ray Serve graph (ingress, ScaNN matcher, LLM generator) over HTTP",
+          "serve", inputs=(_in("index_dir", "index"), _in("sids_dir", "sids"),
+                           _in("model_dir", "dpo", "sft"))),
+    Stage("demo", "leadre.demo", "DemoConfig",
+          "run the whole pipeline on the embedded synthetic world and print a summary", "demo",
+          json_result=False),
+)
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(BY_NAME)}") from None
+
+
+def config_class(name: str) -> type:
+    """The config dataclass of stage ``name`` (imports the stage's module)."""
+    s = stage(name)
+    return getattr(importlib.import_module(s.module), s.config)
+
+
+def run_stage(name: str, cfg: Any) -> dict[str, Any]:
+    """Run stage ``name`` on its config; returns the stage's manifest."""
+    return importlib.import_module(stage(name).module).run(cfg)
+
+
+def pipeline_dirs(root: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """``{stage: <root>/<its directory>}`` for the stages a pipeline run writes."""
+    chosen = [stage(n) for n in names] if names else STAGES
+    return {s.name: f"{root.rstrip('/')}/{s.dir_name}" for s in chosen}
+
+
+def wired_options(name: str, dirs: Mapping[str, str]) -> dict[str, str]:
+    """The input-directory options of stage ``name`` that ``dirs`` (``{stage: directory}``)
+    can fill, plus ``out`` when ``dirs`` names the stage's own directory."""
+    s = stage(name)
+    opts: dict[str, str] = {}
+    for inp in s.inputs:
+        source = next((src for src in inp.sources if src in dirs), None)
+        if source is not None:
+            opts[inp.option] = dirs[source]
+    if name in dirs:
+        opts["out"] = dirs[name]
+    return opts
+
+
+def wire(name: str, dirs: str | Mapping[str, str],
+         settings: Mapping[str, Any] | None = None) -> Any:
+    """Stage ``name``'s config: defaults <- ``settings`` <- its input directories pointing at
+    the upstream outputs in ``dirs`` (a pipeline root, or ``{stage: directory}``; inputs
+    whose upstream is absent keep their value from ``settings`` or the default). The wired
+    directories win: a pipeline step must read its own upstream outputs, whatever a shared
+    YAML section says."""
+    dirs = pipeline_dirs(dirs) if isinstance(dirs, str) else dirs
+    cls = config_class(name)
+    opts = wired_options(name, dirs)
+    if "out" in opts and "out" not in {f.name for f in fields(cls)}:
+        del opts["out"]  # warm and serve write to a store / serve, not a directory
+    return from_dict(cls, merge(dict(settings or {}), opts))

@@ -1,0 +1,481 @@
+"""What ``leadre sft`` and ``leadre dpo`` share: the training knobs, reading stage-3 parquet, the
+Ray Train wiring (``TorchTrainer`` -> one TRL trainer per worker), and the export of the chosen
+checkpoint into ``<out>/adapter`` + ``<out>/merged``.
+
+How a run works::
+
+    driver                                    each Ray Train worker (rank r of N)
+    ------                                    -----------------------------------
+    write <out>/model (base + S-ID tokens)
+    TorchTrainer(train_loop).fit()  ───────>  read the prompts parquet (the HF sampler shards it)
+      FailureConfig: restart the group        build the TRL trainer (stage's `build` function)
+      on a worker failure, and hand           prepare_trainer(trainer)
+      it the latest checkpoint  <──────────   trainer.train(resume_from_checkpoint=...)
+                                              every save_steps: report the HF checkpoint (rank 0)
+    pick the best checkpoint (eval_loss)
+    export adapter + merged model, manifest
+
+A re-submitted run with ``resume=true`` continues from the checkpoints under ``<out>/ray``
+(Ray Train restores the run's checkpoint state from its storage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import pyarrow as pa
+
+from leadre import artifacts
+from leadre.artifacts import ArtifactError
+from leadre.config import ConfigError
+from leadre.prompts import contract
+from leadre.train.model import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, RAY_DIR, load_model, load_tokenizer
+from leadre.runtime import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Nothing in a training job may reach for a hub (no internet here; reproducibility elsewhere).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class TrainArgs:
+    """Knobs shared by ``SftConfig`` and ``DpoConfig`` (see those for the stage-specific ones).
+
+    Parameters:
+        num_workers / cpus_per_worker / device: the Ray Train worker group. ``device=auto``
+            trains on GPUs when the cluster has them (one per worker, bf16 when supported).
+        finetune: ``lora`` (PEFT LoRA on the linear layers; the token embeddings and the LM
+            head are trained in full, since the S-ID rows are new) or ``full``.
+        batch_size / grad_accum: per-worker micro-batch and gradient accumulation; one
+            optimiser step sees ``batch_size * grad_accum * num_workers`` examples.
+        epochs / max_steps: ``max_steps`` > 0 overrides ``epochs``.
+        logging_steps: a point of the metrics history (loss, learning rate, samples/s) every N
+            optimiser steps. ``report_every``: also send metrics to Ray Train every N steps
+            (each report costs ~2 s on a small machine; 0 = only with checkpoints).
+        save_steps: a checkpoint (and, with validation data, an evaluation) every N steps; the
+            last step is always saved. ``keep_checkpoints``: how many Ray Train keeps.
+        early_stopping_patience: stop after this many evaluations without a better
+            selection metric (``None`` = never); the best checkpoint is exported either way.
+        selection_metric: what "better" means for checkpoint choice and early stopping:
+            ``eval_loss`` (lower), or ``hr@10`` (higher; SFT only: the validation users' next
+            ads decoded with the trie-constrained beam search, ``selection_rows`` of them,
+            ``selection_beam`` beams).
+        max_failures / resume: Ray Train restarts a failed worker group this many times
+            from the last checkpoint; ``resume=true`` continues a previous run from ``<out>/ray``.
+        fail_at_step: fault injection for tests: rank 0 raises at this step of a run that did
+            not start from a checkpoint.
+    """
+
+    out: str = field(default="runs/train", metadata={
+        "help": "output directory (local or mounted path: model/, adapter/, merged/, ray/)"})
+    prompts_dir: str = field(default="runs/prompts", metadata={
+        "help": "output directory of `leadre prompts` (sharded parquet, local path or URI)"})
+    # --- Ray Train worker group
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (data parallel)"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "help": "CPUs reserved per worker; torch uses max(1, int(this)) threads on CPU"})
+    device: Literal["auto", "cpu", "gpu"] = field(default="auto", metadata={
+        "help": "auto: one GPU per worker when the cluster has GPUs, else CPU (gloo)"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; default: on when every worker's GPU supports it"})
+    # --- adapter
+    finetune: Literal["lora", "full"] = field(default="lora", metadata={
+        "help": "lora: PEFT LoRA + trainable embeddings/LM head; full: train every weight"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "modules that get LoRA (names or ['all-linear']; the LM head never does)"})
+    # --- optimisation
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
+        default="cosine", metadata={"help": "learning-rate schedule"})
+    warmup_ratio: float = field(default=0.03, metadata={
+        "help": "fraction of the steps spent warming the learning rate up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=8, metadata={"help": "examples per worker per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training split"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "optimiser steps to run; > 0 overrides epochs"})
+    max_length: int = field(default=512, metadata={
+        "help": "tokens per example (prompt + response); longer examples are cut at the end"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, about 20 percent slower)"})
+    seed: int = field(default=0, metadata={"help": "seed for init, sampling and shuffling"})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "train on a seeded random subset of this many examples (time budgets)"})
+    max_eval_samples: int | None = field(default=512, metadata={
+        "help": "evaluate on at most this many validation examples (None = all)"})
+    # --- metrics, checkpoints, fault tolerance
+    logging_steps: int = field(default=10, metadata={
+        "help": "optimiser steps between metrics-history points"})
+    report_every: int = field(default=0, metadata={
+        "help": "also report metrics to Ray Train every N steps (0 = only with checkpoints)"})
+    save_steps: int = field(default=200, metadata={
+        "help": "optimiser steps between checkpoints (and validation runs)"})
+    keep_checkpoints: int | None = field(default=3, metadata={
+        "help": "checkpoints Ray Train keeps (best by validation loss + the latest)"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop after N evaluations without a better selection metric (None = off)"})
+    selection_metric: Literal["eval_loss", "hr@10"] = field(default="eval_loss", metadata={
+        "help": "checkpoint choice and early stopping: eval_loss (lower) or hr@10 (higher)"})
+    selection_rows: int = field(default=256, metadata={
+        "help": "hr@10: validation users decoded at each evaluation"})
+    selection_beam: int = field(default=10, metadata={
+        "help": "hr@10: beams of the constrained decoder at each evaluation"})
+    max_failures: int = field(default=2, metadata={
+        "help": "worker-group restarts from the last checkpoint before the run fails"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue a previous run from the checkpoints under <out>/ray"})
+    fail_at_step: int | None = field(default=None, metadata={
+        "help": "testing: rank 0 raises at this step unless the run started from a checkpoint"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={
+        "help": "Ray connection (address, num_cpus, object_store_mb)"})
+
+    def __post_init__(self) -> None:
+        if "://" in self.out:
+            raise ConfigError(f"out={self.out}: model directories are written with "
+                              "save_pretrained, so `out` must be a local or mounted path")
+        # Ray Train workers run in their own working directory: a relative local path given
+        # to the driver must reach them absolute.
+        for name in ("out", "prompts_dir", "sids_dir", "sft_dir", "base_model"):
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value and "://" not in value:
+                setattr(self, name, str(Path(value).expanduser().resolve()))
+        positive = ("num_workers", "batch_size", "grad_accum", "logging_steps", "save_steps",
+                    "lora_r", "lora_alpha", "max_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker must be > 0 (e.g. 0.5 to fit 2 workers on 2 cores)")
+        if self.max_steps < 1 and self.epochs <= 0:
+            raise ConfigError("train for something: set epochs > 0 or max_steps > 0")
+        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("lora_dropout and warmup_ratio must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise ConfigError("learning_rate must be > 0")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name modules or use ['all-linear']")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be >= 1 or null (keep all)")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError("early_stopping_patience must be >= 1 or null")
+        if self.selection_rows < 1 or self.selection_beam < 10:
+            raise ConfigError("selection_rows must be >= 1 and selection_beam >= 10 (hr@10)")
+        if self.max_failures < 0 or self.report_every < 0:
+            raise ConfigError("max_failures and report_every must be >= 0")
+        for name in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 or null")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prompts_inputs(prompts: str, sids: str | None, *, sid_version: str | None = None,
+                   source: str | None = None) -> tuple[dict[str, Any], str]:
+    """(prompts manifest, S-ID stage directory: the one given, or the one the prompts stage
+    recorded). Refuses prompts built from another S-ID version than ``sid_version`` (that of
+    ``source``): their answers would name other ads."""
+    manifest, sids_dir = contract.sids_dir_of(prompts, sids)
+    check_sid_version(prompts, manifest, sid_version, source or sids_dir)
+    return manifest, sids_dir
+
+
+def check_sid_version(prompts: str, manifest: dict[str, Any], sid_version: str | None,
+                      source: str) -> None:
+    built = manifest.get("sid_version")
+    if built and sid_version and built != sid_version:
+        raise ArtifactError(f"{prompts} was built from S-ID version {built} but {source} "
+                            f"holds version {sid_version}")
+
+
+def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: list[str],
+               *, tasks: list[str] | None = None, limit: int | None = None, seed: int = 0,
+               required: bool = True) -> pa.Table | None:
+    """``<prompts>/<kind>/<split>`` with ``columns``, rows with a null in them dropped
+    (optionally only some ``tasks``: SFT tasks, or DPO pair types; and a seeded random subset
+    of ``limit`` rows, the same subset on every worker)."""
+    table = contract.read_split(prompts, kind, split, columns, labels=tasks, complete=True,
+                                required=required)
+    if table is not None and limit is not None and table.num_rows > limit:
+        import numpy as np
+
+        rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
+        table = table.take(pa.array(rows))
+    return table
+
+
+def to_hf(table: pa.Table | None):
+    """An in-memory ``datasets.Dataset`` (each worker holds the split; the HF distributed
+    sampler gives each rank its share)."""
+    if table is None or table.num_rows == 0:
+        return None
+    from datasets import Dataset
+
+    return Dataset.from_dict(table.to_pydict())
+
+
+# --------------------------------------------------------------------------- per-worker wiring
+
+
+def hf_args(cfg: TrainArgs, output_dir: str, *, has_eval: bool, use_gpu: bool) -> dict[str, Any]:
+    """``TrainingArguments`` fields shared by TRL's ``SFTConfig`` and ``DPOConfig``."""
+    import torch
+
+    bf16 = cfg.bf16
+    if bf16 is None:
+        bf16 = use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    eval_kw: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        key, higher = selection_key(cfg)
+        eval_kw = {"eval_strategy": "steps", "eval_steps": cfg.save_steps,
+                   "per_device_eval_batch_size": cfg.batch_size,
+                   "metric_for_best_model": key, "greater_is_better": higher,
+                   "load_best_model_at_end": cfg.early_stopping_patience is not None}
+    return dict(
+        output_dir=output_dir, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        bf16=bool(bf16), fp16=False, use_cpu=not use_gpu,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, max_length=cfg.max_length, **eval_kw)
+
+
+def selection_key(cfg: TrainArgs) -> tuple[str, bool]:
+    """(metric name as logged, higher is better) of ``cfg.selection_metric``."""
+    return ("eval_loss", False) if cfg.selection_metric == "eval_loss" else \
+        (f"eval_{cfg.selection_metric}", True)
+
+
+def lora_config(cfg: TrainArgs, model) -> Any:
+    """PEFT LoRA on ``cfg.lora_target_modules``; the input embeddings (and an untied LM head)
+    are trained in full through ``modules_to_save``, so the new S-ID rows learn. With tied
+    embeddings the trained copy stays tied (``ensure_weight_tying``). LoRA on the LM head is
+    never used: TRL's fused LM-head loss rejects it."""
+    from peft import LoraConfig
+
+    from leadre.train.model import embedding_module_names
+
+    emb, head, tied = embedding_module_names(model)
+    modules_to_save = [emb] + ([head] if head and not tied else [])
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        modules_to_save=modules_to_save, ensure_weight_tying=tied, task_type="CAUSAL_LM")
+
+
+# A stage's trainer factory: (cfg, context, TrainingArguments fields, callbacks) -> HF Trainer.
+BuildFn = Callable[[Any, dict[str, Any], dict[str, Any], list], Any]
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function of both stages."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import prepare_trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
+    from leadre.train import callbacks as train_callbacks
+
+    cfg: TrainArgs = config["cfg"]
+    ctx = dict(config["context"])
+    if not config["use_gpu"]:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    checkpoint = ray.train.get_checkpoint()
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    with tempfile.TemporaryDirectory(prefix="leadre-train-") as work, \
+            (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
+        resume = str(Path(ckpt_dir) / train_callbacks.HF_CHECKPOINT) if ckpt_dir else None
+        callbacks = [train_callbacks.StepTimer(global_batch, rank),
+                     train_callbacks.FaultInjector(cfg.fail_at_step, resumed=resume is not None,
+                                                   rank=rank),
+                     train_callbacks.ReportCallback(rank=rank, report_every=cfg.report_every)]
+        if ctx["has_eval"] and ctx.get("selection_rows"):
+            callbacks.append(train_callbacks.GenerationMetric(
+                ctx["selection_rows"], ctx["sids_dir"], k=10, beam_size=cfg.selection_beam,
+                rank=rank, world=world))
+        if ctx["has_eval"] and cfg.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+        args = hf_args(cfg, work, has_eval=ctx["has_eval"], use_gpu=config["use_gpu"])
+        trainer = prepare_trainer(config["build"](cfg, ctx, args, callbacks))
+        trainer.remove_callback(PrinterCallback)  # the metrics history is in the manifest
+        if rank == 0:
+            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            log.info("training %s trainable parameters on %d worker(s), resume from %s",
+                     f"{trainable:,}", world, resume)
+        trainer.train(resume_from_checkpoint=resume)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def resolve_use_gpu(cfg: TrainArgs) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "gpu" and gpus < cfg.num_workers:
+        raise ConfigError(f"device=gpu with {cfg.num_workers} workers, but the cluster has "
+                          f"{gpus:g} GPU(s)")
+    return cfg.device == "gpu" or (cfg.device == "auto" and gpus >= cfg.num_workers)
+
+
+def fit(cfg: TrainArgs, name: str, build: BuildFn, context: dict[str, Any]):
+    """Run ``build``'s trainer on a Ray Train worker group; returns the ``ray.train.Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = resolve_use_gpu(cfg)
+    storage = Path(cfg.out).resolve() / RAY_DIR
+    if not cfg.resume and (storage / name).exists():
+        shutil.rmtree(storage / name)  # a fresh run must not resume a stale one
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "build": build, "context": context, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=selection_key(cfg)[0] if context["has_eval"] else None,
+                checkpoint_score_order="max" if selection_key(cfg)[1] else "min")))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training reported no checkpoint (see the worker logs)")
+    return result, use_gpu
+
+
+def _hf_dir(checkpoint_dir: str | Path) -> Path:
+    from leadre.train.callbacks import HF_CHECKPOINT
+
+    return Path(checkpoint_dir) / HF_CHECKPOINT
+
+
+def _trainer_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return json.loads((_hf_dir(d) / "trainer_state.json").read_text())
+
+
+def choose_checkpoint(result, has_eval: bool, key: str = "eval_loss", higher: bool = False):
+    """(checkpoint, its metrics): the best ``key`` among the kept checkpoints, or the latest
+    without validation data."""
+    if has_eval and result.best_checkpoints:
+        scored = [(c, m) for c, m in result.best_checkpoints if key in m]
+        if scored:
+            pick = max if higher else min
+            return pick(scored, key=lambda cm: cm[1][key])
+    return result.checkpoint, result.metrics or {}
+
+
+def _round(v: Any) -> Any:
+    return round(v, 6) if isinstance(v, float) and math.isfinite(v) else v
+
+
+def summarize_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics history (training and evaluation points) and the facts the tests and the
+    summary need from it: loss at the start and the end, throughput, resumptions."""
+    history = [{k: _round(v) for k, v in e.items()} for e in log_history]
+    train = [e for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    speeds = [e["samples_per_second"] for e in train if e.get("samples_per_second")]
+    return {
+        "history": history,
+        "loss_start": train[0]["loss"] if train else None,
+        "loss_end": train[-1]["loss"] if train else None,
+        "eval_loss_first": evals[0]["eval_loss"] if evals else None,
+        "eval_loss_best": min(e["eval_loss"] for e in evals) if evals else None,
+        "eval_hr@10_best": max((e["eval_hr@10"] for e in evals if "eval_hr@10" in e),
+                               default=None),
+        "samples_per_second": _round(sorted(speeds)[len(speeds) // 2]) if speeds else None,
+        "resumed_from_steps": [e["resumed_from_step"] for e in history
+                               if "resumed_from_step" in e],
+    }
+
+
+def export(result, out: str | Path, has_eval: bool, adapter: bool,
+           selection: tuple[str, bool] = ("eval_loss", False)) -> dict[str, Any]:
+    """Write ``<out>/adapter`` (LoRA runs) and ``<out>/merged`` from the chosen checkpoint;
+    return the metrics history and where the exported weights came from."""
+    out = Path(out)
+    base_dir = out / MODEL_DIR
+    checkpoint, metrics = choose_checkpoint(result, has_eval, *selection)
+    latest_state = _trainer_state(result.checkpoint)
+    for sub in (ADAPTER_DIR, MERGED_DIR):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    with checkpoint.as_directory() as d:
+        hf = _hf_dir(d)
+        step = json.loads((hf / "trainer_state.json").read_text())["global_step"]
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_model(base_dir, dtype="auto"), str(hf))
+            model.save_pretrained(str(out / ADAPTER_DIR))
+            merged = model.merge_and_unload()
+        else:
+            merged = load_model(hf, dtype="auto")
+    merged.save_pretrained(str(out / MERGED_DIR))
+    load_tokenizer(base_dir).save_pretrained(str(out / MERGED_DIR))
+    info = summarize_history(latest_state["log_history"])
+    info["exported"] = {"step": step, "global_steps": latest_state["global_step"],
+                        "eval_loss": _round(metrics.get("eval_loss")),
+                        selection[0]: _round(metrics.get(selection[0])),
+                        "checkpoint": checkpoint.path}
+    return info
+
+
+def train_and_export(cfg: TrainArgs, stage: str, build: BuildFn, context: dict[str, Any], *,
+                     adapter: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """Fit on Ray Train, then export the chosen checkpoint (see :func:`fit`, :func:`export`)."""
+    if cfg.early_stopping_patience is not None and not context["has_eval"]:
+        log.warning("early_stopping_patience is set but there is no validation split: "
+                    "training runs to the end")
+    with artifacts.timed(timings, "fit"):
+        result, use_gpu = fit(cfg, stage, build, context)
+    with artifacts.timed(timings, "export"):
+        info = export(result, cfg.out, context["has_eval"], adapter, selection_key(cfg))
+    info.update(device="gpu" if use_gpu else "cpu", workers=cfg.num_workers,
+                storage=str(Path(cfg.out).resolve() / RAY_DIR / stage))
+    return info
+
+
+def summary(cfg: TrainArgs, info: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The few lines `leadre sft|dpo` prints."""
+    loss = (f"{info['loss_start']:.4f} -> {info['loss_end']:.4f}"
+            if info.get("loss_start") is not None else None)
+    return {"out": cfg.out, "steps": info["exported"]["global_steps"],
+            "exported_step": info["exported"]["step"], "train_loss": loss,
+            "eval_loss_best": info.get("eval_loss_best"),
+            **({"eval_hr@10_best": info["eval_hr@10_best"]}
+               if info.get("eval_hr@10_best") is not None else {}),
+            "samples_per_second": info.get("samples_per_second"),
+            "workers": f"{info['workers']} x {info['device']}",
+            "resumed_from_steps": info.get("resumed_from_steps"),
+            "seconds": round(sum(timings.values()), 1)}

@@ -1,0 +1,189 @@
+"""Stage 4, ``leadre sft``: supervised fine-tuning of a causal LM to answer each intent-aware
+prompt with the S-ID of the next ad (plus the auxiliary alignment tasks), on a Ray Train worker
+group running TRL's ``SFTTrainer`` with a PEFT LoRA adapter.
+
+Reads ``<prompts_dir>/sft/{train,valid}/part-*.parquet`` (columns ``prompt``, ``completion``, ``task``,
+...) and the S-ID table of the ``leadre sids`` directory the prompts were built from. The loss
+covers the completion tokens only (``completion_only_loss``); TRL appends EOS to each
+completion. Writes (see :mod:`leadre.train.model`)::
+
+    <out>/model/    base model + S-ID tokens + tokenizer     <out>/adapter/  LoRA adapter
+    <out>/merged/   merged model + tokenizer                 <out>/ray/sft/  Ray Train checkpoints
+    <out>/manifest.json   inputs, config, counts, timings, metrics history, exported step
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from leadre import artifacts
+from leadre.artifacts import ArtifactError
+from leadre.train.model import MODEL_DIR, PresetName, load_model, load_tokenizer, prepare_base_model
+from leadre.prompts.contract import TASKS, read_split
+from leadre.runtime import init_ray
+from leadre.train.common import (TrainArgs, check_sid_version, load_split, lora_config,
+                                 prompts_inputs, summary, to_hf, train_and_export)
+
+log = logging.getLogger(__name__)
+STAGE = "sft"
+COLUMNS = ["prompt", "completion"]
+
+
+@dataclass
+class SftConfig(TrainArgs):
+    """Configuration of stage 4, ``leadre sft`` (fields of :class:`TrainArgs` apply too).
+
+    Parameters:
+        prompts_dir: output of ``leadre prompts``; its ``sft/train`` split is trained on and its
+            ``sft/valid`` split (if any) drives evaluation, checkpoint choice, early stopping.
+        sids_dir: the ``leadre sids`` directory; default: the one recorded by the prompts stage.
+        base_model: a local causal-LM directory (Llama, Qwen2, ...) to fine-tune; ``None``
+            builds ``preset`` from scratch with a tokenizer trained on the prompts.
+        preset: size of a model built from scratch: ``tiny`` (tests) or ``small`` (real runs).
+        tasks: train only on these tasks (``main``, ``aux_text2sid``, ``aux_sid2text``,
+            ``aux_titles``); ``None`` = all (the paper's mix).
+        tokenizer_corpus_rows: examples the from-scratch tokenizer is trained on.
+        finetune: ``auto`` = ``full`` for a model built from scratch (LoRA on random weights
+            has nothing to adapt) and ``lora`` for a pretrained ``base_model``.
+        selection_metric: ``hr@10`` by default here: checkpoints are chosen (and training
+            stopped early, with ``early_stopping_patience``) by the validation users' HR@10
+            under constrained decoding; ``eval_loss`` when the prompts have no ``eval/valid``.
+    """
+
+    out: str = field(default="runs/sft", metadata={
+        "help": "output directory (local or mounted path: model/, adapter/, merged/, ray/)"})
+    sids_dir: str | None = field(default=None, metadata={
+        "help": "`leadre sids` output; default: the one the prompts stage recorded"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "local causal-LM directory to fine-tune; unset = build `preset` from scratch"})
+    preset: PresetName = field(default="small", metadata={
+        "help": "size of a model built from scratch (tiny: tests, small: real runs)"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "train only on these tasks (main, aux_text2sid, aux_sid2text, aux_titles)"})
+    tokenizer_corpus_rows: int = field(default=200_000, metadata={
+        "help": "training examples the from-scratch BPE tokenizer learns from"})
+    learning_rate: float = field(default=1e-3, metadata={
+        "help": "peak learning rate (AdamW); LoRA on a small model likes ~1e-3"})
+    finetune: Literal["auto", "lora", "full"] = field(default="auto", metadata={
+        "help": "auto: full for a model built from scratch, lora for a pretrained base_model"})
+    selection_metric: Literal["eval_loss", "hr@10"] = field(default="hr@10", metadata={
+        "help": "checkpoint choice / early stopping: hr@10 (validation users, constrained "
+                "decoding) or eval_loss"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from leadre.config import ConfigError
+
+        unknown = sorted(set(self.tasks or ()) - set(TASKS))
+        if unknown:
+            raise ConfigError(f"tasks: unknown task(s) {unknown}; valid: {list(TASKS)}")
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("tasks is empty: list tasks or leave it null for all")
+        if self.tokenizer_corpus_rows < 1:
+            raise ConfigError("tokenizer_corpus_rows must be >= 1")
+        if self.finetune == "auto":
+            self.finetune = "full" if self.base_model is None else "lora"
+
+
+def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], callbacks: list):
+    """The per-worker ``SFTTrainer`` (called by :func:`leadre.train.common.train_loop`)."""
+    from trl import SFTConfig, SFTTrainer
+
+    model = load_model(ctx["model_dir"])
+    tokenizer = load_tokenizer(ctx["model_dir"])
+    train = load_split(cfg.prompts_dir, "sft", "train", COLUMNS, tasks=cfg.tasks,
+                       limit=cfg.max_train_samples, seed=cfg.seed)
+    valid = load_split(cfg.prompts_dir, "sft", "valid", COLUMNS, tasks=cfg.tasks,
+                       limit=cfg.max_eval_samples, seed=cfg.seed) if ctx["has_eval"] else None
+    return SFTTrainer(
+        model=model, processing_class=tokenizer,
+        args=SFTConfig(**args, completion_only_loss=True, packing=False),
+        train_dataset=to_hf(train), eval_dataset=to_hf(valid),
+        peft_config=lora_config(cfg, model) if cfg.finetune == "lora" else None,
+        callbacks=callbacks)
+
+
+def _length_stats(tokenizer, table, max_length: int) -> dict[str, int]:
+    """Token lengths of prompt + completion + EOS (what TRL feeds the model)."""
+    prompts = tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False)["input_ids"]
+    answers = tokenizer(table.column("completion").to_pylist(),
+                        add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
+    return {"max_tokens": lengths[-1], "median_tokens": lengths[len(lengths) // 2],
+            "over_max_length": sum(n > max_length for n in lengths)}
+
+
+def _selection_rows(cfg: SftConfig) -> list[tuple[str, str]] | None:
+    """(prompt, target ad id) of a seeded sample of the validation users for ``hr@10``; None
+    (and the loss decides) when the metric is not hr@10 or the prompts have no such rows."""
+    if cfg.selection_metric != "hr@10":
+        return None
+    rows = read_split(cfg.prompts_dir, "eval", "valid", ["prompt", "target_ad_id"],
+                      required=False)
+    if rows is None or rows.num_rows == 0:
+        log.warning("no eval/valid rows in %s: checkpoints are chosen by eval_loss",
+                    cfg.prompts_dir)
+        cfg.selection_metric = "eval_loss"
+        return None
+    pick = np.random.default_rng(cfg.seed).permutation(rows.num_rows)[:cfg.selection_rows]
+    rows = rows.take(np.sort(pick))
+    return list(zip(rows.column("prompt").to_pylist(),
+                    rows.column("target_ad_id").to_pylist()))
+
+
+def run(cfg: SftConfig) -> dict[str, Any]:
+    init_ray(cfg.ray)
+    timings: dict[str, float] = {}
+    with artifacts.timed(timings, "read"):
+        prompts_manifest, sids_dir = prompts_inputs(cfg.prompts_dir, cfg.sids_dir)
+        from leadre.sids import load_table
+
+        table = load_table(sids_dir)
+        check_sid_version(cfg.prompts_dir, prompts_manifest, table.version, sids_dir)
+        train = load_split(cfg.prompts_dir, "sft", "train", COLUMNS, tasks=cfg.tasks,
+                           limit=cfg.max_train_samples, seed=cfg.seed)
+        valid = load_split(cfg.prompts_dir, "sft", "valid", COLUMNS, tasks=cfg.tasks,
+                           limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
+        if train.num_rows == 0:
+            raise ArtifactError(f"{cfg.prompts_dir}/sft/train has no examples"
+                                + (f" of tasks {cfg.tasks}" if cfg.tasks else ""))
+    has_eval = valid is not None and valid.num_rows > 0
+    out = Path(cfg.out).resolve()
+    model_dir = out / MODEL_DIR
+    with artifacts.timed(timings, "model"):
+        if cfg.resume and (model_dir / "config.json").exists():
+            model_info: dict[str, Any] = {"source": "reused from the run being resumed"}
+        else:
+            corpus = train.slice(0, cfg.tokenizer_corpus_rows)
+            texts = corpus.column("prompt").to_pylist() + corpus.column("completion").to_pylist()
+            model_info = prepare_base_model(model_dir, sid_tokens=table.tokens(),
+                                            base_model=cfg.base_model, preset=cfg.preset,
+                                            corpus=texts, seed=cfg.seed)
+        lengths = _length_stats(load_tokenizer(model_dir), train, cfg.max_length)
+    if lengths["over_max_length"]:
+        log.warning("%d training examples exceed max_length=%d tokens and lose their end",
+                    lengths["over_max_length"], cfg.max_length)
+
+    context = {"model_dir": str(model_dir), "has_eval": has_eval, "sids_dir": sids_dir,
+               "selection_rows": _selection_rows(cfg) if has_eval else None}
+    info = train_and_export(cfg, STAGE, build_trainer, context,
+                            adapter=cfg.finetune == "lora", timings=timings)
+    history = info.pop("history")
+    manifest = artifacts.write_manifest(
+        cfg.out, STAGE,
+        inputs={"prompts_dir": cfg.prompts_dir, "sids_dir": sids_dir,
+                "base_model": cfg.base_model or f"preset:{cfg.preset}"},
+        config=cfg,
+        counts={"train_examples": train.num_rows,
+                "valid_examples": valid.num_rows if has_eval else 0,
+                "sid_tokens": len(table.tokens()), **lengths},
+        timings=timings,
+        extra={"sid_version": table.version, "model": model_info, "training": info,
+               "history": history, "prompt_config": prompts_manifest.get("config")})
+    manifest["summary"] = summary(cfg, info, timings)
+    return manifest

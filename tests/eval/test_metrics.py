@@ -1,0 +1,61 @@
+"""Metrics equal hand-computed values on crafted cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from leadre.eval.metrics import CatalogStats, all_metrics, beyond_accuracy, ranking_metrics
+
+RECS = [["a", "b", "c"], ["d", "e", "f"], ["g", "a", "h"]]
+TARGETS = ["b", "x", "h"]
+
+
+def test_hit_rate_recall_ndcg_single_target():
+    m = ranking_metrics(RECS, TARGETS, ks=(1, 2, 3))
+    assert m["hr@1"] == 0.0 and m["ndcg@1"] == 0.0
+    assert m["hr@2"] == pytest.approx(1 / 3)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 3)
+    assert m["hr@3"] == pytest.approx(2 / 3) == m["recall@3"]
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+
+
+def test_multi_target_recall_and_ndcg():
+    m = ranking_metrics([["a", "b", "z"]], [["b", "c"]], ks=(1, 2, 3))
+    assert m["hr@1"] == 0 and m["hr@2"] == 1
+    assert m["recall@2"] == pytest.approx(0.5)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    # A repeated hit counts once; a perfect list scores 1.
+    assert ranking_metrics([["b", "b"]], [["b"]], ks=(2,))["ndcg@2"] == pytest.approx(1.0)
+    assert ranking_metrics([["c", "b"]], [["b", "c"]], ks=(2,))["ndcg@2"] == pytest.approx(1.0)
+
+
+def test_beyond_accuracy():
+    cat = CatalogStats(category={"a": "X", "b": "X", "c": "Y", "d": "Y", "e": "Y", "f": "Y",
+                            "g": "Z", "h": "Z"},
+                  ecpm={"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0, "f": 6.0, "g": 7.0,
+                        "h": 8.0, "x": 10.0},
+                  popularity={"a": 3, "b": 1}, n_active=8)
+    m = beyond_accuracy(RECS, TARGETS, cat, ks=(1, 3))
+    assert m["coverage@1"] == pytest.approx(3 / 8)  # a, d, g
+    assert m["coverage@3"] == pytest.approx(8 / 8)
+    # [X,X,Y] -> 2/3 differ; [Y,Y,Y] -> 0; [Z,X,Z] -> 2/3.
+    assert m["diversity@3"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+    assert math.isnan(m["diversity@1"])
+    # p(a) = (3+1)/(4+8), p(d) = p(g) = 1/12.
+    assert m["novelty@1"] == pytest.approx((math.log2(3) + 2 * math.log2(12)) / 3)
+    assert m["ecpm@1"] == pytest.approx((1 + 4 + 7) / 3)
+    assert m["ecpm@3"] == pytest.approx((1 + 2 + 3 + 4 + 5 + 6 + 7 + 1 + 8) / 9)
+    # Hits at 3: b (2.0) and h (8.0) out of b + x + h = 20.
+    assert m["value_hr@3"] == pytest.approx(10 / 20)
+    assert m["value_hr@1"] == 0.0
+
+
+def test_no_ecpm_no_value_metrics_and_row_count():
+    cat = CatalogStats(category={}, ecpm={}, popularity={}, n_active=10)
+    m = all_metrics(RECS, TARGETS, cat, ks=(3,))
+    assert "ecpm@3" not in m and "value_hr@3" not in m and "diversity@3" not in m
+    assert m["rows"] == 3
+    with pytest.raises(ValueError):
+        ranking_metrics(RECS, TARGETS[:2])

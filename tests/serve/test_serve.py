@@ -1,0 +1,387 @@
+"""Stage 8 over real HTTP on 127.0.0.1: a real Ray Serve graph (Ingress -> Matcher + Generator)
+on the session's local Ray cluster, a real ScaNN index, a real SQLite candidate store.
+
+Only active ads come back; recent events change the fallback answer; unknown users get a
+fallback, not a 500; malformed and oversized bodies get 4xx; killing the generator replica
+under load leaves the matcher answering and the replica comes back; an index swap under load
+loses no request; overload sheds with 503 instead of hanging."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from leadre.artifacts import read_table, write_table
+from leadre.index import AdIndex, IndexConfig, run as run_index
+from leadre.serve import GeneratorConfig, IngressConfig, MatcherConfig, ServeConfig
+from leadre.serve.context import user_contexts
+from leadre.serve.store import CandidateRecord, open_store
+
+from conftest import free_port
+from serving_world import make_world
+
+APP = "leadre-test"
+TOKEN = "s3cret-test-token"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    w = make_world(root, ads=600, users=200)
+    # A second index with 40 more ads switched off, for the swap test.
+    ads = read_table(w["ingest"], "ads")
+    off = AdIndex.load(w["index"]).ad_ids[:40].tolist()
+    ingest2 = root / "ingest2"
+    shutil.copytree(w["ingest"], ingest2)
+    keep = pc.invert(pc.is_in(ads.column("ad_id"), value_set=pa.array(off)))
+    write_table(ads.set_column(ads.schema.get_field_index("active"), "active",
+                               pc.and_(ads.column("active"), keep)), str(ingest2), "ads")
+    run_index(IndexConfig(sids_dir=w["sids"], ingest_dir=str(ingest2), out=str(root / "index2")))
+    w.update(index2=str(root / "index2"), off2=off, store=f"sqlite:///{root / 'store.db'}")
+    active = ads.filter(ads.column("active")).column("ad_id").to_pylist()
+    w["active"] = set(active)
+    store = open_store(w["store"])
+    w["contexts"] = user_contexts(w["ingest"], max_events=50)
+    store.put_users(w["contexts"])
+    store.close()
+    return w
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} never answered 200")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, world):
+    from ray import serve
+
+    from leadre.serve.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"], store_url=world["store"],
+                      ingress=IngressConfig(admin_token=TOKEN, num_cpus=0.05,
+                                            request_timeout_s=5.0),
+                      matcher=MatcherConfig(num_cpus=0.05),
+                      generator=GeneratorConfig(num_gpus=0, num_cpus=0.05, poll_interval_s=0.2,
+                                                lease_s=5.0))
+    serve.run(build(cfg), name=APP, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/healthz")
+    yield base
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c
+
+
+def recommend(client, user_id, k=10, **kw):
+    r = client.post("/recommend", json={"user_id": user_id, "k": k, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+class Load:
+    """A bounded load loop in threads: every status code is recorded, nothing is retried."""
+
+    def __init__(self, base: str, users: list[str], threads: int = 3):
+        self.base, self.users = base, users
+        self.codes: Counter = Counter()
+        self.answers: list[dict] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(threads)]
+
+    def _loop(self, i: int) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as c:
+            n = 0
+            while not self._stop.is_set():
+                uid = self.users[(i * 7919 + n) % len(self.users)]
+                n += 1
+                try:
+                    r = c.post("/recommend", json={"user_id": uid, "k": 10})
+                    self.codes[r.status_code] += 1
+                    if r.status_code == 200:
+                        self.answers.append(r.json())
+                    else:
+                        self.errors.append(r.text[:300])
+                except httpx.HTTPError as e:
+                    self.codes["exception"] += 1
+                    self.errors.append(repr(e))
+                time.sleep(0.01)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    @property
+    def total(self) -> int:
+        return sum(self.codes.values())
+
+
+def test_healthz_reports_versions(client, world):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok"
+    assert body["index_version"] == AdIndex.load(world["index"]).version
+    assert body["sid_version"] and body["ads"] == len(AdIndex.load(world["index"]))
+
+
+def test_matcher_tier_runs_alone(server, world):
+    """A tier is a deployment of its own: its typed config and paths are all it needs (no
+    ingress, no generator), and its options come from that config."""
+    from ray import serve
+
+    from leadre.serve.app import tier
+    from leadre.serve.matcher import Matcher
+
+    cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"], store_url=world["store"],
+                      matcher=MatcherConfig(num_cpus=0.05, history_events=5))
+    handle = serve.run(tier(Matcher, cfg.matcher).bind(cfg.matcher, cfg.paths()),
+                       name="matcher-alone", route_prefix=None)
+    try:
+        out = handle.recommend.remote("anon-alone", 4).result(timeout_s=60)
+        assert len(out["ads"]) == 4 and out["basis"] == "popular"
+        assert {a["ad_id"] for a in out["ads"]} <= world["active"]
+        dep = serve.status().applications["matcher-alone"].deployments["Matcher"]
+        assert dep.status == "HEALTHY"
+    finally:
+        serve.delete("matcher-alone")
+
+
+def test_unknown_user_gets_fallback_not_500(client):
+    out = recommend(client, "never-seen-user", k=7)
+    assert len(out["ads"]) == 7
+    assert {a["source"] for a in out["ads"]} == {"fallback"}
+    assert out["cache"] == "miss" and out["basis"] == "popular"
+    assert out["queued"] is False  # nothing to prompt the LLM with: not queued
+
+
+def test_recent_events_change_the_fallback_answer(client, world):
+    titles = [e["title"] for c in world["contexts"].values() for e in c["events"]
+              if e["domain"] != "ad" and e["title"]]
+    a = recommend(client, "anon-1", recent_events=[
+        {"domain": "video", "action": "play", "title": titles[0]}])
+    b = recommend(client, "anon-1", recent_events=[
+        {"domain": "news", "action": "read", "title": titles[-1]},
+        {"domain": "ad", "action": "click", "ad_id": sorted(world["active"])[-1]}])
+    assert a["basis"] == b["basis"] == "recent_events"
+    assert [x["ad_id"] for x in a["ads"]] != [x["ad_id"] for x in b["ads"]]
+    plain = recommend(client, "anon-1")
+    assert plain["basis"] == "popular"
+
+
+def test_only_active_ads_even_from_cached_candidates(client, world):
+    table_active = world["active"]
+    from leadre.sids import load_table
+
+    table = load_table(world["sids"])
+    inactive = [a for a in table.ad_id_array.tolist() if a not in table_active][:5]
+    some_active = sorted(table_active)[:3]
+    store = open_store(world["store"])
+    store.put(CandidateRecord("u-cached", table.sids(inactive + some_active),
+                              [-0.1 * i for i in range(8)], "test-model", table.version),
+              ttl_s=600)
+    out = recommend(client, "u-cached", k=10)
+    ids = [a["ad_id"] for a in out["ads"]]
+    assert out["cache"] == "hit" and out["versions"]["model"] == "test-model"
+    assert ids[:3] == some_active  # the generated ones first, inactive ones dropped
+    assert {a["source"] for a in out["ads"][:3]} == {"generated"}
+    assert {a["source"] for a in out["ads"][3:]} == {"ann"} and len(ids) == 10
+    for uid in list(world["contexts"])[:30] + ["x-1", "x-2"]:
+        assert {a["ad_id"] for a in recommend(client, uid, k=20)["ads"]} <= table_active
+    # A record from other S-IDs is stale: not trusted, answered like a miss.
+    store.put(CandidateRecord("u-stale", table.sids(some_active), [0, 0, 0], "m", "old-sids"),
+              ttl_s=600)
+    assert recommend(client, "u-stale")["cache"] == "stale"
+    store.close()
+
+
+def test_miss_enqueues_and_generator_fills_the_cache(client, world):
+    uid = list(world["contexts"])[50]
+    first = recommend(client, uid)
+    assert first["cache"] == "miss" and first["basis"] == "history" and first["queued"]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        out = recommend(client, uid)
+        if out["cache"] == "hit":
+            break
+        time.sleep(0.3)
+    assert out["cache"] == "hit", "the generator never wrote candidates"
+    assert out["ads"][0]["source"] == "generated"
+    assert out["versions"]["model"] == "embedding-baseline"
+    rec = open_store(world["store"]).get(uid)
+    assert rec.expires_at > time.time() + 3600  # TTL from GeneratorConfig.ttl_s
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"k": 5}', 422, "user_id"),
+    (b'{"user_id": "u1", "k": 0}', 422, "k"),
+    (b'{"user_id": "u1", "k": 100000}', 422, "k"),
+    (b'{"user_id": "u1", "k": "ten"}', 422, "k"),
+    (b'{"user_id": "", "k": 3}', 422, "user_id"),
+    (b'{"user_id": "a b/../c", "k": 3}', 422, "user_id"),
+    (b'{"user_id": "u1", "surprise": 1}', 422, "surprise"),
+    (b'[1, 2]', 422, "body"),
+    (b'{"user_id": "u1", "recent_events": [{"domain": "video", "action": "click", '
+     b'"title": "x"}]}', 422, "not valid for domain"),
+    (b'{"user_id": "u1", "recent_events": [{"domain": "ad", "action": "click"}]}', 422,
+     "ad_id"),
+    (b'{"user_id": "u1", "recent_events": [{"domain": "tv", "action": "play", "title": "x"}]}',
+     422, "domain"),
+])
+def test_malformed_bodies_get_clear_4xx(client, body, status, needle):
+    r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_oversized_and_wrong_type_bodies(client):
+    big = {"user_id": "u1", "recent_events": [{"domain": "news", "action": "read",
+                                               "title": "t" * 500}] * 200}
+    r = client.post("/recommend", json=big)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the streamed body is capped as well
+        for _ in range(100):
+            yield b" " * 1024
+
+    r = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/recommend", content=b"user_id=u1", headers={
+        "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    too_many = {"user_id": "u1", "recent_events": [
+        {"domain": "news", "action": "read", "title": "t"}] * 51}
+    r = client.post("/recommend", json=too_many)
+    assert r.status_code == 422 and "recent_events" in r.text
+    assert client.get("/recommend").status_code == 405
+
+
+def _generator_replicas(ray):
+    """(name, actor id) of the live Generator replicas of the app (named actors in the
+    "serve" namespace; no state-API address lookup, other clusters may share the host)."""
+    out = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "serve" and APP in a["name"] and "Generator" in a["name"]:
+            try:
+                h = ray.get_actor(a["name"], namespace="serve")
+            except ValueError:
+                continue
+            out.append((a["name"], h._actor_id.hex()))
+    return out
+
+
+def test_killing_the_generator_under_load(server, client, world, ray_local):
+    import ray
+    from ray import serve
+
+    before = _generator_replicas(ray)
+    assert len(before) == 1
+    users = list(world["contexts"])[100:200]  # cache misses: each nudges the generator
+    with Load(server, users) as load:
+        time.sleep(1.5)
+        ray.kill(ray.get_actor(before[0][0], namespace="serve"), no_restart=True)
+        time.sleep(4)
+    assert load.codes[200] == load.total and load.total > 20, (load.codes, load.errors[:3])
+    # The controller replaces the dead replica.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        now = _generator_replicas(ray)
+        status = serve.status().applications[APP].deployments["Generator"].status
+        if now and now[0][1] != before[0][1] and status == "HEALTHY":
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the generator replica did not come back")
+    # ... and it drains what was queued while it was down: a fresh miss gets generated.
+    uid = users[-1]
+    open_store(world["store"]).delete([uid])
+    recommend(client, uid)
+    deadline = time.time() + 60
+    while time.time() < deadline and recommend(client, uid)["cache"] != "hit":
+        time.sleep(0.3)
+    assert recommend(client, uid)["cache"] == "hit"
+
+
+def test_index_swap_under_load_loses_no_request(server, client, world):
+    swap = {"index_dir": world["index2"]}
+    assert client.post("/admin/index", json=swap).status_code == 401
+    assert client.post("/admin/index", json=swap,
+                       headers={"authorization": "Bearer wrong"}).status_code == 401
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    bad = client.post("/admin/index", json={"index_dir": world["sids"]}, headers=auth)
+    assert bad.status_code == 400 and "rejected" in bad.json()["error"]
+    old_version = client.get("/healthz").json()["index_version"]
+
+    users = list(world["contexts"])[:60] + [f"anon-{i}" for i in range(20)]
+    with Load(server, users) as load:
+        time.sleep(1.5)
+        r = client.post("/admin/index", json=swap, headers=auth)
+        time.sleep(2.5)
+    assert r.status_code == 200, r.text
+    new_version = r.json()["index_version"]
+    assert new_version != old_version and r.json()["replicas"] >= 1
+    assert load.codes[200] == load.total and load.total > 20, (load.codes, load.errors[:3])
+    versions = [a["versions"]["index"] for a in load.answers]
+    assert versions[0] == old_version and versions[-1] == new_version
+    assert set(versions) <= {old_version, new_version}
+    after = [a for a in load.answers if a["versions"]["index"] == new_version]
+    assert after and not {x["ad_id"] for a in after for x in a["ads"]} & set(world["off2"])
+    assert client.get("/healthz").json()["index_version"] == new_version
+
+
+def test_overload_sheds_with_503_not_a_hang(ray_local, world, server):
+    """A one-slot ingress (max_ongoing 1, max_queued 1) under a burst: extra requests get
+    503 at once; every request gets an answer."""
+    import asyncio
+
+    from ray import serve
+
+    from leadre.serve.app import build
+
+    one_slot = dict(num_cpus=0.05, max_ongoing_requests=1, max_queued_requests=1)
+    cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"],
+                      store_url=world["store"], ingress=IngressConfig(**one_slot),
+                      matcher=MatcherConfig(**one_slot),
+                      generator=GeneratorConfig(num_gpus=0, num_cpus=0.05))
+    serve.run(build(cfg), name="leadre-overload", route_prefix="/overload", blocking=False)
+    wait_http(f"{server}/overload/healthz")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+            rs = await asyncio.gather(*[
+                c.post("/overload/recommend", json={"user_id": f"u{i}", "k": 50})
+                for i in range(40)])
+        return Counter(r.status_code for r in rs)
+
+    t0 = time.time()
+    codes = asyncio.run(burst())
+    assert set(codes) <= {200, 503} and codes[503] > 0 and codes[200] > 0, codes
+    assert time.time() - t0 < 30
+    serve.delete("leadre-overload")

@@ -1,0 +1,78 @@
+"""What `leadre demo` shows on the terminal: the closing summary and the console that keeps
+library output in per-stage log files (the full demo run is too slow for the default suite)."""
+
+import os
+import sys
+
+from leadre.demo import _Console, metrics_table, render_summary
+
+METRICS = {"rows": 300, "methods": {
+    "popularity": {"hr@10": 0.05, "ndcg@10": 0.02, "coverage@10": 0.02},
+    "leadre-dpo": {"hr@10": 0.1234, "ndcg@10": 0.0567, "coverage@10": 0.4},
+    "sasrec": {"hr@10": 0.08, "ndcg@10": float("nan")},
+}}
+
+
+def _render(**kw):
+    args = dict(metrics=METRICS, titles={"a1": "Trail running shoes", "a2": "Espresso machine"},
+                answers={"u001": {"first_cache": "miss", "later_cache": "hit",
+                                  "ads": ["a1", "a2", "a9"], "sources": ["llm", "llm", "ann"]}},
+                root="/d", outputs=["world", "ingest", "eval"], eval_dir="/d/eval",
+                model_dir="/d/dpo", logs="/d/logs", ray_logs="/d/logs/ray", seconds=420.0,
+                serve_cmd="leadre serve --port 8123",
+                curl_cmd="curl -s http://127.0.0.1:8123/recommend", plots=["comparison.png"])
+    args.update(kw)
+    return render_summary(**args)
+
+
+def test_metrics_table_puts_leadre_first_with_hr_ndcg_coverage():
+    lines = metrics_table(METRICS)
+    assert lines[0].split() == ["method", "HR@10", "NDCG@10", "coverage@10"]
+    assert lines[1].split() == ["leadre-dpo", "0.1234", "0.0567", "0.4000"]
+    assert [line.split()[0] for line in lines[2:]] == ["popularity", "sasrec"]
+    assert lines[3].split() == ["sasrec", "0.0800", "-", "-"]  # NaN and missing: a dash
+
+
+def test_summary_names_titles_artifacts_and_the_curl_line():
+    text = _render()
+    assert "Offline evaluation on 300 test users (/d/eval/metrics.json)" in text
+    assert "1. Trail running shoes  [a1, llm]" in text and "2. Espresso machine" in text
+    assert "3. ?  [a9, ann]" in text  # an ad missing from the ads table still shows its id
+    assert "/d/eval/report.md" in text and "/d/eval/comparison.png" in text
+    assert "/d/dpo/merged" in text and "/d/logs/<stage>.log; Ray workers: /d/logs/ray" in text
+    assert "  curl -s http://127.0.0.1:8123/recommend" in text
+    assert len(text.splitlines()) < 40
+
+
+def test_summary_reports_a_failed_http_call():
+    text = _render(answers={"error": "HTTP request failed: refused"})
+    assert "HTTP request failed: refused" in text
+
+
+def test_quiet_console_sends_library_output_to_the_log(tmp_path, capfd):
+    console = _Console(quiet=True)
+    log = tmp_path / "stage.log"
+    with console.stage_line("  [1/1] stage") as note, console.output_to(log):
+        print("from print")
+        os.write(2, b"from the C level\n")
+        print("from stderr", file=sys.stderr)
+        note("3 things done")
+    out, err = capfd.readouterr()
+    assert "from" not in out + err
+    assert out.startswith("  [1/1] stage") and out.rstrip().endswith("3 things done")
+    assert out.count("\n") == 1  # one line per stage
+    assert log.read_text().splitlines() == ["from print", "from the C level", "from stderr"]
+    print("after")  # the process's own streams are back
+    assert capfd.readouterr().out == "after\n"
+
+
+def test_a_handler_made_during_a_stage_still_works_after_it(tmp_path, capfd):
+    import logging
+
+    console = _Console(quiet=True)
+    with console.output_to(tmp_path / "a.log"):
+        handler = logging.StreamHandler()  # binds the sys.stderr of that moment
+    with console.output_to(tmp_path / "b.log"):
+        handler.emit(logging.makeLogRecord({"msg": "later"}))
+    assert "later" in (tmp_path / "b.log").read_text()
+    assert "Logging error" not in capfd.readouterr().err
