@@ -94,15 +94,33 @@ def write_manifest(location: str | Path, stage: str, *, inputs: dict[str, Any], 
     return _jsonable(manifest)
 
 
-def read_manifest(location: str | Path, stage: str | None = None) -> dict[str, Any]:
-    """The manifest of a stage directory; ``stage`` checks it came from the expected stage."""
+def read_manifest(location: str | Path, stage: str | tuple[str, ...] | None = None
+                  ) -> dict[str, Any]:
+    """The manifest of a stage directory; ``stage`` (a name, or several accepted ones) checks
+    it came from the expected stage. A directory without one is not a finished stage output:
+    the manifest is written last."""
+    wanted = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    expected = " or ".join(repr(s) for s in wanted)
     if not exists(join(location, MANIFEST)):
-        raise ArtifactError(f"{location} has no {MANIFEST}: is it the output of a leadre stage?")
+        what = f"the output of stage {expected}" if wanted else "a leadre stage output"
+        raise ArtifactError(f"{location} has no {MANIFEST}: it is not {what}, or that run "
+                            "did not finish")
     manifest = read_json(location, MANIFEST)
-    if stage is not None and manifest.get("stage") != stage:
+    if wanted and manifest.get("stage") not in wanted:
         raise ArtifactError(
-            f"{location} holds the output of stage {manifest.get('stage')!r}, expected {stage!r}")
+            f"{location} holds the output of stage {manifest.get('stage')!r}, expected {expected}")
     return manifest
+
+
+def check_sid_version(location: str | Path, manifest: dict[str, Any], sid_version: str | None,
+                      source: str) -> None:
+    """Refuse an artifact whose manifest records another S-ID version than ``sid_version``
+    (the version ``source`` holds): the same S-ID names different ads in two versions, so
+    mixing them recommends the wrong ads without any error. Unrecorded versions pass."""
+    built = manifest.get("sid_version")
+    if built and sid_version and built != sid_version:
+        raise ArtifactError(f"{location} was built from S-ID version {built} but {source} "
+                            f"holds version {sid_version}")
 
 
 def write_text(location: str | Path, name: str, data: str | bytes) -> str:

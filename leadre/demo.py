@@ -101,14 +101,12 @@ def _serve_and_query(cfg: DemoConfig, dirs: dict[str, str],
     from the LLM's generated candidates once the generator has filled the store."""
     from ray import serve
 
-    from leadre import artifacts
-
     served = run_stage("serve", wire("serve", dirs, settings))
     url = served["summary"]["recommend"]
-    users = artifacts.read_table(dirs["prompts"], "eval/test").column("user_id").to_pylist()
+    interests = user_interests(dirs)
     answers: dict[str, Any] = {}
     try:
-        for user in users[: cfg.requests]:
+        for user in pick_users(interests, cfg.requests):
             first = _post(url, {"user_id": user, "k": 5})
             second = first
             deadline = time.time() + 60
@@ -122,9 +120,46 @@ def _serve_and_query(cfg: DemoConfig, dirs: dict[str, str],
         serve.shutdown()
     return {"summary": {"url": url, "answers": {
         u: {"first_cache": a["first"]["cache"], "later_cache": a["later"]["cache"],
+            "interests": interests.get(u, []),
             "ads": [x["ad_id"] for x in a["later"]["ads"]],
             "sources": [x["source"] for x in a["later"]["ads"]]} if isinstance(a, dict) else a
         for u, a in answers.items()}}}
+
+
+def user_interests(dirs: dict[str, str], top: int = 3) -> dict[str, list[str]]:
+    """Each test user's most engaged ad categories before the test window (the eval rows'
+    history), most frequent first: what the demo shows next to the ads a user gets."""
+    from leadre import artifacts
+    from leadre.prompts.contract import read_split
+
+    rows = read_split(dirs["prompts"], "eval", "test", ["user_id", "history_ad_ids"])
+    ads = artifacts.read_table(dirs["ingest"], "ads").select(["ad_id", "category"]).to_pydict()
+    category = dict(zip(ads["ad_id"], ads["category"]))
+    out: dict[str, list[str]] = {}
+    for user, hist in zip(rows.column("user_id").to_pylist(),
+                          rows.column("history_ad_ids").to_pylist()):
+        counts: dict[str, int] = {}
+        for ad in hist or []:
+            c = category.get(ad)
+            if c:
+                counts[c] = counts.get(c, 0) + 1
+        out[user] = sorted(counts, key=lambda c: (-counts[c], c))[:top]
+    return out
+
+
+def pick_users(interests: dict[str, list[str]], n: int) -> list[str]:
+    """``n`` test users whose main interests differ (first come, in the eval rows' order), so
+    the demo shows whether recommendations follow the user rather than the crowd."""
+    picked: list[str] = []
+    seen: set[str] = set()
+    for user, cats in interests.items():
+        if cats and cats[0] not in seen:
+            picked.append(user)
+            seen.add(cats[0])
+        if len(picked) == n:
+            return picked
+    rest = [u for u in interests if u not in picked]
+    return picked + rest[: n - len(picked)]
 
 
 # --------------------------------------------------------------------------- the terminal
@@ -278,40 +313,55 @@ def metrics_table(metrics: dict[str, Any], k: int = SUMMARY_K) -> list[str]:
         return ["  (no methods were evaluated)"]
     width = max(12, *(len(n) for n in methods))
     head = "".join(f"{c.upper().replace('COVERAGE', 'coverage'):>13}" for c in cols)
+    with_ci = any(isinstance(m.get(f"hr@{k}_ci"), list) for m in methods.values())
+    head += f"{f'HR@{k} 95% CI':>18}" if with_ci else ""
     lines = [f"  {'method':<{width}}{head}"]
     for name, m in sorted(methods.items(), key=lambda nm: not nm[0].startswith("leadre")):
-        lines.append(f"  {name:<{width}}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols))
+        ci = m.get(f"hr@{k}_ci") if with_ci else None
+        lines.append(f"  {name:<{width}}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols)
+                     + (f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>18}" if isinstance(ci, list) else ""))
+    if "filter_history" in metrics:  # how the numbers were measured (eval's metrics.json)
+        lines.append(f"  ({metrics['split']} split, users {metrics.get('users_hash')}, history "
+                     f"{'' if metrics['filter_history'] else 'not '}filtered; CI: bootstrap "
+                     "over users)")
     return lines
 
 
 def recommendation_lines(answers: dict[str, Any], titles: dict[str, str],
-                         per_user: int = 5) -> list[str]:
-    """A few users with the titles of the ads the server recommended them."""
+                         per_user: int = 5, categories: dict[str, str] | None = None
+                         ) -> list[str]:
+    """A few users, their main interests, and the titles (and categories) of the ads the
+    server recommended them."""
     lines: list[str] = []
     if "error" in answers:
         lines.append(f"  {answers['error']}")
     for user, a in answers.items():
         if not isinstance(a, dict):
             continue
-        lines.append(f"  {user}  (first call: {a['first_cache']}, later: {a['later_cache']})")
+        likes = ", ".join(a.get("interests") or []) or "?"
+        lines.append(f"  {user}  interests: {likes}  (first call: {a['first_cache']}, "
+                     f"later: {a['later_cache']})")
         sources = a.get("sources") or [""] * len(a["ads"])
         for i, (ad, src) in enumerate(zip(a["ads"][:per_user], sources), 1):
             title = titles.get(ad, "?")
-            title = title if len(title) <= 60 else title[:57] + "..."
-            lines.append(f"     {i}. {title}  [{ad}{', ' + src if src else ''}]")
+            title = title if len(title) <= 50 else title[:47] + "..."
+            cat = (categories or {}).get(ad)
+            lines.append(f"     {i}. {title}  [{cat + ', ' if cat else ''}{ad}"
+                         f"{', ' + src if src else ''}]")
     return lines or ["  (no users were asked)"]
 
 
 def render_summary(*, metrics: dict[str, Any], answers: dict[str, Any],
                    titles: dict[str, str], root: str, outputs: list[str], eval_dir: str,
                    model_dir: str, logs: str, ray_logs: str | None, seconds: float,
-                   serve_cmd: str, curl_cmd: str, plots: list[str] | None = None) -> str:
+                   serve_cmd: str, curl_cmd: str, plots: list[str] | None = None,
+                   categories: dict[str, str] | None = None) -> str:
     """The human summary the demo ends with."""
     out = [f"Offline evaluation on {metrics.get('rows')} test users ({eval_dir}/metrics.json):",
            *metrics_table(metrics), "",
            "Recommendations over HTTP (first call: real-time ANN fallback; later: the LLM's "
            "candidates):",
-           *recommendation_lines(answers, titles), "",
+           *recommendation_lines(answers, titles, categories=categories), "",
            "Artifacts:",
            f"  stage outputs  {root}/{{{','.join(outputs)}}}  (a manifest.json in each)",
            f"  eval report    {eval_dir}/report.md"]
@@ -331,7 +381,8 @@ def _summary(cfg: DemoConfig, dirs: dict[str, str], served: dict[str, Any], plot
     from leadre import artifacts
 
     metrics = artifacts.read_json(dirs["eval"], "metrics.json")
-    ads = artifacts.read_table(dirs["ingest"], "ads").select(["ad_id", "title"]).to_pydict()
+    ads = artifacts.read_table(dirs["ingest"], "ads").select(["ad_id", "title",
+                                                              "category"]).to_pydict()
     answers = served.get("answers", {})
     user = next((u for u, a in answers.items() if isinstance(a, dict)), "<user_id>")
     # `make demo` runs .venv/bin/leadre, which need not be on the PATH
@@ -345,8 +396,8 @@ def _summary(cfg: DemoConfig, dirs: dict[str, str], served: dict[str, Any], plot
                           titles=dict(zip(ads["ad_id"], ads["title"])), root=cfg.out,
                           outputs=outputs, eval_dir=dirs["eval"], model_dir=dirs["dpo"],
                           logs=str(logs), ray_logs=ray_logs, seconds=seconds,
-                          serve_cmd=serve_cmd, curl_cmd=curl_cmd,
-                          plots=plots)
+                          serve_cmd=serve_cmd, curl_cmd=curl_cmd, plots=plots,
+                          categories=dict(zip(ads["ad_id"], ads["category"])))
 
 
 # --------------------------------------------------------------------------- the run

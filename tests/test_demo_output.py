@@ -44,6 +44,24 @@ def test_summary_names_titles_artifacts_and_the_curl_line():
     assert len(text.splitlines()) < 40
 
 
+def test_summary_shows_each_users_interests_and_the_ads_categories():
+    answers = {"u001": {"first_cache": "miss", "later_cache": "hit", "ads": ["a1", "a2"],
+                        "sources": ["generated", "ann"], "interests": ["sports", "travel"]}}
+    text = _render(answers=answers, categories={"a1": "sports"})
+    assert "u001  interests: sports, travel  (first call: miss, later: hit)" in text
+    assert "1. Trail running shoes  [sports, a1, generated]" in text
+    assert "2. Espresso machine  [a2, ann]" in text
+
+
+def test_demo_picks_users_with_different_main_interests():
+    from leadre.demo import pick_users
+
+    interests = {"u1": ["sports", "food"], "u2": ["sports"], "u3": [], "u4": ["food"],
+                 "u5": ["travel", "sports"], "u6": ["cars"]}
+    assert pick_users(interests, 3) == ["u1", "u4", "u5"]
+    assert pick_users({"u1": ["a"], "u2": ["a"]}, 2) == ["u1", "u2"]  # fills up when it must
+
+
 def test_summary_reports_a_failed_http_call():
     text = _render(answers={"error": "HTTP request failed: refused"})
     assert "HTTP request failed: refused" in text

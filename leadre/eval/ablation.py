@@ -13,6 +13,18 @@ conversion only, auxiliary tasks built) feeds ``main_only`` (SFT on ``tasks=[mai
 ``aux`` (all tasks); ``prompts_xd`` (the full facets) feeds ``cross_domain`` and ``dpo``.
 Every eval scores the same split; the baselines run once, with the last variant.
 
+Every variant is trained once per seed of ``seeds`` and the table reports mean ± std over
+them; every variant is scored on the same users (the eval stage samples users by a hash of
+their id). When the eval stage reports metrics by ad-history length (``groups``), the table
+shows HR@10 per group: the paper's claim is that content-domain behaviour helps most the users
+with a sparse ad history.
+
+``dpo_grid`` sweeps DPO settings (e.g. ``beta``, ``max_steps``) from the ``cross_domain`` SFT
+model of the first seed. Each point is scored on the *valid* split; the operating point is the
+one with the highest eCPM@10 whose HR@10 is within ``max_hr_loss`` (relative) of the SFT
+model's on valid; only that point is then scored on test. ``dpo_frontier.png`` plots the
+sweep.
+
 Base settings come from a YAML file whose ``prompts``, ``sft``, ``dpo`` and ``eval`` sections
 configure those stages (the same file the single stages read), then the per-stage override
 mappings below. A step whose output manifest already exists is reused (``reuse``), so an
@@ -21,6 +33,7 @@ interrupted ablation resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -68,12 +81,25 @@ class AblationConfig:
         "help": "reuse step outputs that already have a manifest (resume)"})
     dry_run: bool = field(default=False, metadata={
         "help": "validate and write the plan without running any stage"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "training seeds; each variant is trained once per seed (mean ± std)"})
+    dpo_grid: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "DPO override sets swept from the cross_domain SFT model, picked on valid"})
+    max_hr_loss: float = field(default=0.05, metadata={
+        "help": "DPO operating point: largest relative HR@10 loss vs SFT allowed (on valid)"})
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.variants) - set(VARIANTS))
         if bad or not self.variants:
             raise ConfigError(f"ablation: variants must be a non-empty subset of {list(VARIANTS)}"
                               f", got {self.variants}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"ablation: seeds must be distinct and non-empty, got {self.seeds}")
+        if self.dpo_grid and "cross_domain" not in self.variants:
+            raise ConfigError("ablation: dpo_grid sweeps from the cross_domain model: keep that "
+                              "variant")
+        if not 0 <= self.max_hr_loss < 1:
+            raise ConfigError("ablation: max_hr_loss is a relative loss in [0, 1)")
 
 
 @dataclass
@@ -117,66 +143,202 @@ def plan(cfg: AblationConfig) -> tuple[list[Step], dict[str, str]]:
 
     sft_runs = {"main_only": ("ad", ["main"]), "aux": ("ad", None),
                 "cross_domain": ("xd", None), "dpo": ("xd", None)}
-    sft_dirs: dict[str, str] = {}
-    for v in want:
-        src, tasks = sft_runs[v]
-        key = "cross_domain" if v == "dpo" else v
-        if key in sft_dirs:
-            continue
-        sft_dirs[key] = join(cfg.out, f"sft_{key}")
-        step(f"sft_{key}", "sft", {"prompts": prompts_dirs[src], "sft": sft_dirs[key]},
-             {"tasks": tasks})
-    if "dpo" in want:
-        step("dpo", "dpo", {"prompts": prompts_dirs["xd"], "sft": sft_dirs["cross_domain"],
-                            "dpo": join(cfg.out, "dpo")})
-    rows: dict[str, str] = {}
-    for i, v in enumerate(want):
-        model = {"dpo": join(cfg.out, "dpo")} if v == "dpo" else {"sft": sft_dirs[v]}
-        rows[v] = join(cfg.out, f"eval_{v}")
-        step(f"eval_{v}", "eval",
-             {"prompts": prompts_dirs[sft_runs[v][0]], **model, "eval": rows[v]},
-             # baselines once, with the last variant
-             {"baselines": []} if i < len(want) - 1 else None)
+    rows: dict[str, dict[int, str]] = {v: {} for v in want}
+    for n_seed, seed in enumerate(cfg.seeds):
+        sft_dirs: dict[str, str] = {}
+        for v in want:
+            src, tasks = sft_runs[v]
+            key = "cross_domain" if v == "dpo" else v
+            if key in sft_dirs:
+                continue
+            sft_dirs[key] = join(cfg.out, f"sft_{key}_s{seed}")
+            step(f"sft_{key}_s{seed}", "sft", {"prompts": prompts_dirs[src], "sft": sft_dirs[key]},
+                 {"tasks": tasks, "seed": seed})
+        if "dpo" in want:
+            step(f"dpo_s{seed}", "dpo", {"prompts": prompts_dirs["xd"],
+                                          "sft": sft_dirs["cross_domain"],
+                                          "dpo": join(cfg.out, f"dpo_s{seed}")}, {"seed": seed})
+        for i, v in enumerate(want):
+            model = ({"dpo": join(cfg.out, f"dpo_s{seed}")} if v == "dpo"
+                     else {"sft": sft_dirs[v]})
+            rows[v][seed] = join(cfg.out, f"eval_{v}_s{seed}")
+            last = n_seed == 0 and i == len(want) - 1  # baselines once
+            step(f"eval_{v}_s{seed}", "eval",
+                 {"prompts": prompts_dirs[sft_runs[v][0]], **model, "eval": rows[v][seed]},
+                 None if last else {"baselines": []})
+        if n_seed == 0 and cfg.dpo_grid:
+            valid_only = {"baselines": [], "split": "valid"}
+            step("eval_cross_domain_valid", "eval",
+                 {"prompts": prompts_dirs["xd"], "sft": sft_dirs["cross_domain"],
+                  "eval": join(cfg.out, "eval_cross_domain_valid")}, valid_only)
+            for g, point in enumerate(cfg.dpo_grid):
+                out = join(cfg.out, f"dpo_sweep{g}")
+                step(f"dpo_sweep{g}", "dpo", {"prompts": prompts_dirs["xd"],
+                                               "sft": sft_dirs["cross_domain"], "dpo": out},
+                     {**point, "seed": seed})
+                step(f"eval_sweep{g}_valid", "eval",
+                     {"prompts": prompts_dirs["xd"], "dpo": out,
+                      "eval": join(cfg.out, f"eval_sweep{g}_valid")}, valid_only)
     return steps, rows
 
 
-def table_rows(rows: dict[str, str]) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Metrics per variant (and the baselines of the last eval) from the eval outputs."""
-    out: dict[str, dict[str, float]] = {}
+def _leadre(eval_dir: str) -> dict[str, Any]:
+    report = read_json(eval_dir, "metrics.json")
+    return next(m for n, m in report["methods"].items() if n.startswith("leadre-"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def _flat(m: dict[str, Any]) -> dict[str, float]:
+    """A method's scalar metrics plus, per ad-history group, ``hr@10[<group>]``."""
+    out = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    for group, gm in (m.get("groups") or {}).items():
+        out[f"hr@10[{group}]"] = gm.get("hr@10", float("nan"))
+    return out
+
+
+def table_rows(rows: dict[str, dict[int, str]]
+               ) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, Any]]:
+    """Per variant, (mean, std) over seeds of every metric; and the baselines' metrics."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
     baselines: dict[str, dict[str, float]] = {}
-    for variant, eval_dir in rows.items():
-        report = read_json(eval_dir, "metrics.json")
-        for name, m in report["methods"].items():
-            if name.startswith("leadre-"):
-                out[variant] = m
-            else:
-                baselines[name] = m
+    for variant, by_seed in rows.items():
+        runs = []
+        for eval_dir in by_seed.values():
+            report = read_json(eval_dir, "metrics.json")
+            for name, m in report["methods"].items():
+                if name.startswith("leadre-"):
+                    runs.append(_flat(m))
+                else:
+                    baselines[name] = _flat(m)
+        keys = sorted({k for r in runs for k in r})
+        out[variant] = {k: _mean_std([r.get(k, float("nan")) for r in runs]) for k in keys}
+        out[variant]["seeds"] = (len(runs), 0.0)
     return out, baselines
 
 
-def markdown(variants: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]],
-             k: int = 10) -> str:
-    cols = ["hr@5", f"hr@{k}", "ndcg@5", f"ndcg@{k}", f"ecpm@{k}", f"value_hr@{k}", "invalid_rate"]
-    cols = [c for c in cols if any(c in m for m in variants.values())]
-    head = ["variant", *cols, f"Δhr@{k} vs previous", f"Δecpm@{k} vs previous"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    prev = None
+def pick_operating_point(sft: dict[str, float], points: list[dict[str, float]],
+                         max_hr_loss: float) -> int | None:
+    """Index of the point with the highest eCPM@10 whose HR@10 is at most ``max_hr_loss``
+    (relative) below the SFT model's; None if no point qualifies."""
+    floor = sft["hr@10"] * (1 - max_hr_loss)
+    ok = [i for i, p in enumerate(points) if p["hr@10"] >= floor]
+    return max(ok, key=lambda i: points[i]["ecpm@10"]) if ok else None
 
-    def fmt(v):
+
+def plot_frontier(sft: dict[str, float], points: list[dict[str, float]],
+                  labels: list[str], chosen: int | None, out: str) -> str:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([p["ecpm@10"] for p in points], [p["hr@10"] for p in points], label="DPO sweep")
+    for p, lab in zip(points, labels):
+        ax.annotate(lab, (p["ecpm@10"], p["hr@10"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.scatter([sft["ecpm@10"]], [sft["hr@10"]], marker="*", s=160, color="C3", label="SFT")
+    if chosen is not None:
+        c = points[chosen]
+        ax.scatter([c["ecpm@10"]], [c["hr@10"]], s=160, facecolors="none", edgecolors="k",
+                   label="operating point")
+    ax.axhline(sft["hr@10"] * 0.95, ls=":", color="grey", lw=1, label="SFT HR@10 - 5%")
+    ax.axvline(sft["ecpm@10"] * 1.05, ls="--", color="grey", lw=1, label="SFT eCPM@10 + 5%")
+    ax.set_xlabel("eCPM@10 (valid)")
+    ax.set_ylabel("HR@10 (valid)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_text(out, "dpo_frontier.png", buf.getvalue())
+
+
+def markdown(variants: dict[str, dict[str, tuple[float, float]]],
+             baselines: dict[str, dict[str, float]], k: int = 10) -> str:
+    """Variants as mean ± std over seeds, then the baselines; Δ columns compare the means of
+    consecutive variants."""
+    cols = ["hr@5", f"hr@{k}", "ndcg@5", f"ndcg@{k}", f"ecpm@{k}", f"value_hr@{k}",
+            "invalid_rate"]
+    groups = sorted({c for m in variants.values() for c in m if c.startswith(f"hr@{k}[")})
+    cols = [c for c in cols + groups if any(c in m for m in variants.values())]
+    head = ["variant", "seeds", *cols, f"Δhr@{k} vs previous", f"Δecpm@{k} vs previous"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v) -> str:
+        if isinstance(v, tuple):
+            mean, std = v
+            if math.isnan(mean):
+                return "–"
+            return f"{mean:.4f} ± {std:.4f}" if std else f"{mean:.4f}"
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
-    def rel(a, b):
+    def mean(m: dict[str, Any], c: str) -> float | None:
+        v = m.get(c)
+        return v[0] if isinstance(v, tuple) else v
+
+    def rel(a, b) -> str:
         if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
             return "–"
         return f"{100 * (a - b) / b:+.1f}%"
 
-    for name, m in [*variants.items(), *baselines.items()]:
-        d_hr = rel(m.get(f"hr@{k}"), prev.get(f"hr@{k}")) if prev and name in variants else ""
-        d_ec = rel(m.get(f"ecpm@{k}"), prev.get(f"ecpm@{k}")) if prev and name in variants else ""
-        lines.append("| " + " | ".join([name, *(fmt(m.get(c)) for c in cols), d_hr, d_ec]) + " |")
-        if name in variants:
-            prev = m
+    prev = None
+    for name, m in variants.items():
+        d_hr = rel(mean(m, f"hr@{k}"), mean(prev, f"hr@{k}")) if prev else ""
+        d_ec = rel(mean(m, f"ecpm@{k}"), mean(prev, f"ecpm@{k}")) if prev else ""
+        seeds = str(int(m["seeds"][0])) if "seeds" in m else "1"
+        lines.append("| " + " | ".join([name, seeds, *(fmt(m.get(c)) for c in cols), d_hr,
+                                        d_ec]) + " |")
+        prev = m
+    for name, m in baselines.items():
+        lines.append("| " + " | ".join([name, "–", *(fmt(m.get(c)) for c in cols), "", ""])
+                     + " |")
     return "\n".join(lines)
+
+
+def _dpo_sweep(cfg: AblationConfig, steps: list[Step], timings: dict[str, float]
+               ) -> dict[str, Any] | None:
+    """Pick the DPO operating point on valid, score it on test, plot the frontier."""
+    if not cfg.dpo_grid:
+        return None
+    sft = _leadre(join(cfg.out, "eval_cross_domain_valid"))
+    points = [_leadre(join(cfg.out, f"eval_sweep{g}_valid")) for g in range(len(cfg.dpo_grid))]
+    labels = [",".join(f"{k}={v}" for k, v in p.items()) for p in cfg.dpo_grid]
+    chosen = pick_operating_point(sft, points, cfg.max_hr_loss)
+    png = plot_frontier(sft, points, labels, chosen, cfg.out)
+    result: dict[str, Any] = {
+        "valid": {"sft": {c: sft[c] for c in ("hr@10", "ecpm@10")},
+                  "points": [{"settings": s, "hr@10": p["hr@10"], "ecpm@10": p["ecpm@10"]}
+                             for s, p in zip(cfg.dpo_grid, points)]},
+        "chosen": None if chosen is None else cfg.dpo_grid[chosen], "plot": png}
+    if chosen is None:
+        return result
+    base = next(s for s in steps if s.name == f"eval_cross_domain_s{cfg.seeds[0]}")
+    test_cfg = dataclasses.replace(base.config, model_dir=join(cfg.out, f"dpo_sweep{chosen}"),
+                                   out=join(cfg.out, "eval_dpo_chosen_test"), baselines=[])
+    t0 = time.perf_counter()
+    run_stage("eval", test_cfg)
+    timings["eval_dpo_chosen_test"] = time.perf_counter() - t0
+    sft_test = _leadre(base.out)
+    got = _leadre(join(cfg.out, "eval_dpo_chosen_test"))
+    d_hr = got["hr@10"] / sft_test["hr@10"] - 1 if sft_test["hr@10"] else float("nan")
+    d_ec = got["ecpm@10"] / sft_test["ecpm@10"] - 1 if sft_test["ecpm@10"] else float("nan")
+    result["test"] = {"sft": {c: sft_test[c] for c in ("hr@10", "ecpm@10")},
+                      "dpo": {c: got[c] for c in ("hr@10", "ecpm@10")},
+                      "delta_hr@10": d_hr, "delta_ecpm@10": d_ec,
+                      "target_met": bool(d_ec >= 0.05 and d_hr >= -0.05)}
+    return result
 
 
 def run(cfg: AblationConfig) -> dict[str, Any]:
@@ -199,10 +361,20 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
         run_stage(step.stage, step.config)
         timings[step.name] = time.perf_counter() - t0
     variants, baselines = table_rows(rows)
+    sweep = _dpo_sweep(cfg, steps, timings)
     md = markdown(variants, baselines)
+    if sweep and sweep.get("test"):
+        s = sweep["test"]
+        md += (f"\n\nDPO operating point (picked on valid): {sweep['chosen']}; on test HR@10 "
+               f"{s['delta_hr@10']:+.1%}, eCPM@10 {s['delta_ecpm@10']:+.1%} vs the SFT model "
+               f"(target: eCPM@10 >= +5% at HR@10 >= -5%: "
+               f"{'met' if s['target_met'] else 'not met'}).")
+    elif sweep:
+        md += "\n\nDPO sweep: no point kept HR@10 within the allowed loss on valid."
     write_text(cfg.out, "ablation.md", f"# Ablation (cumulative, as in the LEADRE paper)\n\n{md}\n")
-    write_json(cfg.out, "ablation.json", {"variants": variants, "baselines": baselines})
-    summary = {v: {c: round(m[c], 4) for c in ("hr@10", "ndcg@10", "ecpm@10") if c in m}
+    write_json(cfg.out, "ablation.json", {"variants": variants, "baselines": baselines,
+                                          "dpo_sweep": sweep})
+    summary = {v: {c: round(m[c][0], 4) for c in ("hr@10", "ndcg@10", "ecpm@10") if c in m}
                for v, m in variants.items()}
     return write_manifest(cfg.out, STAGE, inputs={"ingest_dir": cfg.ingest_dir,
                                                   "sids_dir": cfg.sids_dir},

@@ -5,7 +5,7 @@ items), an embedding-ANN retriever and random. Each recommends only *active* ads
     recs = pop.recommend(histories, k=10)
 
 ``train_sequences`` are per-user ad-id sequences (oldest first) that end before any
-evaluation target; ``histories`` are the eval rows' ``history_ad_ids``. :data:`BASELINES` maps
+evaluation target; ``histories`` are the eval rows' full ``sequence_ad_ids``. :data:`BASELINES` maps
 each name ``leadre eval`` accepts to the factory that builds and fits that baseline.
 """
 
@@ -303,7 +303,9 @@ class BaselineInputs:
     item_ids: every ad of the S-ID table (SASRec's vocabulary).
     active_ids: the ads a baseline may recommend.
     sequences: per-user training sequences of ad ids, oldest first.
-    valid: (histories, targets) of validation rows for early stopping; None = no early stopping.
+    valid: (histories, targets) of the early-stopping rows; None = no early stopping.
+    fit_sequences: what a baseline that early-stops on ``valid`` trains on (None: ``sequences``);
+        differs when ``valid``'s targets are the sequences' last items, held out of training.
     sids_dir: the S-ID stage directory (its ``embeddings`` feed the embedding-ANN baseline).
     seed: seed of the random baseline and of ``leadre index``'s recall check.
     device: torch device for SASRec.
@@ -315,6 +317,7 @@ class BaselineInputs:
     sequences: list[list[str]]
     sids_dir: str
     valid: tuple[list[list[str]], list[str]] | None = None
+    fit_sequences: list[list[str]] | None = None
     seed: int = 0
     device: str = "cpu"
     sasrec: SasrecConfig = field(default_factory=SasrecConfig)
@@ -344,7 +347,8 @@ def _embedding_ann(x: BaselineInputs) -> tuple[Recommender | None, dict[str, Any
 
 
 def _sasrec(x: BaselineInputs) -> tuple[Recommender, dict[str, Any]]:
-    model, records = tune_sasrec(x.item_ids, x.active_ids, x.sequences, x.valid, x.sasrec_grid,
+    fit = x.sequences if x.fit_sequences is None else x.fit_sequences
+    model, records = tune_sasrec(x.item_ids, x.active_ids, fit, x.valid, x.sasrec_grid,
                                  x.sasrec, x.device)
     return model, {"config": asdict(model.cfg), "grid": records, "epochs": len(model.history),
                    "best_valid_ndcg@10": model.best_valid_ndcg10}

@@ -2,7 +2,7 @@
 the same split, and a report (JSON + Markdown + PNG plots).
 
 Reads:
-    ``<prompts_dir>/eval/<split>``  user_id, prompt, target_ad_id, target_sid, history_ad_ids
+    ``<prompts_dir>/eval/<split>``  user_id, prompt, target_ad_id, sequence_ad_ids (all splits)
     ``<model_dir>``                 a ``leadre sft`` / ``leadre dpo`` output (or any HF dir)
     ``<sids_dir>``                  S-ID table (+ ``embeddings`` for the ANN baseline)
     ``<ingest_dir>/ads``            category and eCPM for the beyond-accuracy metrics
@@ -16,10 +16,22 @@ Writes (``out``):
 Generation for many users runs on Ray Data: ``map_batches`` over the prompts with an actor
 pool, each actor holding one copy of the model (``actors``, ``gpus_per_actor``).
 
-Baselines train on the histories that end before the first evaluation target of each user
-(the ``valid`` rows' ``history_ad_ids``; users without a valid row contribute the history of
-their earliest ``test`` row), and SASRec early-stops on the ``valid`` rows. Every method ranks
-only active ads, like the trie.
+Fairness rules (every report states them):
+
+* Rows: one per user of the split, in user-id order; ``max_rows`` keeps the users with the
+  smallest stable hash of (seed, user id), so every prompt directory (ablation variant) and
+  every baseline of one world is scored on the same users. The user set's count and hash
+  (sha256 of the sorted ids) are in ``metrics.json`` and the manifest summary.
+* Baselines train on each user's full ad sequence before its first evaluation target (see
+  :func:`train_sequences`) and rank from the row's full ``sequence_ad_ids``; the LLM sees the
+  prompt's window. SASRec early-stops on the ``valid`` rows when scoring ``test``; when
+  scoring ``valid`` it early-stops on the last item of each training sequence instead (held
+  out of its training), never on the rows it is scored on.
+* ``filter_history``: every method drops the row's ``sequence_ad_ids`` from its ranking
+  before the cut to K (off by default: repeat engagements count as hits).
+* Every HR/NDCG has a 95% bootstrap interval over users (``hr@10_ci: [lo, hi]``).
+
+Every method ranks only active ads, like the trie.
 """
 
 from __future__ import annotations
@@ -35,11 +47,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from leadre.artifacts import (ArtifactError, exists, join, read_manifest, read_table,
-                              timed, write_json, write_manifest, write_table, write_text)
+from leadre.artifacts import (ArtifactError, check_sid_version, exists, join, read_manifest,
+                              read_table, timed, write_json, write_manifest, write_table,
+                              write_text)
 from leadre.config import ConfigError
 from leadre.eval import report
-from leadre.prompts.contract import read_split
+from leadre.eval.channel import channel_report, history_groups
+from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
+                              sample_users, train_sequences, user_set_hash)
 from leadre.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -57,9 +72,12 @@ class EvalConfig:
             to the DPO one) for the per-stage comparison.
         sids_dir / ingest_dir: default to the ones recorded in the prompts manifest.
     Rows:
-        split: ``test`` (report) or ``valid`` (tuning). max_rows: a seeded sample of the rows
-        (null = all).
-    Decoding: beam_size, top_k (= the largest K), batch_size, max_prompt_tokens, device.
+        split: ``test`` (report) or ``valid`` (tuning). max_rows: that many users, picked by
+        a stable hash of (seed, user id) (null = all).
+    Fairness: filter_history drops each row's earlier ads from every ranking;
+        ci_resamples: bootstrap resamples over users for the 95% intervals (0 = none).
+    Decoding: beam_size, top_k (= the largest K; all beams with filter_history),
+        batch_size, max_prompt_tokens, device.
     Execution: generate_on ``ray`` (Ray Data actor pool; ``actors`` model copies with
         ``cpus_per_actor`` / ``gpus_per_actor`` each) or ``local`` (this process).
     Baselines: any of most_popular, sasrec, embedding_ann, random. ``sasrec`` overrides
@@ -80,9 +98,21 @@ class EvalConfig:
     out: str = field(default="runs/eval", metadata={"help": "report directory to write"})
     split: Literal["valid", "test"] = field(default="test", metadata={"help": "eval rows to score"})
     max_rows: int | None = field(default=None, metadata={
-        "help": "score a seeded sample of this many rows (null: all)"})
+        "help": "score this many users, picked by a stable hash of (seed, user id) (null: all)"})
+    filter_history: bool = field(default=False, metadata={
+        "help": "drop the ads of each row's history from every method's ranking before "
+                "the cut to K"})
+    ci_resamples: int = field(default=1000, metadata={
+        "help": "bootstrap resamples over users for the 95 percent interval of every "
+                "HR/NDCG (0: none)"})
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10], metadata={
         "help": "cut-offs K of every @K metric"})
+    history_groups: list[int] = field(default_factory=lambda: [3], metadata={
+        "help": "also report HR/NDCG@10 for users with <= N ad engagements before the target "
+                "and for the rest, per N"})
+    channel_k: int | None = field(default=None, metadata={
+        "help": "channel report: SASRec top-K merged with LEADRE top-K vs SASRec top-2K "
+                "(needs beam_size >= K and the sasrec baseline)"})
     beam_size: int = field(default=20, metadata={"help": "beams per prompt"})
     batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
     max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts keep their end"})
@@ -118,6 +148,12 @@ class EvalConfig:
             raise ConfigError("eval: actors and batch_size must be >= 1")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError("eval: max_rows must be >= 1 (or null for all rows)")
+        if self.channel_k is not None and (self.channel_k > self.beam_size
+                                           or "sasrec" not in self.baselines):
+            raise ConfigError(f"eval: channel_k={self.channel_k} needs beam_size >= channel_k "
+                              f"(got {self.beam_size}) and the sasrec baseline")
+        if self.ci_resamples < 0:
+            raise ConfigError("eval: ci_resamples must be >= 0 (0: no confidence intervals)")
         known = {f.name for f in dataclasses.fields(SasrecConfig)}
         for overrides in [self.sasrec, *self.sasrec_grid]:
             unknown = sorted(set(overrides) - known)
@@ -127,7 +163,9 @@ class EvalConfig:
     def generate_config(self):
         from leadre.eval.generate import GenerateConfig
 
-        return GenerateConfig(beam_size=self.beam_size, top_k=max(self.ks),
+        # Filtering needs every beam: the history's ads are removed before the cut to K.
+        top_k = self.beam_size if self.filter_history else max(*self.ks, self.channel_k or 0)
+        return GenerateConfig(beam_size=self.beam_size, top_k=top_k,
                               max_prompt_tokens=self.max_prompt_tokens,
                               batch_size=self.batch_size, device=self.device)
 
@@ -140,45 +178,6 @@ def _input_dir(manifest: dict, key: str) -> str | None:
         if isinstance(value, str):
             return value
     return None
-
-
-EVAL_COLUMNS = ["user_id", "prompt", "target_ad_id", "history_ad_ids"]
-
-
-def load_eval_rows(prompts_dir: str, split: str, *, required: bool = True) -> pd.DataFrame | None:
-    """The ``eval/<split>`` rows as a DataFrame of :data:`EVAL_COLUMNS`, each history a list
-    of ad ids (None when the split is missing and not ``required``)."""
-    table = read_split(prompts_dir, "eval", split, EVAL_COLUMNS, required=required)
-    if table is None:
-        return None
-    rows = table.to_pandas()
-    rows["history_ad_ids"] = rows["history_ad_ids"].map(
-        lambda h: [] if h is None else [str(a) for a in h])
-    return rows.reset_index(drop=True)
-
-
-def train_sequences(prompts_dir: str) -> tuple[list[list[str]], pd.DataFrame | None]:
-    """Per-user ad sequences that end before any evaluation target, and the valid rows.
-
-    The earliest ``valid`` row of a user holds everything before the validation window (time
-    split) or the sequence minus its last two items (leave-one-out); users with no valid row
-    contribute the history of their earliest ``test`` row."""
-    parts = []
-    valid = None
-    for split in ("valid", "test"):
-        rows = load_eval_rows(prompts_dir, split, required=False)
-        if rows is None:
-            continue
-        if split == "valid":
-            valid = rows
-        rows = rows.assign(_n=rows["history_ad_ids"].map(len), _split=split)
-        parts.append(rows[["user_id", "history_ad_ids", "_n", "_split"]])
-    if not parts:
-        raise ArtifactError(f"{prompts_dir}/eval holds neither valid nor test rows")
-    allr = pd.concat(parts, ignore_index=True)
-    allr["_order"] = (allr["_split"] == "test").astype(int)
-    first = allr.sort_values(["user_id", "_order", "_n"], kind="stable").drop_duplicates("user_id")
-    return [h for h in first["history_ad_ids"] if h], valid
 
 
 def load_catalog_stats(ingest_dir: str | None, table, popularity: dict[str, int]):
@@ -263,35 +262,39 @@ def generate_all(cfg: EvalConfig, model_dir: str, sids_dir: str, prompts: list[s
 # --- baselines ----------------------------------------------------------------------------
 
 def run_baselines(cfg: EvalConfig, rows: pd.DataFrame, table, sids_dir: str,
-                  sequences: list[list[str]], valid: pd.DataFrame | None, k: int,
+                  sequences: dict[str, list[str]], valid: pd.DataFrame | None, k: int,
                   timings: dict[str, float]) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
     """Each of ``cfg.baselines`` built by its :data:`leadre.eval.baselines.BASELINES` factory,
-    then asked for the top ``k`` of every eval row."""
+    then asked for the top ``k`` of every eval row, ranking from the row's full sequence.
+    Returns the rankings and the facts to report (per baseline, and ``early_stopping``)."""
     import torch
 
     from leadre.eval.baselines import BASELINES, BaselineInputs, SasrecConfig
 
-    vrows = valid if valid is not None and len(valid) else None
-    if vrows is not None and len(vrows) > 5000:
-        vrows = vrows.sample(5000, random_state=cfg.seed)
+    fit, stop, stop_info = early_stopping_slice(cfg.split, sequences, valid, cfg.seed)
     inputs = BaselineInputs(
         item_ids=[str(a) for a in table.ad_id_array],
         active_ids=[str(a) for a in table.ad_id_array[table.active]],
-        sequences=sequences, sids_dir=sids_dir, seed=cfg.seed,
-        valid=None if vrows is None else (vrows["history_ad_ids"].tolist(),
-                                          vrows["target_ad_id"].astype(str).tolist()),
+        sequences=list(sequences.values()), fit_sequences=fit, sids_dir=sids_dir,
+        seed=cfg.seed, valid=stop,
         device="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu",
         sasrec=SasrecConfig(**{**cfg.sasrec, "seed": cfg.seed}), sasrec_grid=cfg.sasrec_grid)
-    histories = rows["history_ad_ids"].tolist()
+    histories = rows["sequence_ad_ids"].tolist()
+    # With filtering, ask for enough extra ads that k remain once the history is dropped.
+    ask = k + (max((len(set(h)) for h in histories), default=0) if cfg.filter_history else 0)
     recs: dict[str, list[list[str]]] = {}
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"early_stopping": stop_info} if "sasrec" in cfg.baselines else {}
     for name in cfg.baselines:
         with timed(timings, f"baseline_{name}"):
             model, facts = BASELINES[name](inputs)
             if facts:
                 info[name] = facts
             if model is not None:
-                recs[name] = model.recommend(histories, k)
+                ranked = model.recommend(histories, ask)
+                if cfg.filter_history:
+                    ranked = [[r[j] for j in keep] for r, keep
+                              in zip(ranked, kept_after_history(ranked, histories, k))]
+                recs[name] = ranked
     return recs, info
 
 
@@ -311,8 +314,8 @@ def method_name(model_dir: str, taken: set[str]) -> str:
 # --- stage --------------------------------------------------------------------------------
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from leadre.eval.generate import invalid_rate
-    from leadre.eval.metrics import all_metrics
+    from leadre.eval.generate import check_model, invalid_rate
+    from leadre.eval.metrics import CI_LEVEL, all_metrics
     from leadre.sids.build import load_table
 
     timings: dict[str, float] = {}
@@ -323,23 +326,34 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError("eval: sids_dir is not set and the prompts manifest does not name one")
     with timed(timings, "read"):
         table = load_table(sids_dir)
-        if pm.get("sid_version") and table.version and pm["sid_version"] != table.version:
-            raise ArtifactError(f"the prompts in {cfg.prompts_dir} were built with S-ID version "
-                                f"{pm['sid_version']}, {sids_dir} holds {table.version}")
+        check_sid_version(cfg.prompts_dir, pm, table.version, sids_dir)
+        for model_dir in [cfg.model_dir, *cfg.compare_dirs]:
+            if model_dir:  # before any generation actor loads it
+                check_model(model_dir, table, sids_dir)
+        if ingest_dir:
+            read_manifest(ingest_dir, stage="ingest")
         rows = load_eval_rows(cfg.prompts_dir, cfg.split)
-        if cfg.max_rows is not None and len(rows) > cfg.max_rows:
-            rows = rows.sample(cfg.max_rows, random_state=cfg.seed).reset_index(drop=True)
+        rows = rows[sample_users(rows["user_id"], cfg.max_rows, cfg.seed)].reset_index(drop=True)
         sequences, valid = train_sequences(cfg.prompts_dir)
         popularity: dict[str, int] = {}
-        for s in sequences:
+        for s in sequences.values():
             for a in s:
                 popularity[a] = popularity.get(a, 0) + 1
         catalog = load_catalog_stats(ingest_dir, table, popularity)
     targets = rows["target_ad_id"].astype(str).tolist()
+    users = rows["user_id"].tolist()
+    users_info = {"users": len(set(users)), "users_hash": user_set_hash(users)}
+    histories = rows["sequence_ad_ids"].tolist()
     k = max(cfg.ks)
-    log.info("eval: %d %s rows, %d active ads", len(rows), cfg.split, int(table.active.sum()))
+    ranked: dict[str, list[list[str]]] = {}
+    log.info("eval: %d %s rows (%d users, %s), %d active ads", len(rows), cfg.split,
+             users_info["users"], users_info["users_hash"], int(table.active.sum()))
 
-    methods: dict[str, dict[str, float]] = {}
+    def score(recs: list[list[str]]) -> dict[str, Any]:
+        return all_metrics(recs, targets, catalog, cfg.ks, users=users,
+                           ci_resamples=cfg.ci_resamples, seed=cfg.seed)
+
+    methods: dict[str, dict[str, Any]] = {}
     generation: dict[str, Any] = {}
     rec_tables = []
     model_dirs = [d for d in [cfg.model_dir, *cfg.compare_dirs] if d]
@@ -350,49 +364,78 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         secs = time.perf_counter() - t0
         timings[f"generate_{name}"] = secs
         sids = [s for lst in res["rec_sids"] for s in lst]
+        cols = {c: [list(x) for x in res[c]] for c in ("rec_ad_ids", "rec_sids", "rec_scores")}
+        if cfg.filter_history:
+            keep = kept_after_history(cols["rec_ad_ids"], histories, k)
+            cols = {c: [[x[j] for j in kp] for x, kp in zip(v, keep)] for c, v in cols.items()}
         generation[name] = {
             "model_dir": model_dir, "rows": len(res), "seconds": round(secs, 3),
             "rows_per_s": round(len(res) / secs, 2) if secs else None,
             "generated": len(sids), "invalid_rate": invalid_rate(sids, table),
-            "short_lists": int(sum(len(x) < k for x in res["rec_ad_ids"])),
+            "short_lists": int(sum(len(x) < k for x in cols["rec_ad_ids"])),
         }
-        m = all_metrics([list(x) for x in res["rec_ad_ids"]], targets, catalog, cfg.ks)
+        ranked[name] = cols["rec_ad_ids"]
+        m = score([r[:k] for r in cols["rec_ad_ids"]])
         m["invalid_rate"] = generation[name]["invalid_rate"]
         methods[name] = m
         rec_tables.append(pa.table({
-            "method": [name] * len(res), "user_id": rows["user_id"].astype(str).tolist(),
-            "target_ad_id": targets,
-            "rec_ad_ids": pa.array([list(x) for x in res["rec_ad_ids"]], pa.list_(pa.string())),
-            "rec_sids": pa.array([list(x) for x in res["rec_sids"]], pa.list_(pa.string())),
-            "rec_scores": pa.array([list(map(float, x)) for x in res["rec_scores"]],
+            "method": [name] * len(res), "user_id": users, "target_ad_id": targets,
+            "rec_ad_ids": pa.array(cols["rec_ad_ids"], pa.list_(pa.string())),
+            "rec_sids": pa.array(cols["rec_sids"], pa.list_(pa.string())),
+            "rec_scores": pa.array([list(map(float, x)) for x in cols["rec_scores"]],
                                    pa.list_(pa.float32())),
         }))
 
-    base_recs, base_info = run_baselines(cfg, rows, table, sids_dir, sequences, valid, k, timings)
+    base_recs, base_info = run_baselines(cfg, rows, table, sids_dir, sequences, valid,
+                                         max(k, 2 * (cfg.channel_k or 0)), timings)
+    early_stopping = base_info.pop("early_stopping", None)
     for name, recs in base_recs.items():
-        methods[name] = all_metrics(recs, targets, catalog, cfg.ks)
+        ranked[name] = recs
+        methods[name] = score([r[:k] for r in recs])
+    for name, recs in ranked.items():
+        if cfg.history_groups:
+            methods[name]["groups"] = history_groups(recs, targets, histories,
+                                                     cfg.history_groups)
+    channel = None
+    if cfg.channel_k and model_dirs and "sasrec" in ranked:
+        channel = channel_report(ranked[method_name(model_dirs[0], set())], ranked["sasrec"],
+                                 targets, catalog, cfg.channel_k)
 
+    fairness = {"split": cfg.split, **users_info, "max_rows": cfg.max_rows,
+                "filter_history": cfg.filter_history,
+                "ci": {"level": CI_LEVEL, "method": "percentile bootstrap over users",
+                       "resamples": cfg.ci_resamples, "seed": cfg.seed}
+                if cfg.ci_resamples else None}
     with timed(timings, "write"):
-        metrics = {"split": cfg.split, "rows": len(rows), "ks": cfg.ks, "methods": methods,
+        metrics = {**fairness, "rows": len(rows), "ks": cfg.ks, "methods": methods,
                    "generation": generation, "baselines": base_info,
-                   "train_sequences": len(sequences)}
+                   "early_stopping": early_stopping, "train_sequences": len(sequences),
+                   "channel": channel}
         write_json(cfg.out, "metrics.json", metrics)
-        table_md = report.markdown_table(methods, cfg.ks)
-        write_text(cfg.out, "report.md",
-                    f"# Offline evaluation ({cfg.split}, {len(rows)} rows, full ranking over "
-                    f"{catalog.n_active} active ads)\n\n{table_md}\n")
+        write_text(cfg.out, "report.md", report.markdown_report(
+            metrics, cfg.ks, n_active=catalog.n_active))
         plots = report.plot(methods, cfg.ks, cfg.out) if methods else []
         if rec_tables:
             write_table(pa.concat_tables(rec_tables), cfg.out, "recommendations")
-    summary = {"out": cfg.out, "split": cfg.split, "rows": len(rows),
-               **{name: {c: round(m[c], 4) for c in (f"hr@{k}", f"ndcg@{k}", f"ecpm@{k}")
-                         if c in m and not math.isnan(m[c])}
+    summary = {"out": cfg.out, **fairness, "rows": len(rows),
+               **{name: {c: _rounded(m[c]) for c in (f"hr@{k}", f"hr@{k}_ci", f"ndcg@{k}",
+                                                     f"ndcg@{k}_ci", f"ecpm@{k}")
+                         if c in m and not _isnan(m[c])}
                   for name, m in methods.items()},
                "invalid_rate": {n: g["invalid_rate"] for n, g in generation.items()}}
     return write_manifest(
         cfg.out, STAGE,
         inputs={"prompts_dir": cfg.prompts_dir, "model_dirs": model_dirs, "sids_dir": sids_dir,
                 "ingest_dir": ingest_dir},
-        config=cfg, counts={"rows": len(rows), "methods": len(methods)}, timings=timings,
+        config=cfg, counts={"rows": len(rows), "users": users_info["users"],
+                            "methods": len(methods)}, timings=timings,
         extra={"sid_version": table.version, "plots": plots, "report": "report.md",
                "summary": summary})
+
+
+def _rounded(v: Any) -> Any:
+    return [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
+
+
+def _isnan(v: Any) -> bool:
+    return any(map(_isnan, v)) if isinstance(v, list) else math.isnan(v)

@@ -13,7 +13,8 @@ For a row with ranked recommendations ``r_1..r_n`` and target set ``T``:
 * ``ecpm@K``       mean eCPM of the top-K ads (business value of what is shown).
 * ``value_hr@K``   eCPM-weighted hits: Σ_rows hit@K · eCPM(target) / Σ_rows eCPM(target).
 
-All row-level metrics are averaged over rows. Value metrics are only reported when eCPM is
+All row-level metrics are averaged over rows; :func:`bootstrap_ci` gives the confidence
+interval of such a mean by resampling users. Value metrics are only reported when eCPM is
 known (synthetic world), NaN eCPMs are ignored.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 KS: tuple[int, ...] = (1, 3, 5, 10)
+CI_LEVEL = 0.95  # of every confidence interval the evaluator reports
 
 
 @dataclass
@@ -45,15 +47,12 @@ def _targets(t: str | Sequence[str]) -> list[str]:
     return [t] if isinstance(t, str) else list(t)
 
 
-def ranking_metrics(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
-                    ks: Sequence[int] = KS) -> dict[str, float]:
-    """hr@K, recall@K, ndcg@K averaged over rows."""
+def ranking_rows(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
+                 ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
+    """hr@K, recall@K, ndcg@K of every row (arrays of ``len(recs)`` floats)."""
     if len(recs) != len(targets):
         raise ValueError(f"{len(recs)} recommendation lists but {len(targets)} targets")
     n = len(recs)
-    out: dict[str, float] = {}
-    if n == 0:
-        return {f"{m}@{k}": float("nan") for k in ks for m in ("hr", "recall", "ndcg")}
     kmax = max(ks)
     disc = 1.0 / np.log2(np.arange(2, kmax + 2))
     hit = np.zeros((n, kmax), dtype=bool)
@@ -66,14 +65,60 @@ def ranking_metrics(recs: Sequence[Sequence[str]], targets: Sequence[str | Seque
             if a in tset and a not in seen:  # a repeated ad counts once
                 hit[i, j] = True
             seen.add(a)
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         h = hit[:, :k]
         ideal = np.array([disc[:int(min(m, k))].sum() for m in n_t])
         dcg = (h * disc[:k]).sum(1)
-        out[f"hr@{k}"] = float(h.any(1).mean())
-        out[f"recall@{k}"] = float(np.mean(np.where(n_t > 0, h.sum(1) / np.maximum(n_t, 1), 0)))
-        out[f"ndcg@{k}"] = float(np.mean(np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0)))
+        out[f"hr@{k}"] = h.any(1).astype(float)
+        out[f"recall@{k}"] = np.where(n_t > 0, h.sum(1) / np.maximum(n_t, 1), 0.0)
+        out[f"ndcg@{k}"] = np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0)
     return out
+
+
+def ranking_metrics(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
+                    ks: Sequence[int] = KS) -> dict[str, float]:
+    """hr@K, recall@K, ndcg@K averaged over rows."""
+    return _means(ranking_rows(recs, targets, ks))
+
+
+def _means(per_row: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(v.mean()) if len(v) else float("nan") for name, v in per_row.items()}
+
+
+def bootstrap_ci(per_row: Mapping[str, np.ndarray], users: Sequence[str] | None = None,
+                 resamples: int = 1000, seed: int = 0, level: float = CI_LEVEL
+                 ) -> dict[str, list[float]]:
+    """Percentile bootstrap interval of each row-mean in ``per_row``, resampling *users*
+    with replacement (all rows of a drawn user count, so users with several rows are not
+    treated as independent draws; ``users=None``: one user per row). The same seed draws
+    the same resamples for every method scored on the same rows, so their intervals are
+    paired."""
+    names = list(per_row)
+    n_rows = len(next(iter(per_row.values()))) if names else 0
+    if not names or n_rows == 0 or resamples < 1:
+        return {name: [float("nan"), float("nan")] for name in names}
+    if users is None:
+        group = np.arange(n_rows)
+    else:
+        _, group = np.unique(np.asarray(list(users), dtype=object).astype(str),
+                             return_inverse=True)
+    n_users = int(group.max()) + 1
+    values = np.stack([np.asarray(per_row[name], float) for name in names], 1)
+    sums = np.zeros((n_users, len(names)))
+    np.add.at(sums, group, values)
+    counts = np.bincount(group, minlength=n_users).astype(float)
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, len(names)))
+    chunk = max(1, 4_000_000 // n_users)  # bounds the (chunk, users) weight matrix
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        draws = rng.integers(0, n_users, (m, n_users)) + n_users * np.arange(m)[:, None]
+        w = np.bincount(draws.ravel(), minlength=m * n_users).reshape(m, n_users).astype(float)
+        means[start:start + m] = (w @ sums) / np.maximum(w @ counts, 1.0)[:, None]
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(means, [tail, 100.0 - tail], axis=0)
+    return {name: [float(a), float(b)] for name, a, b in zip(names, lo, hi)}
 
 
 def beyond_accuracy(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
@@ -124,8 +169,17 @@ def beyond_accuracy(recs: Sequence[Sequence[str]], targets: Sequence[str | Seque
 
 
 def all_metrics(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
-                catalog: CatalogStats | None = None, ks: Sequence[int] = KS) -> dict[str, float]:
-    out = ranking_metrics(recs, targets, ks)
+                catalog: CatalogStats | None = None, ks: Sequence[int] = KS, *,
+                users: Sequence[str] | None = None, ci_resamples: int = 0,
+                seed: int = 0) -> dict[str, Any]:
+    """Every metric; with ``ci_resamples``, also ``hr@K_ci`` and ``ndcg@K_ci``: the
+    :data:`CI_LEVEL` bootstrap interval over ``users`` (see :func:`bootstrap_ci`), ``[lo, hi]``."""
+    per_row = ranking_rows(recs, targets, ks)
+    out: dict[str, Any] = _means(per_row)
+    if ci_resamples:
+        wanted = {name: v for name, v in per_row.items() if name.split("@")[0] in ("hr", "ndcg")}
+        for name, ci in bootstrap_ci(wanted, users, ci_resamples, seed).items():
+            out[f"{name}_ci"] = ci
     if catalog is not None:
         out.update(beyond_accuracy(recs, targets, catalog, ks))
     out["rows"] = len(recs)

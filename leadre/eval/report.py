@@ -16,7 +16,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(methods: dict[str, dict[str, float]], ks: list[int]) -> str:
+def _cell(m: dict[str, Any], c: str) -> str:
+    """``0.3120 [0.281, 0.344]`` when the metric has a confidence interval."""
+    v = _fmt(m.get(c, float("nan")))
+    ci = m.get(f"{c}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(map(math.isnan, ci)):
+        v += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return v
+
+
+def markdown_table(methods: dict[str, dict[str, Any]], ks: list[int]) -> str:
     cols = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks]
     kmax = max(ks)
     extra = [c for c in (f"coverage@{kmax}", f"diversity@{kmax}", f"novelty@{kmax}",
@@ -25,12 +34,74 @@ def markdown_table(methods: dict[str, dict[str, float]], ks: list[int]) -> str:
     head = ["method", *cols, *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        lines.append("| " + " | ".join([name, *(_fmt(m.get(c, float("nan"))) for c in cols + extra)])
-                     + " |")
+        lines.append("| " + " | ".join([name, *(_cell(m, c) for c in cols + extra)]) + " |")
     return "\n".join(lines)
 
 
-def plot(methods: dict[str, dict[str, float]], ks: list[int], out: str) -> list[str]:
+def describe(metrics: dict[str, Any]) -> str:
+    """What a set of numbers was measured on, in one line: split, users (count and hash),
+    whether history items were filtered, the confidence interval."""
+    ci = metrics.get("ci")
+    parts = [f"split {metrics.get('split')}",
+             f"{metrics.get('users')} users (set {metrics.get('users_hash')})",
+             "history items filtered from every ranking" if metrics.get("filter_history")
+             else "history items not filtered",
+             f"{100 * ci['level']:.0f}% CI: {ci['method']}, {ci['resamples']} resamples"
+             if ci else "no confidence intervals"]
+    return "; ".join(parts)
+
+
+def markdown_report(metrics: dict[str, Any], ks: list[int], n_active: int) -> str:
+    """``report.md``: the header stating how the numbers were measured, then the table."""
+    stop = metrics.get("early_stopping") or {}
+    filtered = "history filtered" if metrics.get("filter_history") else "history not filtered"
+    lines = [f"# Offline evaluation ({metrics.get('split')}, {metrics.get('users')} users, "
+             f"{filtered}, full ranking over {n_active} active ads)", "",
+             describe(metrics) + ".", ""]
+    if stop.get("slice"):
+        lines += [f"SASRec early-stopped on {stop['rows']} rows of slice `{stop['slice']}`.", ""]
+    lines += [markdown_table(metrics.get("methods", {}), ks), ""]
+    lines += groups_table(metrics.get("methods", {})) + channel_table(metrics.get("channel"))
+    return "\n".join(lines)
+
+
+def groups_table(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """HR@10 / NDCG@10 per ad-history group (rows per group in the header)."""
+    groups = next((m["groups"] for m in methods.values() if m.get("groups")), None)
+    if not groups:
+        return []
+    head = ["method", *(f"{g} ({v['rows']} rows): hr@10 / ndcg@10" for g, v in groups.items())]
+    lines = ["## By ad-history length", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        cells = [f"{_fmt(v.get('hr@10'))} / {_fmt(v.get('ndcg@10'))}"
+                 for v in (m.get("groups") or {}).values()]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return lines + [""]
+
+
+def channel_table(channel: dict[str, Any] | None) -> list[str]:
+    """LEADRE as an extra retrieval channel beside SASRec (see :mod:`leadre.eval.channel`)."""
+    if not channel:
+        return []
+    k, big = channel["k"], 2 * channel["k"]
+    merged = f"sasrec@{k}+leadre@{k}"
+    cols = ["recall@10", f"recall@{k}", f"recall@{big}", f"coverage@{k}", f"coverage@{big}",
+            f"novelty@{k}", f"novelty@{big}"]
+    lines = ["## As a retrieval channel", "",
+             "| candidates | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name in ("sasrec", "leadre", merged):
+        m = channel[name]
+        lines.append("| " + " | ".join([name, *(_fmt(m[c]) if c in m else "" for c in cols)])
+                     + " |")
+    gain = channel[f"incremental_recall@{big}"]
+    rel = channel.get(f"relative_gain@{big}")
+    lines += ["", f"Incremental recall@{big} of the merged channel over SASRec's top-{big}: "
+              f"{gain:+.4f}" + (f" ({rel:+.1%})." if rel is not None else "."), ""]
+    return lines
+
+
+def plot(methods: dict[str, dict[str, Any]], ks: list[int], out: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +127,11 @@ def plot(methods: dict[str, dict[str, float]], ks: list[int], out: str) -> list[
     axes = np.atleast_1d(axes)
     names = list(methods)
     for ax, c in zip(axes, bars):
-        ax.bar(range(len(names)), [methods[n].get(c, np.nan) for n in names],
+        vals = [methods[n].get(c, np.nan) for n in names]
+        cis = [methods[n].get(f"{c}_ci") for n in names]
+        yerr = (np.abs(np.array([[v - ci[0], ci[1] - v] for v, ci in zip(vals, cis)]).T)
+                if all(isinstance(ci, list) for ci in cis) else None)
+        ax.bar(range(len(names)), vals, yerr=yerr, capsize=3,
                color=[f"C{i}" for i in range(len(names))])
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(c)

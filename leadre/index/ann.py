@@ -7,8 +7,9 @@ exact); asymmetric hashing (AH, 2 dims per block) + exact re-scoring below 100k;
 partitioning tree with ~sqrt(n) leaves in front of AH + re-scoring.
 
 String doc ids would be stored by ScaNN in a pickle; we index by row number and keep the
-ad_id mapping in parquet, but ScaNN's own files are still only to be loaded from trusted
-directories.
+ad_id mapping in parquet, load the searcher without ScaNN's pickle-reading loader, and refuse
+any directory that fails :mod:`leadre.index.verify` (outside the index root, holding a pickle,
+or not matching its manifest's content hash).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.fs as pafs
 
-from leadre.artifacts import read_json, read_manifest, read_table, resolve
+from leadre.artifacts import read_json, read_table, resolve
+from leadre.index.verify import check_under_root, verify_index_dir
 
 if TYPE_CHECKING:
     from leadre.index.build import IndexConfig
@@ -146,23 +148,32 @@ class AdIndex:
         return [(self.ad_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 
     @classmethod
-    def load(cls, location: str) -> "AdIndex":
-        """Load an index directory written by :func:`leadre.index.build.run` (local path; a URI is copied to a
-        local temp dir first since ScaNN reads local files)."""
-        import scann
-
-        read_manifest(location, stage=STAGE)
-        fs, path = resolve(location)
-        info = read_json(location, INDEX_JSON)
-        local = path
+    def load(cls, location: str, root: str | None = None) -> "AdIndex":
+        """Load an index directory written by :func:`leadre.index.build.run` after
+        :func:`~leadre.index.verify.verify_index_dir` passed (and, with ``root``, only from
+        under that root). A URI is copied to a local temp dir first (ScaNN reads local files)
+        and the copy is what gets verified and loaded."""
+        check_under_root(location, root)
+        local = location
         if "://" in str(location):
             local = tempfile.mkdtemp(prefix="leadre-index-")
             pafs_copy(location, local)
-        ads = read_table(location, ADS_TABLE)
-        searcher = scann.scann_ops_pybind.load_searcher(str(Path(local) / SCANN_DIR))
+        verify_index_dir(local, STAGE, SCANN_DIR)
+        info = read_json(local, INDEX_JSON)
+        ads = read_table(local, ADS_TABLE)
+        searcher = load_scann(str(Path(resolve(local)[1]) / SCANN_DIR))
         return cls(searcher, np.asarray(ads.column("ad_id").to_pylist(), dtype=object), info,
                    ads.column("ecpm").to_numpy(zero_copy_only=False).astype(np.float32),
                    np.asarray(info.get("popular_rows", []), dtype=np.int64), location)
+
+
+def load_scann(directory: str):
+    """ScaNN's ``load_searcher`` minus its ``scann_docids.pkl`` unpickling: our doc ids are
+    row numbers, so the searcher is built straight from the serialized assets."""
+    from scann.scann_ops.py import scann_ops_pybind as sp
+
+    assets = (Path(directory) / "scann_assets.pbtxt").read_text()
+    return sp.ScannSearcher(sp.scann_pybind.ScannNumpy(directory, assets), None)
 
 
 def pafs_copy(src: str, dst: str) -> None:

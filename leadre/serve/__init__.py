@@ -1,17 +1,17 @@
 """Stage 8: the two-tier Ray Serve graph.
 
-``Ingress`` (FastAPI, HTTP) -> ``Matcher`` (ScaNN + candidate store, latency-sensitive, CPU)
-and, asynchronously, ``Generator`` (the fine-tuned LLM, ``@serve.batch``, GPU when present),
-which writes generated S-IDs to the candidate store (``leadre.serve.store``).
+``Matcher`` (latency-sensitive, CPU: the HTTP ingress itself; cached LLM candidates + ScaNN)
+and, fire-and-forget, ``Generator`` (latency-tolerant: the fine-tuned LLM, ``@serve.batch``,
+GPU when present), which writes generated S-IDs to the candidate store
+(``leadre.serve.store``) that the matcher reads.
 
 Entry points: ``leadre serve`` (``run``), ``serve run leadre.serve:build_app`` and the
 ``serve_configs/*.yaml`` files (``build_app``). ``ServeConfig`` holds one typed section per
-tier (``IngressConfig``, ``MatcherConfig``, ``GeneratorConfig``). Ray Serve is imported lazily:
-importing this package for its config costs nothing.
+tier (``MatcherConfig``, ``GeneratorConfig``). Ray Serve is imported lazily: importing this
+package for its config costs nothing.
 """
 
-from leadre.serve.config import (GeneratorConfig, IngressConfig, MatcherConfig, ServeConfig,
-                                 ServePaths)
+from leadre.serve.config import GeneratorConfig, MatcherConfig, ServeConfig, ServePaths
 
 
 def build_app(args=None):
@@ -32,5 +32,5 @@ def run(cfg: ServeConfig) -> dict:
     return _run(cfg)
 
 
-__all__ = ["GeneratorConfig", "IngressConfig", "MatcherConfig", "ServeConfig", "ServePaths",
-           "build_app", "build", "run"]
+__all__ = ["GeneratorConfig", "MatcherConfig", "ServeConfig", "ServePaths", "build_app",
+           "build", "run"]

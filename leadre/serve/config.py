@@ -1,7 +1,8 @@
 """``ServeConfig``: every knob of stage 8, the two-tier Ray Serve graph, and the only place
-its defaults are written. Each tier (``ingress``, ``matcher``, ``generator``) has its own typed
-section: what the tier does plus its Ray Serve deployment options, which ``app.build`` applies
-with ``.options(...)``; the deployment classes themselves carry no sizes."""
+its defaults are written. Each tier (``matcher``: the latency-sensitive HTTP ingress;
+``generator``: the latency-tolerant LLM) has its own typed section: what the tier does plus
+its Ray Serve deployment options, which ``app.build`` applies with ``.options(...)``; the
+deployment classes themselves carry no sizes."""
 
 from __future__ import annotations
 
@@ -77,69 +78,68 @@ class DeploymentConfig:
 
 
 @dataclass
-class IngressConfig(DeploymentConfig):
-    """The HTTP tier: request limits and the admin endpoint (plus its deployment options).
+class MatcherConfig(DeploymentConfig):
+    """The latency-sensitive tier, which is also the HTTP ingress: request limits, the admin
+    endpoints, cached candidates + ScaNN (plus its deployment options).
 
     Parameters:
         k_default: ads per answer when the request has no ``k``.
         k_max: the largest ``k`` a request may ask for.
         max_recent_events: most ``recent_events`` one request may carry.
         max_body_bytes: request bodies above this size get 413.
-        request_timeout_s: the ingress answers 503 when the matcher takes longer than this.
-        admin_token: bearer token of ``POST /admin/index``; unset reads
-            ``$LEADRE_ADMIN_TOKEN`` where the graph is built; with neither, the admin endpoint
-            answers 403.
+        max_drain_bytes: an over-limit body up to this size is read and discarded before the
+            413 goes out, so the client sees the answer instead of a connection reset; past
+            it the connection is closed.
+        admin_token: bearer token of the ``/admin/*`` endpoints; unset reads
+            ``$LEADRE_ADMIN_TOKEN`` where the graph is built; with neither, they answer 403.
+        history_events: events (request + stored history) that build a real-time ANN query.
+        ad_status_interval_s: how often a replica reads the store's live ad status (ads
+            switched off without an index rebuild reach every replica within about this).
+        watch_interval_s: how often a replica looks in the store for an index swapped in
+            through another replica, and publishes the generation queue depth.
+        enqueue_interval_s: cache misses are queued for generation in one store write per
+            this interval, off the request path.
     """
 
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 256
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 15.0
     k_default: int = field(default=10, metadata={"help": "ads per answer when k is absent"})
     k_max: int = field(default=100, metadata={"help": "largest k a request may ask for"})
     max_recent_events: int = field(default=50, metadata={
         "help": "most recent_events a request may carry"})
     max_body_bytes: int = field(default=65_536, metadata={
         "help": "request bodies above this size get 413"})
-    request_timeout_s: float = field(default=2.0, metadata={
-        "help": "the ingress answers 503 when the matcher takes longer than this"})
+    max_drain_bytes: int = field(default=64 * 2**20, metadata={
+        "help": "over-limit bodies up to this size are drained so the 413 arrives"})
     admin_token: str | None = field(default=None, metadata={
-        "help": "bearer token for POST /admin/index (default: $LEADRE_ADMIN_TOKEN)"})
+        "help": "bearer token for /admin/* (default: $LEADRE_ADMIN_TOKEN)"})
+    history_events: int = field(default=20, metadata={
+        "help": "events (request + stored history) that build a real-time ANN query"})
+    ad_status_interval_s: float = field(default=1.0, metadata={
+        "help": "how often a replica reads the live ad status from the store"})
+    watch_interval_s: float = field(default=2.0, metadata={
+        "help": "how often a replica follows index swaps made through other replicas"})
+    enqueue_interval_s: float = field(default=0.02, metadata={
+        "help": "cache misses are queued for generation in one write per interval"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.k_default <= self.k_max:
             raise ConfigError(f"need 1 <= k_default <= k_max, got {self.k_default}, {self.k_max}")
-        if self.request_timeout_s <= 0:
-            raise ConfigError("request_timeout_s must be > 0")
         if self.max_body_bytes < 256:
             raise ConfigError("max_body_bytes must be >= 256")
-        if self.max_recent_events < 0:
-            raise ConfigError("max_recent_events must be >= 0")
+        if self.max_drain_bytes < self.max_body_bytes:
+            raise ConfigError("max_drain_bytes must be >= max_body_bytes")
+        if self.max_recent_events < 0 or self.history_events < 0:
+            raise ConfigError("max_recent_events and history_events must be >= 0")
+        for name in ("ad_status_interval_s", "watch_interval_s", "enqueue_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
 
     def token(self) -> str | None:
         return self.admin_token or os.environ.get("LEADRE_ADMIN_TOKEN") or None
-
-
-@dataclass
-class MatcherConfig(DeploymentConfig):
-    """The latency-sensitive tier: cached candidates + ScaNN (plus its deployment options).
-
-    Parameters:
-        history_events: events (request + stored history) that build a real-time ANN query.
-        watch_interval_s: how often a replica looks in the store for an index swapped in
-            through another replica, and publishes the generation queue depth.
-    """
-
-    health_check_period_s: float = 5.0
-    health_check_timeout_s: float = 15.0
-    history_events: int = field(default=20, metadata={
-        "help": "events (request + stored history) that build a real-time ANN query"})
-    watch_interval_s: float = field(default=2.0, metadata={
-        "help": "how often a replica follows index swaps made through other replicas"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.history_events < 0:
-            raise ConfigError("history_events must be >= 0")
-        if self.watch_interval_s <= 0:
-            raise ConfigError("watch_interval_s must be > 0")
 
 
 @dataclass
@@ -156,6 +156,8 @@ class GeneratorConfig(DeploymentConfig):
         poll_interval_s: how often an idle replica looks at the store's queue.
         lease_s: a claimed queue entry returns to the queue after this (a dead replica's).
         num_gpus: GPUs per replica; unset: 1 when the cluster has GPUs, else 0.
+        niceness: added to the replica process's CPU niceness: where the tiers share cores,
+            the LLM yields them to the matcher's requests (0 leaves it as Ray starts it).
     """
 
     max_ongoing_requests: int = 64
@@ -172,9 +174,13 @@ class GeneratorConfig(DeploymentConfig):
         "help": "a claimed queue entry returns to the queue after this (dead replica)"})
     num_gpus: float | None = field(default=None, metadata={
         "help": "GPUs per generator replica; unset: 1 when the cluster has GPUs, else 0"})
+    niceness: int = field(default=10, metadata={
+        "help": "CPU niceness added to generator replicas (they yield shared cores)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.niceness <= 19:
+            raise ConfigError("niceness must be in 0..19")
         if self.top_k > self.beam_size:
             raise ConfigError(f"top_k={self.top_k} > beam_size={self.beam_size}")
         if self.ttl_s <= 0:
@@ -209,12 +215,15 @@ class ServePaths:
         index_dir: output of ``leadre index`` (the matcher needs it; so does the embedding
             generator).
         model_dir: output of ``leadre sft`` / ``leadre dpo``; None: embedding generator.
+        index_root: index directories are loaded only from under this directory (swaps
+            included); None: the parent directory of ``index_dir``.
     """
 
     sids_dir: str
     store_url: str
     index_dir: str | None = None
     model_dir: str | None = None
+    index_root: str | None = None
 
     def absolute(self) -> "ServePaths":
         """Paths made absolute on the driver: replicas may run with another working dir."""
@@ -227,8 +236,13 @@ class ServePaths:
             url = "sqlite:///" + str(Path(url[len("sqlite:///"):]).resolve())
         elif "://" not in url:
             url = "sqlite:///" + str(Path(url).resolve())
+        root = self.index_root
+        if root is None and self.index_dir is not None:
+            root = self.index_dir.rstrip("/").rsplit("/", 1)[0] if "://" in self.index_dir \
+                else str(Path(self.index_dir).expanduser().resolve().parent)
         return ServePaths(sids_dir=fix(self.sids_dir), store_url=url,
-                          index_dir=fix(self.index_dir), model_dir=fix(self.model_dir))
+                          index_dir=fix(self.index_dir), model_dir=fix(self.model_dir),
+                          index_root=fix(root))
 
 
 @dataclass
@@ -238,18 +252,26 @@ class ServeConfig:
 
     Parameters:
         index_dir: output of ``leadre index`` (ScaNN over active ads).
+        index_root: the only directory index directories are loaded from (the admin swap and
+            the store's recorded index included); unset: the parent of ``index_dir``.
         sids_dir: output of ``leadre sids`` (S-ID table, embeddings, text encoder).
         model_dir: output of ``leadre sft`` / ``leadre dpo``; ``None`` runs the generator with
             the embedding baseline (history -> nearest ads) so the graph works before training.
         store_url: candidate store, ``sqlite:///path.db`` (embedded) or ``redis://host:port/0``.
         host / port / app_name / route_prefix: where ``leadre serve`` answers HTTP.
-        ingress / matcher / generator: each tier's knobs and deployment options
-            (:class:`IngressConfig`, :class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
+        high_throughput: when ``leadre serve`` starts its own Ray cluster, start it in Ray
+            Serve's high-throughput mode (HAProxy in front of the replicas' own HTTP servers,
+            gRPC between tiers): about 1 ms of CPU per request instead of ~8. On a cluster
+            this is the nodes' environment (``deploy/rayservice.yaml``).
+        matcher / generator: each tier's knobs and deployment options
+            (:class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
             ``--set generator.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
         ray: how to reach Ray. blocking: ``leadre serve`` keeps running until Ctrl-C.
     """
 
     index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
+    index_root: str | None = field(default=None, metadata={
+        "help": "index directories load only from under here (default: parent of index_dir)"})
     sids_dir: str = field(default="runs/sids", metadata={"help": "output of `leadre sids`"})
     model_dir: str | None = field(default=None, metadata={
         "help": "output of `leadre sft`/`leadre dpo`; unset: embedding-baseline generator"})
@@ -259,10 +281,10 @@ class ServeConfig:
     port: int = field(default=8000, metadata={"help": "HTTP port (leadre serve)"})
     app_name: str = field(default="leadre", metadata={"help": "Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "HTTP route prefix"})
-    ingress: IngressConfig = field(default_factory=IngressConfig, metadata={
-        "help": "HTTP tier: request limits, admin token, deployment options"})
+    high_throughput: bool = field(default=True, metadata={
+        "help": "leadre serve's own cluster runs Serve's HAProxy + direct-ingress mode"})
     matcher: MatcherConfig = field(default_factory=MatcherConfig, metadata={
-        "help": "ScaNN tier: query history, deployment options"})
+        "help": "HTTP + ScaNN tier: request limits, admin token, deployment options"})
     generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={
         "help": "LLM tier: TTL, beams, batching, queue, deployment options (GPUs)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
@@ -272,4 +294,5 @@ class ServeConfig:
     def paths(self) -> ServePaths:
         """The artifact paths and store URL, absolute (computed on the driver)."""
         return ServePaths(sids_dir=self.sids_dir, store_url=self.store_url,
-                          index_dir=self.index_dir, model_dir=self.model_dir).absolute()
+                          index_dir=self.index_dir, model_dir=self.model_dir,
+                          index_root=self.index_root).absolute()

@@ -8,19 +8,19 @@ A *user context* is the small JSON record the candidate store keeps per user::
                  "ad_id": null, "title": "badminton smash tips"}, ...]}   # oldest first
 
 ``ray_jobs/warm_cache.py`` writes it for every user from the ingest tables; the matcher uses
-its events for real-time ANN queries on a cache miss, the generator builds the LLM prompt from
-it. A request may add ``recent_events`` (newer than anything stored) on top.
+its events for real-time ANN queries on a cache miss (:class:`leadre.index.query.QueryBuilder`),
+the generator builds the LLM prompt from it. A request may add ``recent_events`` (newer than
+anything stored) on top.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from leadre.data.schema import ENGAGE, PROFILE_FIELDS
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from leadre.prompts import PromptConfig
 
 log = logging.getLogger(__name__)
-
-# How much each behaviour says about the next ad (impressions are mostly targeting noise).
-ACTION_WEIGHT = {"conversion": 3.0, "click": 2.0, "impression": 0.3, "play": 1.0, "read": 1.0}
-RECENCY_DECAY = 0.85  # per position, most recent first
 
 
 def _ts(value: Any) -> float | None:
@@ -106,74 +102,6 @@ def _event(ts, domain, action, ad_id, title, cat_of: dict) -> dict:
     if ad is not None and cat_of.get(ad):
         ev["category"] = cat_of[ad]  # lets the prompt builder count long-term categories
     return ev
-
-
-class QueryBuilder:
-    """Events -> one unit query vector in the ads' embedding space.
-
-    Ad events use the ad's own embedding (inactive ads too: the user's interest is real even
-    if that ad is switched off); content events (videos, news) embed their title with the
-    catalog's text encoder, so cross-domain behaviour moves the query as well. Each event is
-    weighted by its action and by recency (most recent first)."""
-
-    def __init__(self, sids_dir: str, cache_titles: int = 50_000):
-        from leadre.index.ann import load_embeddings
-
-        self.sids_dir = sids_dir
-        ids, self.emb = load_embeddings(sids_dir)
-        self._row = pd.Index(ids)
-        self._encoder = None
-        self._titles: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_titles = cache_titles
-
-    @property
-    def dim(self) -> int:
-        return self.emb.shape[1]
-
-    def _encode_titles(self, titles: list[str]) -> list[np.ndarray]:
-        missing = [t for t in dict.fromkeys(titles) if t not in self._titles]
-        if missing:
-            if self._encoder is None:
-                from leadre.artifacts import join
-                from leadre.sids.encoder import load_encoder
-
-                self._encoder = load_encoder(join(self.sids_dir, "encoder"))
-            for t, v in zip(missing, self._encoder.encode(missing)):
-                self._titles[t] = v.astype(np.float32)
-            while len(self._titles) > self._cache_titles:
-                self._titles.popitem(last=False)
-        return [self._titles[t] for t in titles]
-
-    def ad_vectors(self, ad_ids: Sequence[str]) -> np.ndarray:
-        rows = self._row.get_indexer(list(ad_ids))
-        return self.emb[rows[rows >= 0]]
-
-    def vector(self, events: Sequence[dict]) -> np.ndarray | None:
-        """Weighted mean of the events' vectors, unit length; None when nothing is usable."""
-        vecs, weights, titles, title_w = [], [], [], []
-        n = len(events)
-        for i, ev in enumerate(events):
-            w = ACTION_WEIGHT.get(ev.get("action"), 0.5) * RECENCY_DECAY ** (n - 1 - i)
-            ad = ev.get("ad_id")
-            if ad:
-                r = self._row.get_indexer([ad])[0]
-                if r >= 0:
-                    vecs.append(self.emb[r])
-                    weights.append(w)
-                    continue
-            if ev.get("title"):
-                titles.append(ev["title"])
-                title_w.append(w)
-        if titles:
-            for v, w in zip(self._encode_titles(titles), title_w):
-                if np.any(v):
-                    vecs.append(v)
-                    weights.append(w)
-        if not vecs:
-            return None
-        q = np.average(np.stack(vecs), axis=0, weights=np.asarray(weights))
-        norm = np.linalg.norm(q)
-        return (q / norm).astype(np.float32) if norm > 1e-9 else None
 
 
 # --------------------------------------------------------------------------- prompts

@@ -1,11 +1,14 @@
 """The latency-tolerant tier: the fine-tuned LLM generates S-IDs into the candidate store.
 
-Work arrives two ways, both ending in the same ``@serve.batch`` method:
+Work arrives through the store's durable queue: the matcher queues cache misses and wakes a
+replica with ``Generator.wake()`` (fire-and-forget, one call for many users); each replica
+drains the queue (``claim`` with a lease, ``ack`` when the candidates are written) into the
+same ``@serve.batch`` method that ``Generator.generate(user_id)`` calls, polling when nobody
+wakes it, so users queued while no generator was alive, or claimed by a replica that died
+mid-batch, are generated anyway.
 
-* the ingress nudges ``Generator.generate(user_id)`` (fire-and-forget) on a cache miss;
-* each replica drains the store's durable queue (``claim`` with a lease, ``ack`` when the
-  candidates are written), so users queued while no generator was alive, or claimed by a
-  replica that died mid-batch, are generated anyway.
+The replica lowers its own CPU priority (``GeneratorConfig.niceness``): where it shares cores
+with the matcher, the LLM is the one that waits.
 
 Engines: ``llm`` = ``leadre.eval.generate.SidGenerator`` (trie-constrained beam search over active
 ads; GPU when present) on the user's intent-aware prompt; ``embedding`` = a baseline used when
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -61,12 +65,12 @@ class GeneratorCore:
             self.prompt_cfg = trained_prompt_config(paths.model_dir)
         else:
             from leadre.index.ann import AdIndex
-            from leadre.serve.context import QueryBuilder
+            from leadre.index.query import QueryBuilder
 
             if paths.index_dir is None:
                 raise ValueError("the embedding generator needs paths.index_dir")
-            self.index = AdIndex.load(paths.index_dir)
-            self.queries = QueryBuilder(paths.sids_dir)
+            self.index = AdIndex.load(paths.index_dir, root=paths.index_root)
+            self.queries = QueryBuilder.from_sids_dir(paths.sids_dir)
             self.model_version = "embedding-baseline"
 
     def device(self) -> str:
@@ -119,7 +123,8 @@ def _model_version(model_dir: str) -> str:
 
 def _deployment():
     from ray import serve
-    from ray.serve.metrics import Counter, Gauge, Histogram
+
+    from leadre.serve.metrics import GENERATOR_BUCKETS_MS, counter, gauge, histogram, tier_latency
 
     # Sizes and replica options: GeneratorConfig, applied with .options() by app.build.
     @serve.deployment(name="Generator")
@@ -127,23 +132,21 @@ def _deployment():
         """LLM generator replica: ``@serve.batch`` over user ids + a queue-draining loop."""
 
         async def __init__(self, cfg: GeneratorConfig, paths: ServePaths):
+            if cfg.niceness:
+                os.nice(cfg.niceness)  # threads started from here on (torch's) inherit it
             self.core = await asyncio.to_thread(GeneratorCore, cfg, paths)
             # Before any call can arrive: the batch sizes are the config's, not the decorator's.
             self.generate.set_max_batch_size(cfg.batch_size)
             self.generate.set_batch_wait_timeout_s(cfg.batch_wait_s)
             self.batch_size, self.poll, self.lease = cfg.batch_size, cfg.poll_interval_s, \
                 cfg.lease_s
-            self.latency = Histogram(
-                "leadre_tier_latency_ms", description="latency per serving tier (ms)",
-                boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 20000], tag_keys=("tier",))
-            self.latency.set_default_tags({"tier": "generator"})
-            self.users = Counter("leadre_generated_users_total",
-                                 description="users whose candidates were (re)generated")
-            self.queue = Gauge("leadre_generation_queue_depth",
-                               description="users waiting for LLM generation")
-            self.batch_sizes = Histogram("leadre_generator_batch_size",
-                                         description="users per generation batch",
-                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+            self.latency = tier_latency("generator", GENERATOR_BUCKETS_MS)
+            self.users = counter("leadre_generated_users_total",
+                                 "users whose candidates were (re)generated")
+            self.queue = gauge("leadre_generation_queue_depth", "users waiting for LLM generation")
+            self.batch_sizes = histogram("leadre_generator_batch_size",
+                                         "users per generation batch", [1, 2, 4, 8, 16, 32, 64])
+            self._woken = asyncio.Event()
             self._drain = asyncio.get_running_loop().create_task(self._drain_queue())
             log.info("generator: engine=%s model=%s device=%s", self.core.engine,
                      self.core.model_version, self.core.device())
@@ -163,7 +166,15 @@ def _deployment():
                     log.exception("generator: queue drain failed")
                 except Exception:
                     log.exception("generator: queue drain failed")
-                await asyncio.sleep(self.poll)
+                try:  # until the matcher wakes us, or the next poll
+                    await asyncio.wait_for(self._woken.wait(), self.poll)
+                except asyncio.TimeoutError:
+                    pass
+                self._woken.clear()
+
+        async def wake(self) -> None:
+            """Fire-and-forget from the matcher: users are waiting in the store's queue."""
+            self._woken.set()
 
         @serve.batch
         async def generate(self, user_ids: list[str]) -> list[bool]:

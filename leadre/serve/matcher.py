@@ -1,194 +1,274 @@
-"""The latency-sensitive tier: cached generated candidates + ScaNN, never the LLM.
+"""The latency-sensitive tier, and the HTTP ingress of the graph: FastAPI through
+``serve.ingress``, answering from :class:`~leadre.serve.matching.MatcherCore` in-process.
 
-Per request (``MatcherCore.recommend``):
+    HTTP ──> Matcher (validate, store read, ScaNN, JSON) ──fire-and-forget──> Generator
 
-1. read the user's generated candidates from the store; if their S-ID version is the one in
-   use, map S-IDs -> ads with the S-ID table and keep the active ones (source ``generated``);
-2. fill up to k with the nearest active ads around the generated ones (source ``ann``);
-3. on a miss (no record, expired, or an older S-ID version) answer from a real-time ScaNN
-   query built from the request's ``recent_events`` plus the user's stored history (source
-   ``fallback``), or from the popularity list when there is no signal at all, and enqueue the
-   user for asynchronous generation (users with a stored context only: the generator prompts
-   from it). Nothing here waits for the generator.
+A request takes no deployment hop: every hop costs a few milliseconds of CPU on both sides
+(serialisation, routing, an event-loop round trip), more than the matching itself. Cache
+misses are queued for generation off the request path (one store write per
+``enqueue_interval_s``), and the Generator is woken with one fire-and-forget call at a time;
+nothing here waits for it.
 
-The index is an immutable ``AdIndex`` object; a swap builds the new one off the request path
-and replaces the reference, so in-flight requests finish on the old index and no request
-fails during a swap.
+Routes: ``POST /recommend``, ``GET /healthz``, ``POST /admin/index`` (swap the index on every
+replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild); the request
+models and limits are in :mod:`leadre.serve.api`. Overload is shed with 503 by Serve itself
+(``max_queued_requests``), never a hang.
+
+Background loops per replica: the live ad status (every ``ad_status_interval_s``), index swaps
+made through other replicas and the queue depth (every ``watch_interval_s``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class on
+# the methods that serve.ingress rewrites.
 import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
 from typing import Any
 
-from leadre.index.ann import AdIndex
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+
+from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
-from leadre.serve.context import QueryBuilder, merge_events
+from leadre.serve.matching import MatcherCore
+from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
 from leadre.serve.store import open_store
 
 log = logging.getLogger(__name__)
 
 INDEX_META_KEY = "index_dir"
 
-
-class MatcherCore:
-    """Everything the matcher does, in-process (the deployment wraps it; the benchmark and
-    unit tests use it directly)."""
-
-    def __init__(self, cfg: MatcherConfig, paths: ServePaths):
-        from leadre.sids import load_table
-
-        if paths.index_dir is None:
-            raise ValueError("the matcher needs paths.index_dir")
-        self.table = load_table(paths.sids_dir)
-        self.queries = QueryBuilder(paths.sids_dir)
-        self.store = open_store(paths.store_url)
-        self.history_events = cfg.history_events
-        self.index = AdIndex.load(paths.index_dir)
-        self._swap_lock = threading.Lock()
-
-    # --- index swap ---------------------------------------------------------------------
-
-    def swap_index(self, index_dir: str, version: str | None = None) -> dict:
-        """Load ``index_dir`` and make it current (a no-op when that directory and
-        ``version`` are already in use). Raises, keeping the old index, when the directory is
-        not a valid index or was built for other S-IDs. Build each index into a new
-        directory: rewriting the one in use under a loading replica is not supported."""
-        with self._swap_lock:
-            if self.index.location == index_dir and version in (None, self.index.version):
-                return self.index_info()
-            new = AdIndex.load(index_dir)
-            if new.sid_version and new.sid_version != self.table.version:
-                raise ValueError(f"index {index_dir} was built for S-ID version "
-                                 f"{new.sid_version}, serving uses {self.table.version}")
-            if new.info.get("dim", self.queries.dim) != self.queries.dim:
-                raise ValueError(f"index {index_dir} has dim {new.info.get('dim')}, "
-                                 f"embeddings have {self.queries.dim}")
-            old, self.index = self.index, new  # atomic reference swap
-            log.info("matcher: index %s -> %s (%d ads)", old.version, new.version, len(new))
-            return self.index_info()
-
-    def index_info(self) -> dict:
-        ix = self.index
-        return {"index_version": ix.version, "index_dir": ix.location, "ads": len(ix),
-                "mode": ix.info.get("mode"), "sid_version": self.table.version}
-
-    # --- requests -----------------------------------------------------------------------
-
-    def recommend(self, user_id: str, k: int, recent_events: list[dict] | None = None) -> dict:
-        ix = self.index  # one snapshot for the whole request
-        rec = self.store.get(user_id)
-        picked: list[dict] = []
-        seen: set[str] = set()
-
-        def add(ad_id: str, score: float, source: str) -> None:
-            if ad_id not in seen and ad_id in ix.active and len(picked) < k:
-                seen.add(ad_id)
-                picked.append({"ad_id": ad_id, "score": round(float(score), 6), "source": source})
-
-        cache = "miss"
-        ctx = None
-        model_version = None
-        if rec is not None and rec.sid_version == self.table.version:
-            cache = "hit"
-            model_version = rec.model_version
-            for ad_id, score in zip(self.table.ad_ids(rec.sids), rec.scores):
-                if ad_id is not None:
-                    add(ad_id, score, "generated")
-        elif rec is not None:
-            cache = "stale"
-
-        basis = "generated"
-        if len(picked) < k:
-            if cache == "hit" and picked:
-                # Expand around what the LLM chose: nearest active ads to their centroid.
-                q = self.queries.ad_vectors([p["ad_id"] for p in picked]).mean(axis=0)
-                source = "ann"
-            else:
-                ctx = self.store.get_user(user_id) if cache != "hit" or not picked else None
-                events = merge_events(recent_events, (ctx or {}).get("events"),
-                                      self.history_events)
-                q = self.queries.vector(events) if events else None
-                basis = ("recent_events" if recent_events else "history") if q is not None \
-                    else "popular"
-                source = "ann" if cache == "hit" else "fallback"
-            if q is not None:
-                for ad_id, score in ix.search(q, k + len(seen)):
-                    add(ad_id, score, source)
-            if len(picked) < k:  # no signal at all, or a tiny catalog: most popular ads
-                for r in ix.popular:
-                    add(ix.ad_ids[r], 0.0, source if cache == "hit" else "fallback")
-                    if len(picked) >= k:
-                        break
-        queued = False
-        if cache != "hit" and ctx is not None:
-            # Only users the store knows: the generator prompts from the stored context, and
-            # random ids must not fill the queue.
-            queued = self.store.enqueue([user_id]) > 0
-        return {"user_id": user_id, "ads": picked, "cache": cache, "basis": basis,
-                "queued": queued,
-                "versions": {"index": ix.version, "sid": self.table.version,
-                             "model": model_version}}
+app = FastAPI(title="LEADRE recommendations", version="2.0",
+              description="Two-tier LLM ad retrieval: cached LLM candidates + ScaNN matcher.")
 
 
 def _deployment():
     from ray import serve
-    from ray.serve.metrics import Counter, Gauge, Histogram
 
     # Sizes and replica options: MatcherConfig, applied with .options() by app.build.
     @serve.deployment(name="Matcher")
+    @serve.ingress(app)
     class Matcher:
-        """ScaNN matcher replica. ``user_config={"index_dir": ...}`` (``serve deploy``) or
-        ``swap_index`` (admin endpoint, broadcast to every replica) changes the index; the
-        store remembers the last swapped-in directory so new replicas start on it."""
+        """ScaNN matcher replica and HTTP ingress. ``generator``: handle of the Generator
+        tier (None: a generator elsewhere drains the store's queue). ``cfg.admin_token`` is
+        used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
 
-        async def __init__(self, cfg: MatcherConfig, paths: ServePaths):
+        async def __init__(self, cfg: MatcherConfig, paths: ServePaths, generator=None):
             stored = open_store(paths.store_url).get_meta(INDEX_META_KEY)
             current = json.loads(stored)["index_dir"] if stored else paths.index_dir
             try:
                 self.core = await asyncio.to_thread(
-                    MatcherCore, cfg, dataclasses.replace(paths, index_dir=current))
+                    MatcherCore, dataclasses.replace(paths, index_dir=current),
+                    cfg.history_events)
             except Exception:
                 if current == paths.index_dir:
                     raise
                 log.exception("matcher: stored index %s unusable, starting on %s", current,
                               paths.index_dir)
-                self.core = await asyncio.to_thread(MatcherCore, cfg, paths)
-            self.latency = Histogram(
-                "leadre_tier_latency_ms", description="latency per serving tier (ms)",
-                boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000], tag_keys=("tier",))
-            self.latency.set_default_tags({"tier": "matcher"})
-            self.cache = Counter("leadre_cache_lookups_total",
-                                 description="candidate-store lookups by result (hit/miss/stale)",
-                                 tag_keys=("result",))
-            self.sources = Counter("leadre_recommended_ads_total",
-                                   description="ads returned, by source", tag_keys=("source",))
-            self.queue = Gauge("leadre_generation_queue_depth",
-                               description="users waiting for LLM generation")
-            self._watch_interval = cfg.watch_interval_s
-            self._watch = asyncio.get_running_loop().create_task(self._watch_store())
+                self.core = await asyncio.to_thread(MatcherCore, paths, cfg.history_events)
+            # Background loops get their own store connection: the request path never waits
+            # behind their writes.
+            self.bg_store = open_store(paths.store_url)
+            self.core.refresh_ad_status(self.bg_store)
+            self.cfg = cfg
+            self.Request = api.request_model(cfg.k_default, cfg.k_max, cfg.max_recent_events)
+            self.generator = generator
+            self.latency = tier_latency("matcher", MATCHER_BUCKETS_MS)
+            self.responses = counter("leadre_http_responses_total",
+                                     "HTTP answers of /recommend by status", "status")
+            self.cache = counter("leadre_cache_lookups_total",
+                                 "candidate-store lookups by result (hit/miss/stale)", "result")
+            self.sources = counter("leadre_recommended_ads_total", "ads returned, by source",
+                                   "source")
+            self.queue = gauge("leadre_generation_queue_depth", "users waiting for LLM generation")
+            self.wake_errors = counter("leadre_generation_wake_errors_total",
+                                       "fire-and-forget generator wake-ups that failed")
+            self._pending: set[str] = set()
+            self._have_pending = asyncio.Event()
+            self._wake_task: asyncio.Task | None = None
+            loop = asyncio.get_running_loop()
+            self._loops = [loop.create_task(self._watch_ad_status()),
+                           loop.create_task(self._watch_index()),
+                           loop.create_task(self._enqueue_misses())]
 
-        async def _watch_store(self) -> None:
+        # --- background ----------------------------------------------------------------
+
+        async def _watch_ad_status(self) -> None:
+            while True:
+                await asyncio.sleep(self.cfg.ad_status_interval_s)
+                try:
+                    if await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store):
+                        log.info("matcher: %d ads switched off (status v%d)",
+                                 len(self.core.off), self.core.ad_status_version)
+                except Exception:  # the store may be briefly away: keep the last status
+                    log.exception("matcher: ad status refresh failed")
+
+        async def _watch_index(self) -> None:
             """Follow index swaps made through other replicas; publish the queue depth."""
             while True:
-                await asyncio.sleep(self._watch_interval)
+                await asyncio.sleep(self.cfg.watch_interval_s)
                 try:
-                    raw = await asyncio.to_thread(self.core.store.get_meta, INDEX_META_KEY)
+                    raw = await asyncio.to_thread(self.bg_store.get_meta, INDEX_META_KEY)
                     target = json.loads(raw) if raw else None
                     if target and target["version"] != self.core.index.version:
                         await asyncio.to_thread(self.core.swap_index, target["index_dir"],
                                                 target["version"])
-                    self.queue.set(await asyncio.to_thread(self.core.store.queue_depth))
+                    self.queue.set(await asyncio.to_thread(self.bg_store.queue_depth))
                 except Exception:  # a bad directory must not kill the replica
                     log.exception("matcher: store watch failed")
 
+        async def _enqueue_misses(self) -> None:
+            """One queue write per interval for all misses since the last, then one wake-up
+            call to the generator (the queue is durable: a lost wake-up only waits for the
+            generator's own polling)."""
+            while True:
+                await self._have_pending.wait()
+                await asyncio.sleep(self.cfg.enqueue_interval_s)
+                self._have_pending.clear()
+                ids, self._pending = list(self._pending), set()
+                try:
+                    await asyncio.to_thread(self.bg_store.enqueue, ids)
+                except Exception:
+                    log.exception("matcher: queueing %d users for generation failed", len(ids))
+                    continue
+                self._wake_generator()
+
+        def _wake_generator(self) -> None:
+            if self.generator is None or (self._wake_task and not self._wake_task.done()):
+                return
+
+            async def wake():
+                try:
+                    await self.generator.wake.remote()
+                except Exception as e:  # noqa: BLE001 - counted, never raised
+                    self.wake_errors.inc()
+                    log.debug("generator wake-up failed: %r", e)
+
+            self._wake_task = asyncio.get_running_loop().create_task(wake())
+
+        # --- HTTP ----------------------------------------------------------------------
+
+        def _done(self, status: int, t0: float) -> None:
+            self.latency.observe((time.perf_counter() - t0) * 1000)
+            self.responses.inc(tags={"status": str(status)})
+
+        @app.post("/recommend")
+        async def http_recommend(self, request: Request):
+            t0 = time.perf_counter()
+            data, err = await api.read_json(request, self.cfg.max_body_bytes,
+                                            self.cfg.max_drain_bytes)
+            if err is not None:
+                self._done(err.status_code, t0)
+                return err
+            try:
+                req = self.Request.model_validate(data)
+            except ValidationError as e:
+                self._done(422, t0)
+                return api.error(422, "invalid request", api.field_errors(e))
+            out = self._recommend(req.user_id, req.k,
+                                  [e.model_dump() for e in req.recent_events])
+            resp = api.json_response(out)
+            self._done(200, t0)
+            return resp
+
+        def _recommend(self, user_id: str, k: int, events: list[dict]) -> dict:
+            out = self.core.recommend(user_id, k, events)
+            if out["queued"]:
+                self._pending.add(user_id)
+                self._have_pending.set()
+            self.cache.inc(tags={"result": out["cache"]})
+            counts: dict[str, int] = {}
+            for a in out["ads"]:
+                counts[a["source"]] = counts.get(a["source"], 0) + 1
+            for source, n in counts.items():
+                self.sources.inc(n, tags={"source": source})
+            return out
+
+        @app.get("/healthz")
+        async def healthz(self):
+            return {"status": "ok", **self.core.index_info()}
+
+        @app.post("/admin/index")
+        async def http_swap_index(self, request: Request):
+            req, err = await self._admin_body(request, api.IndexSwap)
+            if err is not None:
+                return err
+            # Validate and swap here first (and persist it for replicas that start later);
+            # only then fan out, so a bad directory touches nothing.
+            try:
+                first = await self.swap_index(req.index_dir)
+            except Exception as e:  # noqa: BLE001 - the replica keeps its old index
+                return api.error(400, f"index swap rejected: {api.cause(e)}")
+            results = await self._everyone().broadcast(
+                "swap_index", req.index_dir, persist=False).results_async(timeout_s=120)
+            return {"status": "swapped", **first, "replicas": len(results)}
+
+        @app.post("/admin/ads")
+        async def http_ad_status(self, request: Request):
+            """Switch ads off (or back on) on every replica, without an index rebuild: the
+            store records it (replicas starting later read it there) and every replica is
+            told at once; a replica the call misses catches up within
+            ``ad_status_interval_s``."""
+            req, err = await self._admin_body(request, api.AdStatusChange)
+            if err is not None:
+                return err
+            version = await asyncio.to_thread(self.bg_store.set_ads_active, req.ad_ids,
+                                              req.active)
+            results = await self._everyone().broadcast("apply_ad_status").results_async(
+                timeout_s=30, return_exceptions=True)
+            told = sum(1 for r in results if not isinstance(r, BaseException))
+            return {"status": "updated", "ad_status_version": version,
+                    "ads": len(set(req.ad_ids)), "active": req.active, "replicas": told,
+                    "ads_switched_off": len(self.core.off)}
+
+        async def _admin_body(self, request: Request, model):
+            denied = api.check_token(request, self.cfg.token())
+            if denied is not None:
+                return None, denied
+            data, err = await api.read_json(request, self.cfg.max_body_bytes,
+                                            self.cfg.max_drain_bytes)
+            if err is not None:
+                return None, err
+            try:
+                return model.model_validate(data), None
+            except ValidationError as e:
+                return None, api.error(422, "invalid request", api.field_errors(e))
+
+        def _everyone(self):
+            ctx = serve.get_replica_context()
+            return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+
+        # --- handle API (the tier also runs alone, without HTTP) --------------------------
+
+        async def recommend(self, user_id: str, k: int,
+                            recent_events: list[dict] | None = None) -> dict:
+            t0 = time.perf_counter()
+            out = self._recommend(user_id, k, recent_events or [])
+            self.latency.observe((time.perf_counter() - t0) * 1000)
+            return out
+
+        async def swap_index(self, index_dir: str, persist: bool = True) -> dict:
+            """Swap this replica's index; ``persist`` records it in the store so replicas
+            that start later (autoscaling, restarts) and the other replicas follow."""
+            info = await asyncio.to_thread(self.core.swap_index, index_dir, "")
+            if persist:
+                meta = await asyncio.to_thread(self._meta)
+                await asyncio.to_thread(self.bg_store.set_meta, INDEX_META_KEY, json.dumps(
+                    {"index_dir": index_dir, "version": info["index_version"],
+                     "user_config": meta.get("user_config")}))
+            return info
+
+        async def apply_ad_status(self) -> int:
+            await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store)
+            return self.core.ad_status_version
+
+        async def info(self) -> dict:
+            return self.core.index_info()
+
         def _meta(self) -> dict:
-            raw = self.core.store.get_meta(INDEX_META_KEY)
+            raw = self.bg_store.get_meta(INDEX_META_KEY)
             return json.loads(raw) if raw else {}
 
         def reconfigure(self, user_config: dict[str, Any] | None) -> None:
@@ -204,34 +284,9 @@ def _deployment():
                     self.core.swap_index(meta["index_dir"], meta["version"])
                 return
             info = self.core.swap_index(index_dir, "")
-            self.core.store.set_meta(INDEX_META_KEY, json.dumps(
+            self.bg_store.set_meta(INDEX_META_KEY, json.dumps(
                 {"index_dir": index_dir, "version": info["index_version"],
                  "user_config": index_dir}))
-
-        async def recommend(self, user_id: str, k: int,
-                            recent_events: list[dict] | None = None) -> dict:
-            t0 = time.perf_counter()
-            out = self.core.recommend(user_id, k, recent_events)
-            self.latency.observe((time.perf_counter() - t0) * 1000)
-            self.cache.inc(tags={"result": out["cache"]})
-            for source in {a["source"] for a in out["ads"]}:
-                self.sources.inc(sum(a["source"] == source for a in out["ads"]),
-                                 tags={"source": source})
-            return out
-
-        async def swap_index(self, index_dir: str, persist: bool = True) -> dict:
-            """Swap this replica's index; ``persist`` records it in the store so replicas
-            that start later (autoscaling, restarts) and the other replicas follow."""
-            info = await asyncio.to_thread(self.core.swap_index, index_dir, "")
-            if persist:
-                meta = await asyncio.to_thread(self._meta)
-                await asyncio.to_thread(self.core.store.set_meta, INDEX_META_KEY, json.dumps(
-                    {"index_dir": index_dir, "version": info["index_version"],
-                     "user_config": meta.get("user_config")}))
-            return info
-
-        async def info(self) -> dict:
-            return self.core.index_info()
 
         async def check_health(self) -> None:
             if self.core.index is None or len(self.core.index) == 0:

@@ -6,14 +6,16 @@ request. The store also holds each user's serving context (profile + recent even
 ``ray_jobs/warm_cache.py``), which the matcher uses for real-time ANN queries on a cache miss
 and the generator uses to build the prompt, and a durable queue of users waiting for
 generation (so a generator replica that dies loses nothing: its claims expire and another
-replica takes them).
+replica takes them), and the *live ad status*: ads switched off since the index was built
+(budget spent, paused), with a version counter every matcher replica polls, so a change
+reaches all of them within a second or two without an index rebuild.
 
 Two backends behind one interface, chosen by URL (``open_store``):
 
 - ``sqlite:///path/store.db`` (or a bare path): the embedded default. No server; WAL mode so
   several replica processes on one node share it; durable across an app restart.
-- ``redis://host:port/db``: production. Candidates use Redis' own key expiry; the queue is a
-  sorted set scored by "available at", claimed atomically with a Lua script.
+- ``redis://host:port/db``: production (:mod:`leadre.serve.store_redis`). Candidates use
+  Redis' own key expiry; the queue is a sorted set claimed atomically with a Lua script.
 
 Records are small JSON documents; only ids cross process boundaries.
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 DEFAULT_URL = "sqlite:///runs/store/candidates.db"
+_ADS_VERSION_KEY = "ads_status_version"  # SQLite meta row holding the ad-status version
 
 
 @dataclass
@@ -111,6 +114,19 @@ class CandidateStore(ABC):
     @abstractmethod
     def queue_depth(self) -> int: ...
 
+    # --- live ad status (ads switched off after the index was built) ----------------------
+    @abstractmethod
+    def set_ads_active(self, ad_ids: Iterable[str], active: bool) -> int:
+        """Switch ads off (``active=False``) or back on; returns the new status version."""
+
+    @abstractmethod
+    def inactive_ads(self) -> tuple[int, set[str]]:
+        """(status version, ids of the ads switched off), read consistently."""
+
+    @abstractmethod
+    def ads_status_version(self) -> int:
+        """Bumped by every :meth:`set_ads_active`; 0 before the first change."""
+
     # --- small settings shared by all replicas (e.g. the index directory in use) -------------
     @abstractmethod
     def set_meta(self, key: str, value: str) -> None: ...
@@ -163,6 +179,7 @@ class SqliteStore(CandidateStore):
                 user_id TEXT PRIMARY KEY, enqueued_at REAL NOT NULL, available_at REAL NOT NULL);
             CREATE INDEX IF NOT EXISTS queue_available ON queue(available_at, enqueued_at);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS ads_off (ad_id TEXT PRIMARY KEY, since REAL NOT NULL);
         """)
 
     def _tx(self, fn):
@@ -255,6 +272,35 @@ class SqliteStore(CandidateStore):
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
 
+    def set_ads_active(self, ad_ids, active):
+        rows = [(a,) for a in dict.fromkeys(ad_ids)]
+        now = time.time()
+
+        def change(db):
+            if active:
+                db.executemany("DELETE FROM ads_off WHERE ad_id = ?", rows)
+            else:
+                db.executemany("INSERT OR IGNORE INTO ads_off VALUES (?, ?)",
+                               [(a, now) for (a,) in rows])
+            version = self._status_version(db) + 1
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                       (_ADS_VERSION_KEY, str(version)))
+            return version
+        return self._tx(change)
+
+    @staticmethod
+    def _status_version(db) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_ADS_VERSION_KEY,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def inactive_ads(self):
+        return self._tx(lambda db: (self._status_version(db), {
+            r[0] for r in db.execute("SELECT ad_id FROM ads_off")}))
+
+    def ads_status_version(self):
+        with self._lock:
+            return self._status_version(self._db)
+
     def set_meta(self, key, value):
         self._tx(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
@@ -265,125 +311,11 @@ class SqliteStore(CandidateStore):
 
     def clear(self):
         self._tx(lambda db: [db.execute(f"DELETE FROM {t}") for t in
-                             ("candidates", "users", "queue", "meta")])
+                             ("candidates", "users", "queue", "meta", "ads_off")])
 
     def close(self):
         with self._lock:
             self._db.close()
-
-
-# Atomically take up to ARGV[2] members available at ARGV[1] and push them to ARGV[3].
-_CLAIM_LUA = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
-return ids
-"""
-
-
-class RedisStore(CandidateStore):
-    """Redis backend: ``<prefix>:cand:<user>`` strings with native expiry, ``<prefix>:user:<user>``
-    contexts, ``<prefix>:queue`` sorted set (score = available-at; ties broken by the
-    insertion-time hash ``<prefix>:queued``)."""
-
-    def __init__(self, url: str, prefix: str = "leadre"):
-        try:
-            import redis
-        except ImportError:
-            raise RuntimeError("the Redis store needs the `redis` package: "
-                               "pip install 'leadre[redis]'") from None
-        self.url = url
-        self.prefix = prefix
-        self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                       health_check_interval=30)
-        self._claim = self._r.register_script(_CLAIM_LUA)
-        self._q = f"{prefix}:queue"
-
-    def _c(self, uid: str) -> str:
-        return f"{self.prefix}:cand:{uid}"
-
-    def _u(self, uid: str) -> str:
-        return f"{self.prefix}:user:{uid}"
-
-    def put_many(self, recs, ttl_s=None):
-        now = time.time()
-        n = 0
-        with self._r.pipeline(transaction=False) as p:
-            for r in recs:
-                r = _expiry(r, ttl_s, now)
-                ms = int((r.expires_at - now) * 1000)
-                if ms <= 0:
-                    p.delete(self._c(r.user_id))
-                else:
-                    p.set(self._c(r.user_id), r.to_json(), px=ms)
-                n += 1
-            p.execute()
-        return n
-
-    def get_many(self, user_ids):
-        if not user_ids:
-            return {}
-        now = time.time()
-        out = {}
-        for uid, raw in zip(user_ids, self._r.mget([self._c(u) for u in user_ids])):
-            if raw is not None:
-                rec = CandidateRecord.from_json(raw)
-                if not rec.expired(now):
-                    out[uid] = rec
-        return out
-
-    def delete(self, user_ids):
-        user_ids = list(user_ids)
-        return int(self._r.delete(*[self._c(u) for u in user_ids])) if user_ids else 0
-
-    def count(self):
-        return sum(1 for _ in self._r.scan_iter(match=f"{self.prefix}:cand:*", count=1000))
-
-    def put_users(self, contexts):
-        with self._r.pipeline(transaction=False) as p:
-            for u, c in contexts.items():
-                p.set(self._u(u), json.dumps(c, separators=(",", ":"), default=str))
-            p.execute()
-        return len(contexts)
-
-    def get_users(self, user_ids):
-        if not user_ids:
-            return {}
-        return {u: json.loads(raw) for u, raw in
-                zip(user_ids, self._r.mget([self._u(u) for u in user_ids])) if raw is not None}
-
-    def enqueue(self, user_ids):
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return 0
-        now = time.time()
-        return int(self._r.zadd(self._q, {u: now for u in ids}, nx=True))
-
-    def claim(self, n, lease_s=60.0):
-        now = time.time()
-        ids = self._claim(keys=[self._q], args=[now, int(n), now + lease_s])
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
-
-    def ack(self, user_ids):
-        ids = list(user_ids)
-        return int(self._r.zrem(self._q, *ids)) if ids else 0
-
-    def queue_depth(self):
-        return int(self._r.zcard(self._q))
-
-    def set_meta(self, key, value):
-        self._r.set(f"{self.prefix}:meta:{key}", value)
-
-    def get_meta(self, key):
-        raw = self._r.get(f"{self.prefix}:meta:{key}")
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    def clear(self):
-        keys = list(self._r.scan_iter(match=f"{self.prefix}:*", count=1000))
-        for i in range(0, len(keys), 1000):
-            self._r.delete(*keys[i:i + 1000])
-
-    def close(self):
-        self._r.close()
 
 
 def open_store(url: str | None = None) -> CandidateStore:
@@ -391,6 +323,8 @@ def open_store(url: str | None = None) -> CandidateStore:
     (``rediss://`` for TLS). Default: $LEADRE_STORE_URL, else :data:`DEFAULT_URL`."""
     url = url or os.environ.get("LEADRE_STORE_URL") or DEFAULT_URL
     if url.startswith(("redis://", "rediss://", "unix://")):
+        from leadre.serve.store_redis import RedisStore
+
         return RedisStore(url)
     if url.startswith("sqlite://"):
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):]
@@ -398,3 +332,12 @@ def open_store(url: str | None = None) -> CandidateStore:
     if "://" in url:
         raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db or redis://host:port/0")
     return SqliteStore(url)
+
+
+def __getattr__(name: str):
+    # ``RedisStore`` lives in its own module (the ``redis`` package is an optional extra).
+    if name == "RedisStore":
+        from leadre.serve.store_redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(name)

@@ -35,7 +35,6 @@ from typing import Any, Callable, Literal
 import pyarrow as pa
 
 from leadre import artifacts
-from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
 from leadre.prompts import contract
 from leadre.train.model import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, RAY_DIR, load_model, load_tokenizer
@@ -196,12 +195,7 @@ def prompts_inputs(prompts: str, sids: str | None, *, sid_version: str | None = 
     return manifest, sids_dir
 
 
-def check_sid_version(prompts: str, manifest: dict[str, Any], sid_version: str | None,
-                      source: str) -> None:
-    built = manifest.get("sid_version")
-    if built and sid_version and built != sid_version:
-        raise ArtifactError(f"{prompts} was built from S-ID version {built} but {source} "
-                            f"holds version {sid_version}")
+check_sid_version = artifacts.check_sid_version  # the stages import it from here
 
 
 def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: list[str],

@@ -12,11 +12,14 @@ import pytest
 from _tiny_lm import tiny_model, tiny_tokenizer
 from leadre.artifacts import read_manifest, read_table, write_manifest, write_table
 from leadre.config import ConfigError
-from leadre.eval.evaluate import EvalConfig, generate_all, run, train_sequences
+from leadre.eval.evaluate import EvalConfig, generate_all, run, run_baselines
+from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
+                              sample_users, train_sequences, user_set_hash)
 from leadre.sids.table import SidTable
 from leadre.data.synth import SynthConfig, generate
 
 QUESTION = " What ad will the user be interested in next time?"
+WINDOW = 5  # the prompts' max_events here: shorter than most sequences
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,21 @@ def dirs(tmp_path_factory):
     ev = w.events.to_pandas()
     clicks = ev[ev.action == "click"].sort_values(["user_id", "ts"])
     seqs = {u: s for u, s in clicks.groupby("user_id").ad_id.apply(list).items() if len(s) >= 3}
-    for split, cut in (("valid", 2), ("test", 1)):
+    # Leave-one-out rows as `leadre prompts` writes them: the prompt sees the last WINDOW
+    # items (history_ad_ids), sequence_ad_ids holds them all. Every fifth user has training
+    # targets only (a train row, no valid or test row).
+    train_only = set(sorted(seqs)[::5])
+    for split, cut in (("train", 3), ("valid", 2), ("test", 1)):
         recs = []
         for u, s in seqs.items():
-            hist, target = s[:-cut], s[-cut]
-            prompt = "click on ad " + " ".join(table.sid(a) for a in hist[-20:]) + QUESTION
+            if u in train_only and split != "train":
+                continue
+            c = 1 if u in train_only else cut
+            hist, target = s[:-c], s[-c]
+            prompt = "click on ad " + " ".join(table.sid(a) for a in hist[-WINDOW:]) + QUESTION
             recs.append({"user_id": u, "prompt": prompt, "target_ad_id": target,
-                         "target_sid": table.sid(target), "history_ad_ids": hist[-20:]})
+                         "target_sid": table.sid(target), "history_ad_ids": hist[-WINDOW:],
+                         "sequence_ad_ids": hist})
         write_table(pa.Table.from_pylist(recs), root / "prompts", f"eval/{split}")
     write_manifest(root / "prompts", "prompts",
                    inputs={"ingest_dir": str(root / "ingest"), "sids_dir": str(root / "sids")},
@@ -58,11 +69,11 @@ def dirs(tmp_path_factory):
         model.save_pretrained(root / "sft" / sub)
         tok.save_pretrained(root / "sft" / sub)
     write_manifest(root / "sft", "sft", inputs={}, config={}, counts={}, timings={})
-    return root, table
+    return root, table, seqs, train_only
 
 
 def test_eval_stage_end_to_end(dirs, ray_local):
-    root, table = dirs
+    root, table, *_ = dirs
     out = root / "out"
     manifest = run(EvalConfig(
         prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
@@ -82,8 +93,20 @@ def test_eval_stage_end_to_end(dirs, ray_local):
             assert 0 <= m[f"hr@{k}"] <= 1 and 0 <= m[f"ndcg@{k}"] <= m[f"hr@{k}"] + 1e-9
         assert m["hr@1"] <= m["hr@3"] <= m["hr@5"] <= m["hr@10"]
         assert "ecpm@10" in m and "diversity@10" in m and "novelty@10" in m
+        for c in ("hr@10", "ndcg@10", "hr@1"):  # a 95% bootstrap interval next to each
+            lo, hi = m[f"{c}_ci"]
+            assert 0 <= lo <= m[c] <= hi <= 1
+    assert report["users"] == n_rows and report["filter_history"] is False
+    assert report["ci"]["resamples"] == 1000 and report["ci"]["level"] == 0.95
+    assert report["early_stopping"] == {"slice": "valid_rows", "rows": n_rows}
+    summary = manifest["summary"]
+    assert summary["users_hash"] == report["users_hash"] and summary["filter_history"] is False
+    assert summary["sasrec"]["hr@10_ci"] == [round(x, 4) for x in methods["sasrec"]["hr@10_ci"]]
     md = (out / "report.md").read_text()
     assert "| leadre-sft |" in md and "hr@10" in md and "| sasrec |" in md
+    assert "history items not filtered" in md and report["users_hash"] in md
+    lo, hi = methods["sasrec"]["hr@10_ci"]
+    assert f"{methods['sasrec']['hr@10']:.4f} [{lo:.3f}, {hi:.3f}]" in md
     for png in ("metric_vs_k.png", "comparison.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     recs = read_table(out, "recommendations").to_pandas()
@@ -91,10 +114,58 @@ def test_eval_stage_end_to_end(dirs, ray_local):
     active = set(table.ad_id_array[table.active])
     assert all(len(r) == 10 and set(r) <= active for r in recs.rec_ad_ids)
     assert all(table.ad_ids(s) == list(r) for s, r in zip(recs.rec_sids, recs.rec_ad_ids))
+    # every method is also scored by ad-history length, and the groups add up
+    for m in methods.values():
+        g = m["groups"]
+        assert g["ad_history<=3"]["rows"] + g["ad_history>3"]["rows"] == n_rows
+    assert "## By ad-history length" in md
+
+
+def test_eval_channel_report_merges_leadre_into_sasrec(dirs, ray_local):
+    root, *_ = dirs
+    out = root / "out_channel"
+    run(EvalConfig(prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
+                   beam_size=8, ks=[1, 5], batch_size=16, device="cpu", generate_on="local",
+                   baselines=["sasrec"], sasrec={"epochs": 2, "dim": 16}, channel_k=8,
+                   ci_resamples=0))
+    report = json.loads((out / "metrics.json").read_text())
+    ch = report["channel"]
+    assert ch["k"] == 8 and ch["rows"] == report["rows"]
+    sas, ours, both = ch["sasrec"], ch["leadre"], ch["sasrec@8+leadre@8"]
+    assert sas["recall@8"] <= sas["recall@16"] and set(ours) >= {"recall@8", "coverage@8"}
+    assert ch["incremental_recall@16"] == pytest.approx(both["recall@16"] - sas["recall@16"])
+    # the metrics at K still use the top-K only, not the longer channel lists
+    assert 0 <= report["methods"]["sasrec"]["hr@5"] <= sas["recall@8"] + 1e-9
+    assert "## As a retrieval channel" in (out / "report.md").read_text()
+
+
+def test_valid_split_with_filtered_history(dirs):
+    """split=valid + filter_history: the LLM decodes all beams and drops the history's ads,
+    SASRec early-stops on its held-out last items, and every report says so."""
+    root, table, *_ = dirs
+    out = root / "out_valid"
+    manifest = run(EvalConfig(
+        prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
+        split="valid", filter_history=True, beam_size=20, batch_size=16, device="cpu",
+        generate_on="local", max_rows=40, baselines=["sasrec"],
+        sasrec={"epochs": 2, "dim": 16}))
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["split"] == "valid" and report["filter_history"] is True
+    assert report["early_stopping"]["slice"] == "train_last_item"
+    assert manifest["summary"]["filter_history"] is True and manifest["summary"]["users"] == 40
+    assert "history items filtered from every ranking" in (out / "report.md").read_text()
+    assert "train_last_item" in (out / "report.md").read_text()
+    assert report["generation"]["leadre-sft"]["generated"] == 20 * 40
+    rows = load_eval_rows(str(root / "prompts"), "valid").set_index("user_id")
+    recs = read_table(out, "recommendations").to_pandas()
+    assert len(recs) == 40 and all(len(r) <= 10 for r in recs.rec_ad_ids)
+    for u, r, sids in zip(recs.user_id, recs.rec_ad_ids, recs.rec_sids):
+        assert not set(r) & set(rows.sequence_ad_ids[u])
+        assert table.ad_ids(sids) == list(r)
 
 
 def test_ray_and_local_generation_agree(dirs, ray_local):
-    root, _ = dirs
+    root, *_ = dirs
     prompts = read_table(root / "prompts", "eval/test").column("prompt").to_pylist()[:40]
     base = dict(prompts_dir=str(root / "prompts"), beam_size=5, ks=[1, 5], batch_size=8,
                 device="cpu")
@@ -105,15 +176,97 @@ def test_ray_and_local_generation_agree(dirs, ray_local):
     assert a.rec_ad_ids.map(list).tolist() == b.rec_ad_ids.map(list).tolist()
 
 
-def test_train_sequences_end_before_targets(dirs):
-    root, _ = dirs
-    seqs, valid = train_sequences(str(root / "prompts"))
-    test = read_table(root / "prompts", "eval/test").to_pandas()
-    assert len(seqs) == len(valid) == len(test)
-    # Leave-one-out here: a training sequence never contains its user's valid or test target.
-    by_user = dict(zip(valid.user_id, valid.history_ad_ids))
-    for u, h, t in zip(test.user_id, test.history_ad_ids, test.target_ad_id):
-        assert list(by_user[u]) == list(h)[:-1]
+def test_train_sequences_are_full_and_cover_train_only_users(dirs):
+    """Baselines train on each user's whole sequence before its first evaluation target,
+    not on the prompt's window, and users with training targets only contribute too."""
+    root, _, seqs, train_only = dirs
+    train, valid = train_sequences(str(root / "prompts"))
+    assert set(train) == set(seqs) and train_only <= set(train)
+    for u, s in seqs.items():
+        # leave-one-out: everything before the valid target; train-only: the whole sequence
+        assert train[u] == (list(s) if u in train_only else list(s[:-2])), u
+    assert max(map(len, train.values())) > WINDOW  # longer than any history_ad_ids
+    assert set(valid.user_id) == set(seqs) - train_only
+    assert valid.user_id.is_monotonic_increasing  # user-id order, whatever the shards
+
+
+def test_sample_picks_the_same_users_in_every_directory(dirs, tmp_path):
+    """A max_rows sample depends on the user ids only: a prompt directory with other prompts
+    and another shard order (an ablation variant) is scored on the same users, and the
+    report says which (count + hash)."""
+    root, *_ = dirs
+    test = read_table(root / "prompts", "eval/test")
+    other = tmp_path / "prompts_variant"
+    flipped = test.take(np.arange(test.num_rows)[::-1])
+    flipped = flipped.set_column(1, "prompt", pa.array(
+        ["variant " + p for p in flipped.column("prompt").to_pylist()]))
+    half = flipped.num_rows // 2
+    write_table(flipped.slice(0, half), other, "eval/test/a")
+    write_table(flipped.slice(half), other, "eval/test/b")
+    for split in ("train", "valid"):
+        write_table(read_table(root / "prompts", f"eval/{split}"), other, f"eval/{split}")
+    write_manifest(other, "prompts", inputs=read_manifest(root / "prompts")["inputs"],
+                   config={}, counts={}, timings={}, extra={"sid_version": "v1"})
+    # What the old sampling did (pandas .sample on the rows in shard order) picks other users:
+    old = [set(t.to_pandas().sample(30, random_state=0).user_id) for t in (test, flipped)]
+    assert old[0] != old[1]
+    reports = []
+    for d in (root / "prompts", other):
+        out = tmp_path / f"eval_{d.name}"
+        manifest = run(EvalConfig(prompts_dir=str(d), model_dir=None, out=str(out), max_rows=30,
+                                  baselines=["most_popular"], ci_resamples=50))
+        reports.append((json.loads((out / "metrics.json").read_text()), manifest["summary"]))
+    (a, sa), (b, sb) = reports
+    assert a["users"] == b["users"] == a["rows"] == 30
+    assert a["users_hash"] == b["users_hash"] == sa["users_hash"] == sb["users_hash"]
+    assert len(a["users_hash"]) == 12 and sa["users"] == 30
+    assert a["methods"]["most_popular"]["hr@10"] == b["methods"]["most_popular"]["hr@10"]
+    assert a["methods"]["most_popular"]["hr@10_ci"] == b["methods"]["most_popular"]["hr@10_ci"]
+    picked = sample_users(test.column("user_id").to_pylist(), 30, 0)
+    assert user_set_hash(np.array(test.column("user_id").to_pylist())[picked]) == a["users_hash"]
+    assert sample_users(["u1", "u2"], 1, 0).sum() == 1 and sample_users(["u1"], None, 0).all()
+
+
+def test_early_stopping_never_uses_the_scored_rows(dirs):
+    """split=valid: SASRec early-stops on the last item of each training sequence (held out
+    of its training), not on the valid rows; split=test: on the valid rows."""
+    root, _, seqs, train_only = dirs
+    train, valid = train_sequences(str(root / "prompts"))
+    fit, (hist, targets), info = early_stopping_slice("valid", train, valid, seed=0)
+    assert info == {"slice": "train_last_item", "rows": len(targets)} and len(targets) > 50
+    assert fit == [s[:-1] for s in train.values()]
+    held = {(tuple(s[:-1]), s[-1]) for s in train.values()}
+    assert {(tuple(h), t) for h, t in zip(hist, targets)} <= held
+    scored = set(zip(valid.sequence_ad_ids.map(tuple), valid.target_ad_id))
+    assert not scored & set(zip(map(tuple, hist), targets))
+    fit, (hist, targets), info = early_stopping_slice("test", train, valid, seed=0)
+    assert info == {"slice": "valid_rows", "rows": len(valid)}
+    assert fit == list(train.values()) and targets == valid.target_ad_id.tolist()
+    _, stop, _ = early_stopping_slice("test", train, valid, seed=0, n=10)
+    assert len(stop[1]) == 10
+
+
+def test_filter_history_for_every_baseline(dirs):
+    """filter_history drops each row's earlier ads from every baseline's top K (and still
+    returns K ads); without it, repeat ads are recommended."""
+    from leadre.sids.build import load_table
+
+    root, *_ = dirs
+    table = load_table(str(root / "sids"))
+    rows = load_eval_rows(str(root / "prompts"), "test")
+    train, valid = train_sequences(str(root / "prompts"))
+    names = ["most_popular", "embedding_ann", "random"]
+    seen = [set(h) for h in rows.sequence_ad_ids]
+    for flag in (False, True):
+        cfg = EvalConfig(prompts_dir=str(root / "prompts"), baselines=names, filter_history=flag)
+        recs, _ = run_baselines(cfg, rows, table, str(root / "sids"), train, valid, 10, {})
+        overlap = {n: sum(len(set(r) & h) for r, h in zip(recs[n], seen)) for n in names}
+        assert all(len(r) == 10 for n in names for r in recs[n])
+        if flag:
+            assert overlap == {n: 0 for n in names}
+        else:
+            assert overlap["most_popular"] > 0 and overlap["embedding_ann"] > 0
+    assert kept_after_history([["a", "b", "c", "d"]], [["b"]], 2) == [[0, 2]]
 
 
 def test_config_rejects_bad_values():
@@ -123,6 +276,10 @@ def test_config_rejects_bad_values():
         EvalConfig(ks=[1, 50])
     with pytest.raises(ConfigError, match="SASRec"):
         EvalConfig(sasrec={"dims": 3})
+    with pytest.raises(ConfigError, match="ci_resamples"):
+        EvalConfig(ci_resamples=-1)
+    assert EvalConfig(filter_history=True, beam_size=20).generate_config().top_k == 20
+    assert EvalConfig(beam_size=20).generate_config().top_k == 10
 
 
 def test_ablation_plan(tmp_path):
@@ -132,18 +289,48 @@ def test_ablation_plan(tmp_path):
                          sft={"preset": "tiny", "max_steps": 5}, dry_run=True)
     steps, rows = plan(cfg)
     names = [s.name for s in steps]
-    assert names == ["prompts_ad", "prompts_xd", "sft_main_only", "sft_aux", "sft_cross_domain",
-                     "dpo", "eval_main_only", "eval_aux", "eval_cross_domain", "eval_dpo"]
+    assert names == ["prompts_ad", "prompts_xd", "sft_main_only_s0", "sft_aux_s0",
+                     "sft_cross_domain_s0", "dpo_s0", "eval_main_only_s0", "eval_aux_s0",
+                     "eval_cross_domain_s0", "eval_dpo_s0"]
     by = {s.name: s.config for s in steps}
     assert not {"play", "read"} & set(by["prompts_ad"].history_actions)
     assert {"play", "read"} <= set(by["prompts_xd"].history_actions)
-    assert by["sft_main_only"].tasks == ["main"] and by["sft_aux"].tasks is None
-    assert by["sft_aux"].prompts_dir == by["prompts_ad"].out
-    assert by["dpo"].sft_dir == by["sft_cross_domain"].out
-    assert by["eval_dpo"].model_dir == by["dpo"].out and by["eval_dpo"].baselines
-    assert by["eval_aux"].baselines == [] and by["sft_aux"].preset == "tiny"
+    assert by["sft_main_only_s0"].tasks == ["main"] and by["sft_aux_s0"].tasks is None
+    assert by["sft_aux_s0"].prompts_dir == by["prompts_ad"].out
+    assert by["dpo_s0"].sft_dir == by["sft_cross_domain_s0"].out
+    assert by["eval_dpo_s0"].model_dir == by["dpo_s0"].out and by["eval_dpo_s0"].baselines
+    assert by["eval_aux_s0"].baselines == [] and by["sft_aux_s0"].preset == "tiny"
     assert set(rows) == {"main_only", "aux", "cross_domain", "dpo"}
     assert run_ablation(cfg)["summary"]["dry_run"] is True
-    md = markdown({"main_only": {"hr@10": 0.1, "ecpm@10": 2.0},
-                   "aux": {"hr@10": 0.12, "ecpm@10": 2.0}}, {"sasrec": {"hr@10": 0.2}})
-    assert "+20.0%" in md and "| sasrec |" in md
+    md = markdown({"main_only": {"hr@10": (0.1, 0.01), "ecpm@10": (2.0, 0.0)},
+                   "aux": {"hr@10": (0.12, 0.02), "ecpm@10": (2.0, 0.0)}},
+                  {"sasrec": {"hr@10": 0.2}})
+    assert "+20.0%" in md and "| sasrec |" in md and "0.1200 ± 0.0200" in md
+
+
+def test_ablation_plan_with_seeds_and_a_dpo_sweep(tmp_path):
+    from leadre.eval.ablation import AblationConfig, pick_operating_point, plan
+
+    cfg = AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
+                         seeds=[0, 1], variants=["cross_domain", "dpo"],
+                         dpo_grid=[{"beta": 0.1, "max_steps": 20}, {"beta": 0.5}], dry_run=True)
+    steps, rows = plan(cfg)
+    by = {s.name: s for s in steps}
+    assert rows["dpo"] == {0: by["eval_dpo_s0"].out, 1: by["eval_dpo_s1"].out}
+    assert by["sft_cross_domain_s1"].config.seed == 1 and by["dpo_s1"].config.seed == 1
+    # the sweep starts from the first seed's SFT model and is scored on valid only
+    assert by["dpo_sweep0"].config.sft_dir == by["sft_cross_domain_s0"].out
+    assert by["dpo_sweep0"].config.beta == 0.1 and by["dpo_sweep0"].config.max_steps == 20
+    assert by["dpo_sweep1"].config.beta == 0.5
+    assert by["eval_sweep1_valid"].config.split == "valid"
+    assert by["eval_sweep1_valid"].config.model_dir == by["dpo_sweep1"].out
+    assert by["eval_cross_domain_valid"].config.split == "valid"
+    assert not any(s.config.split == "valid" for n, s in by.items() if n.endswith(("_s0", "_s1"))
+                   and n.startswith("eval_"))
+    sft = {"hr@10": 0.30, "ecpm@10": 4.0}
+    points = [{"hr@10": 0.29, "ecpm@10": 4.1}, {"hr@10": 0.286, "ecpm@10": 4.3},
+              {"hr@10": 0.20, "ecpm@10": 6.0}]
+    assert pick_operating_point(sft, points, 0.05) == 1  # 0.20 loses too much HR
+    assert pick_operating_point(sft, points[2:], 0.05) is None
+    with pytest.raises(ConfigError, match="seeds"):
+        AblationConfig(seeds=[])

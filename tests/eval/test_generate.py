@@ -159,5 +159,11 @@ def test_from_plain_model_dir(world, tmp_path):
     direct = SidGenerator(model, tok, table, cfg)
     assert ([[c.ad_id for c in x] for x in gen.generate(PROMPTS)]
             == [[c.ad_id for c in x] for x in direct.generate(PROMPTS)])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model"):
+        SidGenerator.from_stage_dir(str(tmp_path / "empty"), str(tmp_path / "sids"), cfg)
+    # another stage's output is refused by its manifest, naming both stages
+    from leadre.artifacts import ArtifactError
+
+    with pytest.raises(ArtifactError, match="stage 'sids', expected 'sft' or 'dpo'"):
         SidGenerator.from_stage_dir(str(tmp_path / "sids"), str(tmp_path / "sids"), cfg)

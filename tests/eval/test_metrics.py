@@ -6,7 +6,10 @@ import math
 
 import pytest
 
-from leadre.eval.metrics import CatalogStats, all_metrics, beyond_accuracy, ranking_metrics
+import numpy as np
+
+from leadre.eval.metrics import (CatalogStats, all_metrics, beyond_accuracy, bootstrap_ci,
+                                 ranking_metrics, ranking_rows)
 
 RECS = [["a", "b", "c"], ["d", "e", "f"], ["g", "a", "h"]]
 TARGETS = ["b", "x", "h"]
@@ -59,3 +62,42 @@ def test_no_ecpm_no_value_metrics_and_row_count():
     assert m["rows"] == 3
     with pytest.raises(ValueError):
         ranking_metrics(RECS, TARGETS[:2])
+
+
+def test_per_row_metrics_average_to_the_reported_ones():
+    rows = ranking_rows(RECS, TARGETS, ks=(1, 2, 3))
+    assert rows["hr@3"].tolist() == [1.0, 0.0, 1.0]
+    assert rows["ndcg@2"] == pytest.approx([1 / math.log2(3), 0.0, 0.0])
+    means = ranking_metrics(RECS, TARGETS, ks=(1, 2, 3))
+    assert means == {k: pytest.approx(float(v.mean())) for k, v in rows.items()}
+    assert math.isnan(ranking_metrics([], [], ks=(3,))["hr@3"])
+
+
+def test_bootstrap_ci_over_users():
+    hits = np.array([1.0] * 100 + [0.0] * 300)  # 400 users, HR = 0.25
+    users = [f"u{i}" for i in range(400)]
+    lo, hi = bootstrap_ci({"hr@10": hits}, users, resamples=1000, seed=0)["hr@10"]
+    # normal approximation: 0.25 +- 1.96 * sqrt(0.25 * 0.75 / 400) = [0.208, 0.292]
+    assert 0.19 < lo < 0.22 < 0.28 < hi < 0.31
+    assert bootstrap_ci({"hr@10": hits}, users, 1000, seed=0)["hr@10"] == [lo, hi]  # seeded
+    assert bootstrap_ci({"hr@10": hits}, users, 1000, seed=1)["hr@10"] != [lo, hi]
+    # Resampled by user: every user's row twice is the same evidence, the same interval;
+    # the same rows taken as 800 independent users would give a narrower one.
+    twice = np.repeat(hits, 2)
+    assert bootstrap_ci({"hr@10": twice}, np.repeat(users, 2), 1000, 0)["hr@10"] == \
+        pytest.approx([lo, hi])
+    lo8, hi8 = bootstrap_ci({"hr@10": twice}, None, 1000, 0)["hr@10"]
+    assert hi8 - lo8 < 0.8 * (hi - lo)
+    # row order does not matter when users are given
+    perm = np.random.default_rng(0).permutation(400)
+    assert bootstrap_ci({"hr@10": hits[perm]}, [users[i] for i in perm], 1000, 0)["hr@10"] == \
+        pytest.approx([lo, hi])
+    assert all(math.isnan(x) for x in bootstrap_ci({"hr@10": np.zeros(0)}, [], 10)["hr@10"])
+
+
+def test_all_metrics_puts_an_interval_next_to_every_hr_and_ndcg():
+    m = all_metrics(RECS, TARGETS, ks=(1, 3), users=["a", "b", "c"], ci_resamples=200)
+    assert {c for c in m if c.endswith("_ci")} == {"hr@1_ci", "hr@3_ci", "ndcg@1_ci", "ndcg@3_ci"}
+    lo, hi = m["hr@3_ci"]
+    assert 0 <= lo <= m["hr@3"] <= hi <= 1
+    assert "hr@3_ci" not in all_metrics(RECS, TARGETS, ks=(3,))

@@ -129,3 +129,88 @@ def test_cli_and_bad_input(world, tmp_path, capsys):
         IndexConfig(reorder=3)
     with pytest.raises(ArtifactError):
         AdIndex.load(world["sids"])
+
+
+def test_build_writes_no_pickle_and_records_a_content_hash(built):
+    out, manifest = built
+    from pathlib import Path
+
+    files = [p for p in Path(out).rglob("*") if p.is_file()]
+    assert files and not [p for p in files if p.suffix in (".pkl", ".pickle")]
+    content = read_manifest(out)["content"]
+    assert len(content["sha256"]) == 64
+    assert set(content["files"]) == {str(p.relative_to(out)) for p in files} - {"manifest.json"}
+
+
+def test_recall_is_reported_on_held_out_user_history_queries(built):
+    """Tuned on one set of users' history queries (built the way the matcher builds them),
+    reported on another."""
+    _, manifest = built
+    info = manifest["index"]
+    assert info["query_source"] == "user_histories"
+    assert info["queries"]["tune"] > 0 and info["queries"]["held_out"] > 0
+    assert info["recall_at_10"] >= 0.9 and "tune_recall_at_10" in info
+
+
+def test_tuning_and_reported_recall_use_different_queries():
+    db = clustered(25_000)
+    q = clustered(400, seed=1)
+    _, info = build(db, IndexConfig(mode="ah", min_recall=0.9), q)
+    assert info["queries"] == {"tune": 200, "held_out": 200}
+    assert info["recall_at_10"] >= 0.85 and info["tune_recall_at_10"] >= 0.9
+
+
+def _copy(out, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_unsafe_index_directories_are_refused(built, tmp_path):
+    """Each check on its own: outside the root, a pickle anywhere, changed or extra files,
+    no recorded hash, a ScaNN asset path leaving the directory."""
+    out, _ = built
+    ok = _copy(out, tmp_path, "ok")
+    assert len(AdIndex.load(str(ok), root=str(tmp_path))) > 0
+    with pytest.raises(ArtifactError, match="outside the index root"):
+        AdIndex.load(str(ok), root=str(tmp_path / "sub"))
+    with pytest.raises(ArtifactError, match="outside the index root"):
+        AdIndex.load(str(tmp_path / "sub" / ".." / ".." / tmp_path.name / "ok"),
+                     root=str(tmp_path / "sub"))
+    link = tmp_path / "sub"
+    link.mkdir()
+    (link / "alias").symlink_to(ok)  # a symlink inside the root to a directory outside it
+    with pytest.raises(ArtifactError, match="outside the index root"):
+        AdIndex.load(str(link / "alias"), root=str(link))
+
+    pickled = _copy(out, tmp_path, "pickled")
+    (pickled / "scann" / "scann_docids.pkl").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ArtifactError, match="pickle"):
+        AdIndex.load(str(pickled))
+    hidden = _copy(out, tmp_path, "hidden")
+    (hidden / "ads" / "x.PICKLE").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ArtifactError, match="pickle"):
+        AdIndex.load(str(hidden))
+
+    changed = _copy(out, tmp_path, "changed")
+    npy = changed / "scann" / "dataset.npy"
+    npy.write_bytes(npy.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="content hash mismatch.*dataset.npy"):
+        AdIndex.load(str(changed))
+    extra = _copy(out, tmp_path, "extra")
+    (extra / "notes.txt").write_text("hi")
+    with pytest.raises(ArtifactError, match="content hash mismatch.*notes.txt"):
+        AdIndex.load(str(extra))
+
+    unhashed = _copy(out, tmp_path, "unhashed")
+    m = json.loads((unhashed / "manifest.json").read_text())
+    m.pop("content")
+    (unhashed / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="no content hash"):
+        AdIndex.load(str(unhashed))
+
+    escaping = _copy(out, tmp_path, "escaping")
+    assets = escaping / "scann" / "scann_assets.pbtxt"
+    assets.write_text(assets.read_text().replace('"dataset.npy"', '"../../ok/scann/dataset.npy"'))
+    with pytest.raises(ArtifactError, match="outside the index directory"):
+        AdIndex.load(str(escaping))

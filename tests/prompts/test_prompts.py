@@ -391,6 +391,20 @@ def test_no_valid_or_test_information_reaches_training(world):
             t_first = mine[(mine.ad_id == r.target_ad_id) & (mine.ts >= lo)].ts.min()
             assert t_first >= lo and (hi is None or t_first < hi)
             assert set(r.history_ad_ids) <= set(mine[mine.ts < t_first].ad_id)
+            # the full sequence: every earlier target ad (consecutive repeats folded), of
+            # which the prompt's window is the end
+            before = mine[mine.ts < t_first].ad_id.tolist()
+            folded = [a for i, a in enumerate(before) if i == 0 or a != before[i - 1]]
+            assert list(r.sequence_ad_ids) == folded
+            assert list(r.history_ad_ids) == folded[-20:]
+    # a shorter prompt window cuts history_ad_ids, never sequence_ad_ids
+    short = build_local(cfg_for(world, "x", max_events=3), write=False)["tables"][("eval", "test")]
+    short = short.to_pandas().set_index("user_id")
+    full = world["t"]["eval/test"].set_index("user_id")
+    assert max(map(len, full.sequence_ad_ids)) > 3
+    for u, seq in full.sequence_ad_ids.items():
+        assert list(short.sequence_ad_ids[u]) == list(seq)
+        assert list(short.history_ad_ids[u]) == list(seq)[-3:]
 
 
 # ------------------------------------------------------------------------- leave-one-out
@@ -422,9 +436,17 @@ def test_leave_one_out_protocol(ray_local, tmp_path):
         test_row = ev["test"].iloc[0]
         assert test_row.target_ad_id == seq[-1] and test_row.target_sid == table.sid(seq[-1])
         assert list(test_row.history_ad_ids) == seq[:-1][-20:]
+        assert list(test_row.sequence_ad_ids) == seq[:-1]  # untruncated (user0: 24 items)
         if len(seq) >= 3:
             assert list(ev["valid"].iloc[0].history_ad_ids) == seq[:-2][-20:]
+            assert list(ev["valid"].iloc[0].sequence_ad_ids) == seq[:-2]
             assert ev["valid"].iloc[0].target_ad_id == seq[-2]
+        train_row = t["eval/train"][t["eval/train"].user_id == user]
+        if len(seq) >= 4:  # the last training target, for the sequence baselines
+            assert train_row.target_ad_id.tolist() == [seq[-3]]
+            assert list(train_row.sequence_ad_ids.iloc[0]) == seq[:-3]
+        else:
+            assert train_row.empty
         train = t["sft/train"]
         train = train[(train.user_id == user) & (train.task == "main")]
         assert sorted(train.target_ad_id) == sorted(seq[1:-2])
@@ -488,6 +510,7 @@ def test_bad_and_empty_histories_are_reported_not_fatal(world, tmp_path, capsys)
     assert set(train[train.task == "main"].user_id) == {"ok", "anon"}
     test = read_split(out, "eval", "test").to_pandas()
     assert test.user_id.tolist() == ["ok"] and list(test.history_ad_ids[0]) == [a0]
+    assert list(test.sequence_ad_ids[0]) == [a0]
 
 
 def test_user_level_error_becomes_a_skipped_row(world, monkeypatch):

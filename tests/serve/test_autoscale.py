@@ -45,10 +45,10 @@ def test_check_config_is_production_scaled_down():
     assert set(prod_auto) <= set(auto)
     assert 1 <= auto["min_replicas"] < auto["max_replicas"] <= prod_auto["max_replicas"]
     assert auto["downscale_delay_s"] <= prod_auto["downscale_delay_s"]
-    # Only the Matcher may ask the cluster autoscaler for nodes.
-    for tier in ("Ingress", "Generator"):
-        assert "autoscaling_config" not in small[tier]
-        assert small[tier]["ray_actor_options"]["num_cpus"] == 0
+    # Only the Matcher (the HTTP ingress tier) may ask the cluster autoscaler for nodes.
+    assert set(small) == {"Matcher", "Generator"}
+    assert "autoscaling_config" not in small["Generator"]
+    assert small["Generator"]["ray_actor_options"]["num_cpus"] == 0
     assert small["Matcher"]["ray_actor_options"]["num_cpus"] > 0
     # Room for max_replicas, so scale-up needs at least one fake worker node.
     cpus = small["Matcher"]["ray_actor_options"]["num_cpus"]

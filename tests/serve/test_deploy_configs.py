@@ -1,5 +1,6 @@
 """Deployment files: serve_configs/*.yaml pass Ray Serve's own schema and build the graph's
-config; cluster.yaml passes Ray's cluster-launcher schema (ray/autoscaler/ray-schema.json)."""
+config; deploy/rayservice.yaml (KubeRay) embeds the production Serve config and passes the same
+schema; cluster.yaml passes Ray's cluster-launcher schema (ray/autoscaler/ray-schema.json)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_serve_configs_validate(name):
     cfg = from_dict(ServeConfig, app.args)  # the builder's args are a valid ServeConfig
     assert cfg.generator.num_gpus == deps_gpus(raw)  # the tier section matches its deployment
     deps = {d["name"]: d for d in raw["applications"][0]["deployments"]}
-    assert set(deps) == {"Ingress", "Matcher", "Generator"}
+    assert set(deps) == {"Matcher", "Generator"}  # two tiers; the Matcher is the HTTP ingress
     for d in deps.values():  # overload sheds instead of queueing forever
         assert d["max_queued_requests"] > 0
     if name == "local.yaml":
@@ -39,7 +40,7 @@ def test_serve_configs_validate(name):
         assert deps["Generator"]["ray_actor_options"]["num_gpus"] == 0
         assert cfg.model_dir is None or not cfg.model_dir.startswith("/mnt")
     else:
-        for tier in ("Ingress", "Matcher", "Generator"):
+        for tier in ("Matcher", "Generator"):
             assert "autoscaling_config" in deps[tier] and "num_replicas" not in deps[tier]
         assert deps["Matcher"]["autoscaling_config"]["min_replicas"] >= 1
         assert deps["Generator"]["ray_actor_options"]["num_gpus"] >= 1
@@ -60,12 +61,14 @@ def test_builder_rejects_unknown_args():
         build_app({"generator.ttl": "5"})
     with pytest.raises(ConfigError, match="top_k"):
         build_app({"generator": {"top_k": 30, "beam_size": 20}})
+    with pytest.raises(ConfigError, match="unknown ServeConfig option"):
+        build_app({"ingress.k_max": "5"})  # the HTTP limits are the matcher's now
 
 
 def test_tier_sections_are_the_deployment_options():
     """Each tier's section is the one source of its deployment options; a Serve config's
     ``deployments:`` entry (or build's ``options``) overrides them."""
-    from leadre.serve import GeneratorConfig, IngressConfig, MatcherConfig
+    from leadre.serve import GeneratorConfig, MatcherConfig
     from leadre.serve.app import tier
     from leadre.serve.matcher import Matcher
 
@@ -74,7 +77,9 @@ def test_tier_sections_are_the_deployment_options():
     opts = cfg.matcher.deployment_options()
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 0.5}
     assert cfg.generator.deployment_options()["ray_actor_options"]["num_gpus"] == 0
-    assert IngressConfig().max_queued_requests > 0 and GeneratorConfig().max_queued_requests > 0
+    assert MatcherConfig().max_queued_requests > 0 and GeneratorConfig().max_queued_requests > 0
+    with pytest.raises(ConfigError, match="max_drain_bytes"):
+        MatcherConfig(max_body_bytes=1024, max_drain_bytes=512)
     dep = tier(Matcher, cfg.matcher)
     assert dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 0.5
     assert dep.max_ongoing_requests == MatcherConfig.max_ongoing_requests
@@ -87,6 +92,38 @@ def test_tier_sections_are_the_deployment_options():
         Matcher.options(num_replicas=3, autoscaling_config=auto)
     with pytest.raises(ConfigError, match="num_replicas"):
         MatcherConfig(num_replicas=0)
+
+
+def test_rayservice_embeds_the_production_serve_config():
+    """deploy/rayservice.yaml: a KubeRay RayService whose serveConfigV2 is
+    serve_configs/production.yaml (parsed equal: they cannot drift), valid for Ray Serve's
+    schema, on pods that run Serve's high-throughput mode and get the admin token."""
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "rayservice.yaml").read_text()))
+    (svc,) = docs
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+    embedded = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    assert embedded == serve_config("production.yaml")
+    schema = ServeDeploySchema.model_validate(embedded)
+    assert schema.applications[0].import_path == "leadre.serve:build_app"
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == __import__("ray").__version__
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for group in pods:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1"
+        assert "secretKeyRef" in env["LEADRE_ADMIN_TOKEN"]["valueFrom"]
+    gpu = [g for g in cluster["workerGroupSpecs"]
+           if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and all(g["minReplicas"] <= g["maxReplicas"] for g in cluster["workerGroupSpecs"])
+    # A broken embedded config is caught by the same schema check.
+    bad = {**embedded, "applications": [{**embedded["applications"][0], "deployments": [
+        {"name": "Matcher", "max_ongoing_requests": "many"}]}]}
+    with pytest.raises(Exception):
+        ServeDeploySchema.model_validate(bad)
 
 
 def ray_schema() -> dict:

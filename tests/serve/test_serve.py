@@ -1,17 +1,22 @@
-"""Stage 8 over real HTTP on 127.0.0.1: a real Ray Serve graph (Ingress -> Matcher + Generator)
-on the session's local Ray cluster, a real ScaNN index, a real SQLite candidate store.
+"""Stage 8 over real HTTP on 127.0.0.1: a real Ray Serve graph (Matcher, the HTTP ingress, with
+two replicas -> Generator) on the session's local Ray cluster, a real ScaNN index, a real
+SQLite candidate store.
 
 Only active ads come back; recent events change the fallback answer; unknown users get a
-fallback, not a 500; malformed and oversized bodies get 4xx; killing the generator replica
-under load leaves the matcher answering and the replica comes back; an index swap under load
-loses no request; overload sheds with 503 instead of hanging."""
+fallback, not a 500; malformed and oversized bodies (8 MB too) get 4xx; killing the generator
+replica under load leaves the matcher answering and the replica comes back; an index swap
+under load loses no request, and unsafe index directories are refused; an ad switched off
+leaves every replica's answers within seconds, without a rebuild; overload sheds with 503
+instead of hanging."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pyarrow as pa
@@ -20,7 +25,7 @@ import pytest
 
 from leadre.artifacts import read_table, write_table
 from leadre.index import AdIndex, IndexConfig, run as run_index
-from leadre.serve import GeneratorConfig, IngressConfig, MatcherConfig, ServeConfig
+from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
 from leadre.serve.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
 
@@ -75,9 +80,7 @@ def server(ray_local, world):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"], store_url=world["store"],
-                      ingress=IngressConfig(admin_token=TOKEN, num_cpus=0.05,
-                                            request_timeout_s=5.0),
-                      matcher=MatcherConfig(num_cpus=0.05),
+                      matcher=MatcherConfig(admin_token=TOKEN, num_cpus=0.05, num_replicas=2),
                       generator=GeneratorConfig(num_gpus=0, num_cpus=0.05, poll_interval_s=0.2,
                                                 lease_s=5.0))
     serve.run(build(cfg), name=APP, route_prefix="/", blocking=False)
@@ -106,6 +109,7 @@ class Load:
         self.base, self.users = base, users
         self.codes: Counter = Counter()
         self.answers: list[dict] = []
+        self.sent: list[float] = []  # when each answer's request was sent (time.time())
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
@@ -118,9 +122,11 @@ class Load:
                 uid = self.users[(i * 7919 + n) % len(self.users)]
                 n += 1
                 try:
+                    t = time.time()
                     r = c.post("/recommend", json={"user_id": uid, "k": 10})
                     self.codes[r.status_code] += 1
                     if r.status_code == 200:
+                        self.sent.append(t)
                         self.answers.append(r.json())
                     else:
                         self.errors.append(r.text[:300])
@@ -153,7 +159,7 @@ def test_healthz_reports_versions(client, world):
 
 def test_matcher_tier_runs_alone(server, world):
     """A tier is a deployment of its own: its typed config and paths are all it needs (no
-    ingress, no generator), and its options come from that config."""
+    generator, no HTTP), and its options come from that config."""
     from ray import serve
 
     from leadre.serve.app import tier
@@ -273,6 +279,20 @@ def test_oversized_and_wrong_type_bodies(client):
 
     r = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    # A real 8 MB upload gets its 413 (the body is drained first), not a connection reset,
+    # with a Content-Length and chunked alike; the connection stays usable.
+    eight_mb = b"x" * (8 * 2**20)
+    r = client.post("/recommend", content=eight_mb, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def big_chunks():
+        for i in range(0, len(eight_mb), 2**16):
+            yield eight_mb[i:i + 2**16]
+
+    r = client.post("/recommend", content=big_chunks(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.get("/healthz").status_code == 200
     r = client.post("/recommend", content=b"user_id=u1", headers={
         "content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415
@@ -356,8 +376,98 @@ def test_index_swap_under_load_loses_no_request(server, client, world):
     assert client.get("/healthz").json()["index_version"] == new_version
 
 
+def test_unsafe_index_directories_are_refused(client, world, tmp_path):
+    """POST /admin/index refuses, and every replica keeps its index: a directory outside the
+    index root (the parent of index_dir here), one holding a pickle (ScaNN would unpickle
+    scann_docids.pkl), and one whose files do not match its manifest's content hash."""
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    health = client.get("/healthz").json()
+    before, current = health["index_version"], health["index_dir"]
+    root = Path(world["index"]).parent
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(current, outside)
+    pickled = root / "index-pickled"
+    shutil.copytree(current, pickled)
+    (pickled / "scann" / "scann_docids.pkl").write_bytes(b"\x80\x04N.")
+    tampered = root / "index-tampered"
+    shutil.copytree(current, tampered)
+    info = json.loads((tampered / "index.json").read_text())
+    (tampered / "index.json").write_text(json.dumps({**info, "popular_rows": [0]}))
+
+    for path, needle in ((outside, "outside the index root"), (pickled, "pickle"),
+                         (tampered, "content hash mismatch"),
+                         (root / ".." / root.name / "index-pickled", "pickle")):
+        r = client.post("/admin/index", json={"index_dir": str(path)}, headers=auth)
+        assert r.status_code == 400 and needle in r.json()["error"], (path, r.text)
+    # An unmodified copy under the root is accepted (the checks refuse only what they must).
+    fine = root / "index-copy"
+    shutil.copytree(current, fine)
+    r = client.post("/admin/index", json={"index_dir": str(fine)}, headers=auth)
+    assert r.status_code == 200 and r.json()["index_version"] == before
+    assert client.get("/healthz").json()["index_version"] == before
+
+
+def _matcher_infos(app: str = APP) -> list[dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Matcher", app)
+    return handle.broadcast("info").results(timeout_s=30)
+
+
+def test_switched_off_ad_leaves_every_replica_without_rebuild(server, client, world):
+    """Live ad set, under load on two matcher replicas: an ad switched off through the
+    admin endpoint is in no answer sent after the call returns; one switched off by writing
+    the store directly (the budget system's way) is in none sent 5 s after the write. Neither
+    needs an index rebuild, and switching back on restores it."""
+    from leadre.sids import load_table
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    r = client.post("/admin/ads", json={"ad_ids": ["x"], "active": False})
+    assert r.status_code == 401
+    assert client.post("/admin/ads", json={"ad_ids": [], "active": False},
+                       headers=auth).status_code == 422
+    popular = [a["ad_id"] for a in recommend(client, "anon-popular", k=10)["ads"]]
+    victim, second = popular[0], popular[1]  # in every answer to an anonymous user
+    table = load_table(world["sids"])
+    store = open_store(world["store"])
+    store.put(CandidateRecord("u-victim", table.sids([victim, second]), [0.0, -1.0], "m",
+                              table.version), ttl_s=600)
+    index_before = client.get("/healthz").json()["index_version"]
+    users = [f"anon-live-{i}" for i in range(20)] + ["u-victim"] * 5
+    with Load(server, users, threads=4) as load:
+        time.sleep(2)
+        t_admin = time.time()
+        r = client.post("/admin/ads", json={"ad_ids": [victim], "active": False}, headers=auth)
+        t_admin_done = time.time()
+        time.sleep(2)
+        t_store = time.time()
+        store.set_ads_active([second], False)
+        time.sleep(6.5)
+    assert r.status_code == 200, r.text
+    assert r.json()["replicas"] == 2 and r.json()["ads_switched_off"] >= 1
+    assert load.codes[200] == load.total and load.total > 50, (load.codes, load.errors[:3])
+    served = [(t, {x["ad_id"] for x in a["ads"]}) for t, a in zip(load.sent, load.answers)]
+    assert any(victim in ads for t, ads in served if t < t_admin)  # it was being served
+    assert not [t for t, ads in served if t > t_admin_done and victim in ads]
+    late = [t - t_store for t, ads in served if t > t_store and second in ads]
+    assert not [d for d in late if d > 5.0], late
+    assert any(second in ads for t, ads in served if t_admin_done < t < t_store)
+    assert all(i["ads_switched_off"] == 2 for i in _matcher_infos())  # both replicas
+    assert client.get("/healthz").json()["index_version"] == index_before  # no rebuild
+    cached = recommend(client, "u-victim")
+    assert cached["cache"] == "hit" and victim not in {a["ad_id"] for a in cached["ads"]}
+
+    r = client.post("/admin/ads", json={"ad_ids": [victim, second], "active": True},
+                    headers=auth)
+    assert r.status_code == 200 and r.json()["ads_switched_off"] == 0
+    back = [a["ad_id"] for a in recommend(client, "anon-popular", k=10)["ads"]]
+    assert back[:2] == [victim, second]
+    store.close()
+
+
 def test_overload_sheds_with_503_not_a_hang(ray_local, world, server):
-    """A one-slot ingress (max_ongoing 1, max_queued 1) under a burst: extra requests get
+    """A one-slot matcher (max_ongoing 1, max_queued 1) under a burst: extra requests get
     503 at once; every request gets an answer."""
     import asyncio
 
@@ -367,8 +477,7 @@ def test_overload_sheds_with_503_not_a_hang(ray_local, world, server):
 
     one_slot = dict(num_cpus=0.05, max_ongoing_requests=1, max_queued_requests=1)
     cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"],
-                      store_url=world["store"], ingress=IngressConfig(**one_slot),
-                      matcher=MatcherConfig(**one_slot),
+                      store_url=world["store"], matcher=MatcherConfig(**one_slot),
                       generator=GeneratorConfig(num_gpus=0, num_cpus=0.05))
     serve.run(build(cfg), name="leadre-overload", route_prefix="/overload", blocking=False)
     wait_http(f"{server}/overload/healthz")

@@ -199,3 +199,19 @@ def test_survives_a_killed_writer_process(url):
     s2.clear()
     s.close()
     s2.close()
+
+
+def test_live_ad_status(store, url):
+    """Ads switched off (and back on) after the index was built: a versioned set that every
+    matcher replica polls; another connection (another replica) sees each change at once."""
+    other = open_store(url)
+    assert store.ads_status_version() == 0 and store.inactive_ads() == (0, set())
+    v1 = store.set_ads_active(["ad1", "ad2", "ad2"], False)
+    assert v1 == 1 and other.inactive_ads() == (1, {"ad1", "ad2"})
+    v2 = other.set_ads_active(["ad1", "never-off"], True)
+    assert v2 == 2 and store.ads_status_version() == 2
+    assert store.inactive_ads() == (2, {"ad2"})
+    assert store.set_ads_active([], False) == 3  # an empty change still bumps the version
+    store.clear()
+    assert store.inactive_ads() == (0, set())
+    other.close()

@@ -1,0 +1,165 @@
+"""What the latency-sensitive tier computes per request, in-process (the Matcher deployment
+wraps it; tests and the benchmark use it directly). It never waits for the LLM.
+
+``MatcherCore.recommend``:
+
+1. read the user's generated candidates from the store; if their S-ID version is the one in
+   use, map S-IDs -> ads and keep the servable ones (source ``generated``);
+2. fill up to k with the nearest servable ads around the generated ones (source ``ann``);
+3. on a miss (no record, expired, or an older S-ID version) answer from a real-time ScaNN
+   query built from the request's ``recent_events`` plus the user's stored history (source
+   ``fallback``), or from the popularity list when there is no signal at all, and mark users
+   with a stored context for generation (``queued``; the caller writes the queue).
+
+*Servable* = in the index (active when it was built) and not switched off since: the store's
+live ad status (:meth:`MatcherCore.refresh_ad_status`) is applied on top of the index, so a
+paused ad disappears from answers without a rebuild.
+
+The index is an immutable ``AdIndex``; a swap builds the new one off the request path and
+replaces the reference, so in-flight requests finish on the old index and none fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from leadre.index.ann import AdIndex
+from leadre.index.query import QueryBuilder
+from leadre.serve.config import ServePaths
+from leadre.serve.context import merge_events
+from leadre.serve.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+class MatcherCore:
+    def __init__(self, paths: ServePaths, history_events: int = 20):
+        from leadre.sids import load_table
+
+        if paths.index_dir is None:
+            raise ValueError("the matcher needs paths.index_dir")
+        self.table = load_table(paths.sids_dir)
+        # S-ID -> ad id as a dict: one hash lookup per generated candidate on the hot path.
+        self._ad_of_sid = dict(zip(self.table.sids(self.table.ad_id_array.tolist()),
+                                   self.table.ad_id_array.tolist()))
+        self.queries = QueryBuilder.from_sids_dir(paths.sids_dir)
+        self.store = open_store(paths.store_url)
+        self.history_events = history_events
+        self.index_root = paths.index_root
+        self.index = self._load(paths.index_dir)
+        self.off: frozenset[str] = frozenset()  # ads switched off after the index was built
+        self.ad_status_version = 0
+        self._swap_lock = threading.Lock()
+
+    # --- index and live ad status -------------------------------------------------------
+
+    def _load(self, index_dir: str) -> AdIndex:
+        new = AdIndex.load(index_dir, root=self.index_root)
+        if new.sid_version and new.sid_version != self.table.version:
+            raise ValueError(f"index {index_dir} was built for S-ID version "
+                             f"{new.sid_version}, serving uses {self.table.version}")
+        if new.info.get("dim", self.queries.dim) != self.queries.dim:
+            raise ValueError(f"index {index_dir} has dim {new.info.get('dim')}, "
+                             f"embeddings have {self.queries.dim}")
+        return new
+
+    def swap_index(self, index_dir: str, version: str | None = None) -> dict:
+        """Load ``index_dir`` and make it current (a no-op when that directory and
+        ``version`` are already in use). Raises, keeping the old index, when the directory
+        is outside the index root, fails verification or was built for other S-IDs. Build
+        each index into a new directory: rewriting the one in use is refused by its hash."""
+        with self._swap_lock:
+            if self.index.location == index_dir and version in (None, self.index.version):
+                return self.index_info()
+            new = self._load(index_dir)
+            old, self.index = self.index, new  # atomic reference swap
+            log.info("matcher: index %s -> %s (%d ads)", old.version, new.version, len(new))
+            return self.index_info()
+
+    def set_ad_status(self, version: int, off: set[str]) -> bool:
+        """Apply a status read from the store (newer versions only); True if it changed."""
+        if version <= self.ad_status_version and version != 0:
+            return False
+        self.off, self.ad_status_version = frozenset(off), version
+        return True
+
+    def refresh_ad_status(self, store=None) -> bool:
+        """Re-read the live ad status when the store's version moved."""
+        store = store or self.store
+        if store.ads_status_version() == self.ad_status_version:
+            return False
+        return self.set_ad_status(*store.inactive_ads())
+
+    def index_info(self) -> dict:
+        ix = self.index
+        return {"index_version": ix.version, "index_dir": ix.location, "ads": len(ix),
+                "mode": ix.info.get("mode"), "sid_version": self.table.version,
+                "ads_switched_off": len(self.off), "ad_status_version": self.ad_status_version}
+
+    # --- requests -----------------------------------------------------------------------
+
+    def recommend(self, user_id: str, k: int, recent_events: list[dict] | None = None) -> dict:
+        ix, off = self.index, self.off  # one snapshot for the whole request
+        rec = self.store.get(user_id)
+        picked: list[dict] = []
+        seen: set[str] = set()
+
+        def add(ad_id: str, score: float, source: str) -> None:
+            if ad_id not in seen and ad_id in ix.active and ad_id not in off and len(picked) < k:
+                seen.add(ad_id)
+                picked.append({"ad_id": ad_id, "score": round(float(score), 6), "source": source})
+
+        cache = "miss"
+        ctx = None
+        model_version = None
+        if rec is not None and rec.sid_version == self.table.version:
+            cache = "hit"
+            model_version = rec.model_version
+            for sid, score in zip(rec.sids, rec.scores):
+                ad_id = self._ad_of_sid.get(sid)
+                if ad_id is not None:
+                    add(ad_id, score, "generated")
+        elif rec is not None:
+            cache = "stale"
+
+        basis = "generated"
+        if len(picked) < k:
+            if cache == "hit" and picked:
+                # Expand around what the LLM chose: nearest servable ads to their centroid.
+                q = self.queries.ad_vectors([p["ad_id"] for p in picked]).mean(axis=0)
+                source = "ann"
+            else:
+                ctx = self.store.get_user(user_id) if cache != "hit" or not picked else None
+                events = merge_events(recent_events, (ctx or {}).get("events"),
+                                      self.history_events)
+                q = self.queries.vector(events) if events else None
+                basis = ("recent_events" if recent_events else "history") if q is not None \
+                    else "popular"
+                source = "ann" if cache == "hit" else "fallback"
+            if q is not None:
+                self._fill(ix, q, k, len(picked), lambda a, s: add(a, s, source), picked)
+            if len(picked) < k:  # no signal at all, or a tiny catalog: most popular ads
+                for r in ix.popular:
+                    add(ix.ad_ids[r], 0.0, source if cache == "hit" else "fallback")
+                    if len(picked) >= k:
+                        break
+        # Only users the store knows: the generator prompts from the stored context, and
+        # random ids must not fill the queue.
+        queued = cache != "hit" and ctx is not None
+        return {"user_id": user_id, "ads": picked, "cache": cache, "basis": basis,
+                "queued": queued,
+                "versions": {"index": ix.version, "sid": self.table.version,
+                             "model": model_version}}
+
+    @staticmethod
+    def _fill(ix: AdIndex, q, k: int, have: int, add, picked: list) -> None:
+        """Nearest ads until k are picked; asks ScaNN for more when switched-off or already
+        picked ads took places."""
+        want = k + have
+        while True:
+            for ad_id, score in ix.search(q, want):
+                add(ad_id, score)
+            if len(picked) >= k or want >= len(ix):
+                return
+            want = min(len(ix), want * 4)
