@@ -250,8 +250,12 @@ class SidGenerator:
     # --- decoding -----------------------------------------------------------------------
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(prompts), padding=True, truncation=True,
-                             max_length=self.cfg.max_prompt_tokens, return_tensors="pt")
+        """The left-padded batch of ``prompts`` rendered as in training (chat template)."""
+        from leadre.train.model import render_prompts
+
+        enc = self.tokenizer(render_prompts(self.tokenizer, prompts), padding=True,
+                             truncation=True, max_length=self.cfg.max_prompt_tokens,
+                             return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device),
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
@@ -268,6 +272,7 @@ class SidGenerator:
             return rows, scores
         order = np.arange(n)
         if self.cfg.sort_by_length and n > self.cfg.batch_size:
+            # the template adds the same tokens to every prompt: raw lengths order the same
             lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
             order = np.argsort(lengths, kind="stable")
         for start in range(0, n, self.cfg.batch_size):
@@ -335,8 +340,10 @@ def hf_constrained_generate(model: Any, tokenizer: Any, trie: SidTrie, prompts: 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens,
-                    return_tensors="pt").to(device)
+    from leadre.train.model import render_prompts
+
+    enc = tokenizer(render_prompts(tokenizer, prompts), padding=True, truncation=True,
+                    max_length=max_prompt_tokens, return_tensors="pt").to(device)
     prompt_len = enc["input_ids"].shape[1]
     fallback = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     memo: dict[tuple[int, ...], list[int]] = {}  # prefix -> allowed ids (a fair, fast callback)
