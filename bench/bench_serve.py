@@ -14,16 +14,16 @@ the *due* time, so a late client or server counts against the latency. Users are
 distributed; ``--events-share`` of the requests carry recent events. Cache hits and misses
 (``cache`` of the answer: hit vs miss/stale) are reported separately.
 
-    .venv/bin/python bench/bench_serve.py                      # 200 req/s for 60 s (+ sweep)
-    .venv/bin/python bench/bench_serve.py --rate 200 --sweep 300 400 500 --quiet-wait 600
+    .venv/bin/python bench/bench_serve.py                      # 200 req/s for 60 s, then a sweep
+    .venv/bin/python bench/bench_serve.py --rate 200 --sweep 300 500 750 1000 --quiet-wait 600
     .venv/bin/python bench/bench_serve.py --profile            # where a request's time goes
 
 Appends to bench/RESULTS.md (with the load average), writes bench/serve_latency_cdf.png, and
 prints last: ``RESULT rate=<offered> achieved=<req/s> p50_ms=<x> p99_ms=<x> errors=<n>``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class on the
+# profile's echo deployment.
 import argparse
 import asyncio
 import json
@@ -105,9 +105,13 @@ async def open_loop(port: int, requests: list[bytes], rate: float, timeout_s: fl
     for _ in range(8):
         pool.append(await Conn.open("127.0.0.1", port))
     loop = asyncio.get_running_loop()
+    clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     tasks = set()
 
     async def one(i: int, due: float) -> None:
+        # From the due time (a late send counts against the latency), or from the send when
+        # the loop's millisecond timer woke a little early.
+        start = min(due, clock())
         conn = pool.pop() if pool else None
         try:
             if conn is None:
@@ -119,12 +123,12 @@ async def open_loop(port: int, requests: list[bytes], rate: float, timeout_s: fl
             status[i] = -1
             if conn is not None:
                 conn.close()
-        lat[i] = (loop.time() - due) * 1000
+        lat[i] = (clock() - start) * 1000
 
-    start = loop.time() + 0.2
+    start = clock() + 0.2
     for i in range(n):
         due = start + i / rate
-        delay = due - loop.time()
+        delay = due - clock()
         if delay > 0:
             await asyncio.sleep(delay)
         t = loop.create_task(one(i, due))
@@ -132,7 +136,7 @@ async def open_loop(port: int, requests: list[bytes], rate: float, timeout_s: fl
         t.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s + 5)
-    wall = loop.time() - start
+    wall = clock() - start
     for c in pool:
         c.close()
     return lat, status, kind, wall
@@ -354,12 +358,12 @@ def bench(a: argparse.Namespace) -> None:
                if not k.startswith("_")}, flush=True)
         return r
 
-    sweep = [one(rate, a.sweep_seconds) for rate in a.sweep]
     quiet, waited = (True, 0.0)
     if a.quiet_wait > 0:
         quiet, waited = wait_quiet(a.quiet_wait)
         print(f"quiet machine: {quiet} after {waited:.0f}s; load {load_avg()}", flush=True)
     main_run = one(a.rate, a.seconds)
+    sweep = [one(rate, a.sweep_seconds) for rate in a.sweep]
     from ray import serve
 
     serve.shutdown()
@@ -376,7 +380,8 @@ def bench(a: argparse.Namespace) -> None:
             "agents' work.")
     body = (f"{header}\n" + "\n".join(rows) + "\n\n"
             f"First row: the main run ({a.seconds:g} s, after waiting {waited:.0f} s for a quiet "
-            f"machine: {'yes' if quiet else 'no'}); then the sweep ({a.sweep_seconds:g} s each). "
+            f"machine: {'yes' if quiet else 'no'}); then the sweep right after it "
+            f"({a.sweep_seconds:g} s each; see each row's load average). "
             f"Target: hit p99 <= {HIT_TARGET_MS:g} ms, miss p99 <= {MISS_TARGET_MS:g} ms, 0 "
             f"errors; highest rate holding it: {max(held) if held else 'none'} req/s. "
             f"Latency from the scheduled send time (open loop, the first {a.skip_s:g} s "
@@ -486,13 +491,15 @@ async def _sequential(port: int, raws: list[bytes]) -> np.ndarray:
     return np.asarray(lat)
 
 
-def _measure(port: int, raws: list[bytes]) -> dict:
+def _measure(port: int, raws: list[bytes], neighbours: tuple[int, ...] = ()) -> dict:
     """Sequential requests (one in flight): latency and CPU ms per request per process of
-    this Ray cluster (everything this process started)."""
+    this Ray cluster (everything this process started), the client (this process) and the
+    CPU-bound ``neighbours``."""
     import psutil
 
     asyncio.run(_sequential(port, raws[:100]))
-    procs = psutil.Process().children(recursive=True)
+    me = psutil.Process()
+    procs = me.children(recursive=True) + [me]
     before = _process_cpu(procs)
     lat = asyncio.run(_sequential(port, raws))
     after = _process_cpu(procs)
@@ -501,9 +508,10 @@ def _measure(port: int, raws: list[bytes]) -> dict:
         if pid in before:
             label = name.replace("ray::", "").split(".")[0]
             label = label.split(":")[-1] if label.startswith("ServeReplica") else label
+            label = "neighbours" if pid in neighbours else "client" if pid == me.pid else label
             cpu[label] = cpu.get(label, 0.0) + (t - before[pid][1]) / len(raws) * 1000
     return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "cpu_ms": {k: round(v, 3) for k, v in cpu.items() if v >= 0.02}}
+            "cpu_ms": {k: round(v, 3) for k, v in cpu.items() if v >= 0.05}}
 
 
 def profile_serve(a: argparse.Namespace) -> dict:
@@ -555,7 +563,8 @@ def profile_serve(a: argparse.Namespace) -> dict:
                    for _ in range(2)]
         try:
             time.sleep(1)
-            out[f"graph_beside_2_busy_nice{nice}"] = _measure(port, raws)
+            out[f"graph_beside_2_busy_nice{nice}"] = _measure(
+                port, raws, tuple(b.pid for b in burners))
         finally:
             for b in burners:
                 b.kill()
@@ -620,11 +629,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=200.0, help="main run: requests per second")
     ap.add_argument("--seconds", type=float, default=60.0, help="main run: duration")
-    ap.add_argument("--sweep", type=float, nargs="*", default=[300, 400, 500],
-                    help="rates tried before the main run")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[300, 500, 750, 1000],
+                    help="rates tried after the main run")
     ap.add_argument("--sweep-seconds", type=float, default=30.0)
     ap.add_argument("--skip-s", type=float, default=3.0, help="warm-up seconds not counted")
-    ap.add_argument("--quiet-wait", type=float, default=0.0,
+    ap.add_argument("--quiet-wait", type=float, default=600.0,
                     help="before the main run, wait up to this long for a quiet machine")
     ap.add_argument("--mode", choices=["fast", "default"], default="fast")
     ap.add_argument("--matcher-replicas", type=int, default=1)

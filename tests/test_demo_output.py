@@ -4,7 +4,8 @@ library output in per-stage log files (the full demo run is too slow for the def
 import os
 import sys
 
-from leadre.demo import _Console, metrics_table, render_summary
+from leadre.console import Console
+from leadre.demo import metrics_table, render_summary
 
 METRICS = {"rows": 300, "methods": {
     "popularity": {"hr@10": 0.05, "ndcg@10": 0.02, "coverage@10": 0.02},
@@ -68,7 +69,7 @@ def test_summary_reports_a_failed_http_call():
 
 
 def test_quiet_console_sends_library_output_to_the_log(tmp_path, capfd):
-    console = _Console(quiet=True)
+    console = Console(quiet=True)
     log = tmp_path / "stage.log"
     with console.stage_line("  [1/1] stage") as note, console.output_to(log):
         print("from print")
@@ -87,7 +88,7 @@ def test_quiet_console_sends_library_output_to_the_log(tmp_path, capfd):
 def test_a_handler_made_during_a_stage_still_works_after_it(tmp_path, capfd):
     import logging
 
-    console = _Console(quiet=True)
+    console = Console(quiet=True)
     with console.output_to(tmp_path / "a.log"):
         handler = logging.StreamHandler()  # binds the sys.stderr of that moment
     with console.output_to(tmp_path / "b.log"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from leadre.config import ConfigError
+from leadre.eval.batching import length_buckets, reorder_generated, reserve
 from leadre.sids.table import SidTable, format_sid
 from leadre.sids.trie import SidTrie
 
@@ -55,6 +56,15 @@ class GenerateConfig:
         outputs, faster).
     sort_by_length: group prompts of similar length into a batch (less padding); results come
         back in input order either way.
+    bucket_slack: with ``sort_by_length``, a batch also ends where adding the next (longer)
+        prompt would make its padding exceed this share of its real tokens, so a batch of
+        short and long prompts is decoded as a few batches of similar lengths instead of one
+        padded to the longest (on CPU the padding costs more than the batching saves);
+        ``None``: batches of ``batch_size`` whatever their lengths.
+    max_batch_tokens: a batch also ends where prompts x beams x its longest prompt would pass
+        this many cached tokens (the beam-expanded KV cache: on a CPU, one that outgrows the
+        processor's caches makes a larger batch slower per prompt, not faster); 0: no limit;
+        unset: 32768 on CPU, no limit on CUDA.
     """
 
     beam_size: int = field(default=20, metadata={"help": "beams per prompt"})
@@ -70,8 +80,16 @@ class GenerateConfig:
         "help": "merge a PEFT adapter into the weights before decoding"})
     sort_by_length: bool = field(default=True, metadata={
         "help": "batch prompts of similar length together"})
+    bucket_slack: float | None = field(default=0.25, metadata={
+        "help": "end a batch where its padding would exceed this share of its tokens"})
+    max_batch_tokens: int | None = field(default=None, metadata={
+        "help": "end a batch at prompts x beams x length cached tokens (unset: 32768 on CPU)"})
 
     def __post_init__(self) -> None:
+        if self.bucket_slack is not None and self.bucket_slack < 0:
+            raise ConfigError("bucket_slack must be >= 0 (or unset)")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
+            raise ConfigError("max_batch_tokens must be >= 0 (or unset)")
         if self.beam_size < 1 or self.top_k < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
             raise ConfigError("beam_size, top_k, batch_size and max_prompt_tokens must be >= 1")
         if self.top_k > self.beam_size:
@@ -145,13 +163,14 @@ def constrained_beam_search(model: Any, input_ids: torch.Tensor, attention_mask:
 
     mask = attention_mask.to(device=device, dtype=torch.long)
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=getattr(model, "config", None))
+    cache = reserve(DynamicCache(config=getattr(model, "config", None)), depth)
     cache_arg, extra = _forward_kwargs(model)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position,
                 use_cache=True, **{cache_arg: cache}, **extra)
     logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
     del out
     next_pos = position[:, -1]  # position of the last prompt token, per row
+    prompt_len = input_ids.shape[1]
 
     nodes = np.zeros(n_prompts, np.int64)  # one row per prompt before the first step
     scores = torch.zeros(n_prompts, device=device)
@@ -185,7 +204,10 @@ def constrained_beam_search(model: Any, input_ids: torch.Tensor, attention_mask:
         if t == depth - 1:
             break
         parent_t = torch.from_numpy(parent).to(device)
-        cache.reorder_cache(parent_t)
+        if t == 0:
+            cache.reorder_cache(parent_t)  # one row per prompt -> one per beam
+        else:
+            reorder_generated(cache, parent_t, prompt_len)
         mask = torch.cat([mask[parent_t], mask.new_ones(len(parent), 1)], dim=1)
         next_pos = next_pos[parent_t] + 1
         out = model(input_ids=torch.from_numpy(new_tok).to(device)[:, None], attention_mask=mask,
@@ -270,13 +292,19 @@ class SidGenerator:
         scores = np.full((n, width), -np.inf, np.float32)
         if n == 0 or width == 0:
             return rows, scores
-        order = np.arange(n)
-        if self.cfg.sort_by_length and n > self.cfg.batch_size:
+        batches = [np.arange(i, min(i + self.cfg.batch_size, n))
+                   for i in range(0, n, self.cfg.batch_size)]
+        if self.cfg.sort_by_length and n > 1:
             # the template adds the same tokens to every prompt: raw lengths order the same
-            lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+            lengths = np.minimum([len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]],
+                                 self.cfg.max_prompt_tokens)
             order = np.argsort(lengths, kind="stable")
-        for start in range(0, n, self.cfg.batch_size):
-            idx = order[start:start + self.cfg.batch_size]
+            cap = self.cfg.max_batch_tokens
+            if cap is None:
+                cap = 32768 if self.device.type == "cpu" else 0
+            batches = [order[b] for b in length_buckets(lengths[order], self.cfg.batch_size,
+                                                        self.cfg.bucket_slack, cap, beam)]
+        for idx in batches:
             enc = self.encode([prompts[i] for i in idx])
             r, s = constrained_beam_search(self.model, enc["input_ids"], enc["attention_mask"],
                                            self.trie, beam)

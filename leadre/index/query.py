@@ -37,10 +37,22 @@ class QueryBuilder:
 
     @classmethod
     def from_sids_dir(cls, sids_dir: str, cache_titles: int = 50_000) -> "QueryBuilder":
+        """With the catalog's text encoder loaded and run once now: loading it lazily would
+        stall the first request that carries a title (imports, weights) by a second or more."""
         from leadre.index.ann import load_embeddings
 
         ids, emb = load_embeddings(sids_dir)
-        return cls(ids.tolist(), emb, sids_dir, cache_titles)
+        qb = cls(ids.tolist(), emb, sids_dir, cache_titles)
+        qb._load_encoder().encode(["warm-up"])
+        return qb
+
+    def _load_encoder(self):
+        if self._encoder is None:
+            from leadre.artifacts import join
+            from leadre.sids.encoder import load_encoder
+
+            self._encoder = load_encoder(join(self.sids_dir, "encoder"))
+        return self._encoder
 
     @classmethod
     def from_arrays(cls, ad_ids: Sequence[str], emb: np.ndarray) -> "QueryBuilder":
@@ -55,12 +67,7 @@ class QueryBuilder:
         if missing:
             if self.sids_dir is None:
                 return [np.zeros(self.dim, np.float32) for _ in titles]
-            if self._encoder is None:
-                from leadre.artifacts import join
-                from leadre.sids.encoder import load_encoder
-
-                self._encoder = load_encoder(join(self.sids_dir, "encoder"))
-            for t, v in zip(missing, self._encoder.encode(missing)):
+            for t, v in zip(missing, self._load_encoder().encode(missing)):
                 self._titles[t] = v.astype(np.float32)
             while len(self._titles) > self._cache_titles:
                 self._titles.popitem(last=False)

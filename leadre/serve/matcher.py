@@ -56,7 +56,8 @@ def _deployment():
         used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
 
         async def __init__(self, cfg: MatcherConfig, paths: ServePaths, generator=None):
-            stored = open_store(paths.store_url).get_meta(INDEX_META_KEY)
+            with open_store(paths.store_url) as store:
+                stored = store.get_meta(INDEX_META_KEY)
             current = json.loads(stored)["index_dir"] if stored else paths.index_dir
             try:
                 self.core = await asyncio.to_thread(

@@ -1,6 +1,6 @@
 """What ``leadre sft`` and ``leadre dpo`` share: the training knobs, reading stage-3 parquet, the
-Ray Train wiring (``TorchTrainer`` -> one TRL trainer per worker), and the export of the chosen
-checkpoint into ``<out>/adapter`` + ``<out>/merged``.
+Ray Train wiring (``TorchTrainer`` -> one TRL trainer per worker); the export of the chosen
+checkpoint is :mod:`leadre.train.export`.
 
 How a run works::
 
@@ -12,7 +12,7 @@ How a run works::
       on a worker failure, and hand           prepare_trainer(trainer)
       it the latest checkpoint  <──────────   trainer.train(resume_from_checkpoint=...)
                                               every save_steps: report the HF checkpoint (rank 0)
-    pick the best checkpoint (eval_loss)
+    pick the best checkpoint (eval_hr@10 or eval_loss)
     export adapter + merged model, manifest
 
 A re-submitted run with ``resume=true`` continues from the checkpoints under ``<out>/ray``
@@ -21,9 +21,7 @@ A re-submitted run with ``resume=true`` continues from the checkpoints under ``<
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -37,7 +35,8 @@ import pyarrow as pa
 from leadre import artifacts
 from leadre.config import ConfigError
 from leadre.prompts import contract
-from leadre.train.model import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, RAY_DIR, load_model, load_tokenizer
+from leadre.train.export import export
+from leadre.train.model import RAY_DIR
 from leadre.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -365,84 +364,6 @@ def fit(cfg: TrainArgs, name: str, build: BuildFn, context: dict[str, Any]):
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training reported no checkpoint (see the worker logs)")
     return result, use_gpu
-
-
-def _hf_dir(checkpoint_dir: str | Path) -> Path:
-    from leadre.train.callbacks import HF_CHECKPOINT
-
-    return Path(checkpoint_dir) / HF_CHECKPOINT
-
-
-def _trainer_state(checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return json.loads((_hf_dir(d) / "trainer_state.json").read_text())
-
-
-def choose_checkpoint(result, has_eval: bool, key: str = "eval_loss", higher: bool = False):
-    """(checkpoint, its metrics): the best ``key`` among the kept checkpoints, or the latest
-    without validation data."""
-    if has_eval and result.best_checkpoints:
-        scored = [(c, m) for c, m in result.best_checkpoints if key in m]
-        if scored:
-            pick = max if higher else min
-            return pick(scored, key=lambda cm: cm[1][key])
-    return result.checkpoint, result.metrics or {}
-
-
-def _round(v: Any) -> Any:
-    return round(v, 6) if isinstance(v, float) and math.isfinite(v) else v
-
-
-def summarize_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The metrics history (training and evaluation points) and the facts the tests and the
-    summary need from it: loss at the start and the end, throughput, resumptions."""
-    history = [{k: _round(v) for k, v in e.items()} for e in log_history]
-    train = [e for e in history if "loss" in e]
-    evals = [e for e in history if "eval_loss" in e]
-    speeds = [e["samples_per_second"] for e in train if e.get("samples_per_second")]
-    return {
-        "history": history,
-        "loss_start": train[0]["loss"] if train else None,
-        "loss_end": train[-1]["loss"] if train else None,
-        "eval_loss_first": evals[0]["eval_loss"] if evals else None,
-        "eval_loss_best": min(e["eval_loss"] for e in evals) if evals else None,
-        "eval_hr@10_best": max((e["eval_hr@10"] for e in evals if "eval_hr@10" in e),
-                               default=None),
-        "samples_per_second": _round(sorted(speeds)[len(speeds) // 2]) if speeds else None,
-        "resumed_from_steps": [e["resumed_from_step"] for e in history
-                               if "resumed_from_step" in e],
-    }
-
-
-def export(result, out: str | Path, has_eval: bool, adapter: bool,
-           selection: tuple[str, bool] = ("eval_loss", False)) -> dict[str, Any]:
-    """Write ``<out>/adapter`` (LoRA runs) and ``<out>/merged`` from the chosen checkpoint;
-    return the metrics history and where the exported weights came from."""
-    out = Path(out)
-    base_dir = out / MODEL_DIR
-    checkpoint, metrics = choose_checkpoint(result, has_eval, *selection)
-    latest_state = _trainer_state(result.checkpoint)
-    for sub in (ADAPTER_DIR, MERGED_DIR):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    with checkpoint.as_directory() as d:
-        hf = _hf_dir(d)
-        step = json.loads((hf / "trainer_state.json").read_text())["global_step"]
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(base_dir, dtype="auto"), str(hf))
-            model.save_pretrained(str(out / ADAPTER_DIR))
-            merged = model.merge_and_unload()
-        else:
-            merged = load_model(hf, dtype="auto")
-    merged.save_pretrained(str(out / MERGED_DIR))
-    load_tokenizer(base_dir).save_pretrained(str(out / MERGED_DIR))
-    info = summarize_history(latest_state["log_history"])
-    info["exported"] = {"step": step, "global_steps": latest_state["global_step"],
-                        "eval_loss": _round(metrics.get("eval_loss")),
-                        selection[0]: _round(metrics.get(selection[0])),
-                        "checkpoint": checkpoint.path}
-    return info
 
 
 def train_and_export(cfg: TrainArgs, stage: str, build: BuildFn, context: dict[str, Any], *,

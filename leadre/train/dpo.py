@@ -31,7 +31,7 @@ from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
 from leadre.train.model import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer,
-                          read_training_manifest)
+                          read_training_manifest, render_prompts, with_rendered_prompts)
 from leadre.prompts.contract import PAIR_TYPES
 from leadre.runtime import init_ray
 from leadre.train.common import (TrainArgs, load_split, lora_config, prompts_inputs, summary,
@@ -115,7 +115,8 @@ def build_trainer(cfg: DpoConfig, ctx: dict[str, Any], args: dict[str, Any], cal
     dpo_args = DPOConfig(**args, beta=cfg.beta, loss_type=list(cfg.loss_type),
                          loss_weights=cfg.loss_weights)
     return DPOTrainer(model=model, ref_model=None, args=dpo_args, processing_class=tokenizer,
-                      train_dataset=to_hf(train), eval_dataset=to_hf(valid),
+                      train_dataset=to_hf(with_rendered_prompts(train, tokenizer)),
+                      eval_dataset=to_hf(with_rendered_prompts(valid, tokenizer)),
                       peft_config=peft_config, callbacks=callbacks)
 
 
@@ -131,7 +132,7 @@ def preference_margins(model, tokenizer, table, batch_size: int = 32) -> dict[st
     def encode(texts):
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    prompts = encode(table.column("prompt").to_pylist())
+    prompts = encode(render_prompts(tokenizer, table.column("prompt").to_pylist()))
     sides = {s: encode(table.column(s).to_pylist()) for s in ("chosen", "rejected")}
     logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
     model.eval()

