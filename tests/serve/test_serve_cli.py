@@ -35,7 +35,11 @@ def served(tmp_path_factory):
         s.put_users(user_contexts(w["ingest"]))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(LEADRE_ADMIN_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0")
+    env.update(LEADRE_ADMIN_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0",
+               # HAProxy's metrics and stats listeners default to fixed ports (9101, 8404):
+               # another Serve app on the machine would make this one fail to start.
+               RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+               RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "leadre"), "serve", "--index-dir", w["index"],
