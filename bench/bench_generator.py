@@ -48,7 +48,7 @@ def main() -> int:
 
     from _results import append
     from leadre.serve import GeneratorConfig, ServePaths
-    from leadre.serve.context import user_contexts
+    from leadre.serve.context import build_prompt, user_contexts
     from leadre.serve.generator import GeneratorCore
     from leadre.serve.store import open_store
 
@@ -77,8 +77,6 @@ def main() -> int:
                 if slack is None:  # one padded batch of `bs`, as before bucketing
                     core.llm.cfg.bucket_slack, core.llm.cfg.max_batch_tokens = None, 0
                 if not lengths:
-                    from leadre.serve.context import build_prompt
-
                     enc = core.llm.tokenizer([build_prompt(contexts[u], core.table,
                                                            cfg=core.prompt_cfg) for u in users])
                     lengths = [len(x) for x in enc["input_ids"]]
@@ -97,6 +95,16 @@ def main() -> int:
         buckets = "-" if bs == 1 else ("yes" if slack is not None else "no (one padded batch)")
         lines.append(f"| {bs} | {buckets} | {n} | {w} | {s:.2f} | {n / s:.1f} | "
                      f"{n / s / base:.2f}x | {dev} |")
+    ab = decoder_before_after(core.llm, [build_prompt(contexts[u], core.table, cfg=core.prompt_cfg)
+                                         for u in users], a.batch_sizes)
+    lines += ["", "The decoder alone (`SidGenerator.generate_rows`, same prompts, best of 2 "
+              "passes): *before* = HF's DynamicCache as is (every step copies the whole "
+              "beam-expanded cache twice: gather + concatenate) and one padded batch; *after* = "
+              "room reserved for the S-ID tokens, only generated positions gathered, length / "
+              "cache buckets.", "", "| batch | before prompts/s | after prompts/s |",
+              "|---|---|---|"]
+    lines += [f"| {bs} | {ab[('before', bs)]:.1f} | {ab[('after', bs)]:.1f} |"
+              for bs in a.batch_sizes]
     q = np.percentile(lengths, [0, 50, 90, 100]).astype(int).tolist()
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     if not a.dry_run:
@@ -107,6 +115,36 @@ def main() -> int:
                "beam search -> candidate store (SQLite) write. Load average at the end: "
                f"{load}.\n\n" + "\n".join(lines))
     return 0
+
+
+def decoder_before_after(llm, prompts: list[str], batch_sizes: list[int]) -> dict:
+    """prompts/s of ``llm.generate_rows`` with the decoder's cache handling and buckets
+    switched off (before) and on (after)."""
+    import leadre.eval.generate as G
+
+    reserve, reorder = G.reserve, G.reorder_generated
+    slack, cap = G.GenerateConfig.bucket_slack, G.GenerateConfig.max_batch_tokens  # defaults
+    out: dict = {}
+    try:
+        for _ in range(2):
+            for mode in ("before", "after"):
+                if mode == "before":
+                    G.reserve = lambda cache, extra: cache
+                    G.reorder_generated = lambda cache, parent, n: cache.reorder_cache(parent)
+                    llm.cfg.bucket_slack, llm.cfg.max_batch_tokens = None, 0
+                else:
+                    G.reserve, G.reorder_generated = reserve, reorder
+                    llm.cfg.bucket_slack, llm.cfg.max_batch_tokens = slack, cap
+                for bs in batch_sizes:
+                    llm.cfg.batch_size = bs
+                    t0 = time.perf_counter()
+                    llm.generate_rows(prompts)
+                    rate = len(prompts) / (time.perf_counter() - t0)
+                    out[(mode, bs)] = max(out.get((mode, bs), 0.0), rate)
+    finally:
+        G.reserve, G.reorder_generated = reserve, reorder
+        llm.cfg.bucket_slack, llm.cfg.max_batch_tokens = slack, cap
+    return out
 
 
 def tiny_world(root: Path) -> Path:
