@@ -60,6 +60,21 @@ class Clock(TrainerCallback):
         return (len(ends) - 1) / (ends[-1] - ends[0])
 
 
+def valid_scorer(table, tokenizer, gen_cfg, valid):
+    """model -> validation HR@10 / NDCG@10 under constrained decoding, on copies (the model
+    keeps training)."""
+    from leadre.eval.generate import SidGenerator
+    from leadre.eval.metrics import ranking_metrics
+
+    def score(model) -> dict[str, float]:
+        gen = SidGenerator(copy.deepcopy(model), copy.deepcopy(tokenizer), table, gen_cfg)
+        recs = [[c.ad_id for c in cands] for cands in gen.generate(valid["prompt"].tolist())]
+        m = ranking_metrics(recs, valid["target_ad_id"].astype(str).tolist(), [10])
+        return {"valid_hr@10": round(m["hr@10"], 4), "valid_ndcg@10": round(m["ndcg@10"], 4)}
+
+    return score
+
+
 class Curve(TrainerCallback):
     """Scores the model being trained on fixed validation rows at given steps."""
 
@@ -87,8 +102,7 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     from leadre.eval.evaluate import EvalConfig, load_eval_rows
     from leadre.eval.evaluate import run as run_eval
-    from leadre.eval.generate import GenerateConfig, SidGenerator
-    from leadre.eval.metrics import ranking_metrics
+    from leadre.eval.generate import GenerateConfig
     from leadre.train.model import load_tokenizer, prepare_base_model
     from leadre.train.sft import COLUMNS, SftConfig, build_trainer
     from leadre.sids.build import load_table
@@ -118,11 +132,7 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
                              dtype="bfloat16" if a.device == "cuda" else "float32")
     tokenizer = load_tokenizer(model_dir)
 
-    def score(model) -> dict[str, float]:
-        gen = SidGenerator(copy.deepcopy(model), copy.deepcopy(tokenizer), table, gen_cfg)
-        recs = [[c.ad_id for c in cands] for cands in gen.generate(valid["prompt"].tolist())]
-        m = ranking_metrics(recs, valid["target_ad_id"].astype(str).tolist(), [10])
-        return {"valid_hr@10": round(m["hr@10"], 4), "valid_ndcg@10": round(m["ndcg@10"], 4)}
+    score = valid_scorer(table, tokenizer, gen_cfg, valid)
 
     timer = {"start": 0.0, "scoring": 0.0}
     curve = Curve(set(), score, timer)

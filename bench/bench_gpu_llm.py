@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import Clock, Curve  # noqa: E402
+from bench_gpu import Clock, Curve, valid_scorer  # noqa: E402
 
 from leadre.train.common import OFFLINE_ENV  # noqa: E402
 
@@ -92,13 +92,11 @@ def _prepare(cfg, model_dir: Path) -> tuple[dict[str, Any], Any]:
 
 def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
     """One budgeted SFT run in this process; the merged model goes to ``<out>/<name>/<variant>``."""
-    import copy
 
     import torch
 
     from leadre.eval.evaluate import load_eval_rows
-    from leadre.eval.generate import GenerateConfig, SidGenerator
-    from leadre.eval.metrics import ranking_metrics
+    from leadre.eval.generate import GenerateConfig
     from leadre.sids.build import load_table
     from leadre.train.model import load_tokenizer
 
@@ -115,11 +113,7 @@ def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
     valid = valid.head(a.curve_rows)
     gen_cfg = GenerateConfig(beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device)
 
-    def score(model) -> dict[str, float]:
-        gen = SidGenerator(copy.deepcopy(model), copy.deepcopy(tokenizer), table, gen_cfg)
-        recs = [[c.ad_id for c in cands] for cands in gen.generate(valid["prompt"].tolist())]
-        m = ranking_metrics(recs, valid["target_ad_id"].astype(str).tolist(), [10])
-        return {"valid_hr@10": round(m["hr@10"], 4), "valid_ndcg@10": round(m["ndcg@10"], 4)}
+    score = valid_scorer(table, tokenizer, gen_cfg, valid)
 
     timer = {"start": 0.0, "scoring": 0.0}
     curve, clock = Curve(set(), score, timer), Clock()
