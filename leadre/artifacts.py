@@ -123,6 +123,16 @@ def check_sid_version(location: str | Path, manifest: dict[str, Any], sid_versio
                             f"holds version {sid_version}")
 
 
+def check_model(model_dir: str | Path, sid_version: str | None,
+                sids_dir: str | Path) -> None:
+    """A model directory with a manifest must be a ``sft`` / ``dpo`` output trained on the
+    S-ID version ``sid_version`` (of ``sids_dir``): its tokens would name other ads otherwise.
+    A plain Hugging Face model directory has no manifest and nothing recorded to check."""
+    if exists(join(model_dir, MANIFEST)):
+        manifest = read_manifest(model_dir, stage=("sft", "dpo"))
+        check_sid_version(f"the model in {model_dir}", manifest, sid_version, str(sids_dir))
+
+
 def write_text(location: str | Path, name: str, data: str | bytes) -> str:
     """Write one file ``<location>/<name>`` (text is UTF-8), creating the directory."""
     fs, path = resolve(location)

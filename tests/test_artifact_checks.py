@@ -3,8 +3,9 @@ doing any work: another stage's output (the message names both stages), a direct
 manifest (not a finished stage output), or artifacts of another S-ID version (the message
 names both versions). ``leadre.cli.main`` returns 2 with a one-line error for each.
 
-Stages that read upstream directories: sids, prompts, sft, dpo, eval, index here; warm and
-serve load their inputs inside Ray actors/replicas (tested with the serving faults)."""
+Stages that read upstream directories: sids, prompts, sft, dpo, eval, index, and warm and serve,
+whose inputs are loaded inside Ray actors / Serve replicas: they are checked on the driver first
+(a wrong directory would otherwise fail in a replica that Serve restarts over and over)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,11 @@ def dirs(tmp_path_factory) -> dict[str, str]:
     ingest = root / "ingest"
     write_manifest(ingest, "ingest", inputs={}, config={}, counts={}, timings={})
     (root / "empty").mkdir()
-    return {"sids": str(world["sids"]), "prompts": str(world["prompts"]), "ingest": str(ingest),
+    for name, version in (("index", SID_VERSION), ("index_other", OTHER_VERSION)):
+        write_manifest(root / name, "index", inputs={}, config={}, counts={}, timings={},
+                       extra={"sid_version": version})
+    return {"index": str(root / "index"), "index_other": str(root / "index_other"),
+            "sids": str(world["sids"]), "prompts": str(world["prompts"]), "ingest": str(ingest),
             "other_sids": str(other), "empty": str(root / "empty"),
             "sft": str(_sft_dir(root / "sft", world["sids"], SID_VERSION)),
             "sft_other": str(_sft_dir(root / "sft_other", other, OTHER_VERSION)),
@@ -96,6 +101,21 @@ CASES = [
      _missing("ingest")),
     ("index", {}, "sids_dir", _wrong("sids", "prompts")),
     ("index", {}, "sids_dir", _missing("sids")),
+    ("index", {"sids_dir": "sids"}, "ingest_dir", _wrong("ingest", "sids")),
+    ("index", {"sids_dir": "sids"}, "ingest_dir", _missing("ingest")),
+] + [  # warm and serve: every input before Ray starts (warm also reads an ingest directory)
+    (stage, {k: v for k, v in valid.items() if k != option}, option, bad)
+    for stage, valid in (
+        ("warm", {"ingest_dir": "ingest", "sids_dir": "sids", "index_dir": "index"}),
+        ("serve", {"sids_dir": "sids", "index_dir": "index"}))
+    for option, bad in (
+        *([("ingest_dir", _wrong("ingest", "prompts")), ("ingest_dir", _missing("ingest"))]
+          if stage == "warm" else []),
+        ("sids_dir", _wrong("sids", "ingest")), ("sids_dir", _missing("sids")),
+        ("index_dir", _wrong("index", "sids")), ("index_dir", _missing("index")),
+        ("index_dir", ("index_other", VERSIONS)),
+        ("model_dir", ("prompts", ["holds the output of stage 'prompts'", "'sft' or 'dpo'"])),
+        ("model_dir", ("sft_other", VERSIONS)))
 ]
 
 
@@ -107,12 +127,13 @@ def _id(case) -> str:
 @pytest.mark.parametrize("stage,valid,option,bad", CASES, ids=[_id(c) for c in CASES])
 def test_stage_refuses_a_wrong_input_directory(ray_local, dirs, capsys, stage, valid, option, bad):
     given, names = bad
-    args = [stage, "--out", dirs["out"]]
+    args = [stage] + (["--out", dirs["out"]] if stage not in ("warm", "serve") else [])
     for opt, key in {**valid, option: given}.items():
         args += [f"--{opt.replace('_', '-')}", dirs[key]]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    print(f"\nleadre {' '.join(args[:1] + args[3:])}\n  -> {err}")
+    print(f"\nleadre {' '.join(a for a in args if a not in ('--out', dirs['out']))}\n"
+          f"  -> {err}")
     assert err.startswith(f"leadre {stage}: error: ") and "\n" not in err
     for name in names:
         assert name in err

@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from leadre.artifacts import (ArtifactError, check_sid_version, exists, join, read_manifest,
-                              read_table, timed, write_json, write_manifest, write_table,
-                              write_text)
+from leadre.artifacts import (ArtifactError, check_model, check_sid_version, exists, join,
+                              read_manifest, read_table, timed, write_json, write_manifest,
+                              write_table, write_text)
 from leadre.config import ConfigError
 from leadre.eval import report
 from leadre.eval.channel import channel_report, history_groups
@@ -314,7 +314,7 @@ def method_name(model_dir: str, taken: set[str]) -> str:
 # --- stage --------------------------------------------------------------------------------
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from leadre.eval.generate import check_model, invalid_rate
+    from leadre.eval.generate import invalid_rate
     from leadre.eval.metrics import CI_LEVEL, all_metrics
     from leadre.sids.build import load_table
 
@@ -329,7 +329,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         check_sid_version(cfg.prompts_dir, pm, table.version, sids_dir)
         for model_dir in [cfg.model_dir, *cfg.compare_dirs]:
             if model_dir:  # before any generation actor loads it
-                check_model(model_dir, table, sids_dir)
+                check_model(model_dir, table.version, sids_dir)
         if ingest_dir:
             read_manifest(ingest_dir, stage="ingest")
         rows = load_eval_rows(cfg.prompts_dir, cfg.split)

@@ -337,24 +337,14 @@ class SidGenerator:
                        cfg: GenerateConfig | None = None) -> "SidGenerator":
         """Load a trained model (an ``sft``/``dpo`` stage dir, or any HF model dir) and the
         S-ID table of a ``sids`` stage dir."""
+        from leadre.artifacts import check_model
         from leadre.sids.build import load_table
         from leadre.train.model import load_trained
 
         table = load_table(sids_dir)
-        check_model(model_dir, table, sids_dir)
+        check_model(model_dir, table.version, sids_dir)
         model, tokenizer = load_trained(model_dir)
         return cls(model, tokenizer, table, cfg)
-
-
-def check_model(model_dir: str, table: SidTable, sids_dir: str) -> None:
-    """A model directory with a manifest must be a ``sft`` / ``dpo`` output trained on the
-    S-ID version of ``table`` (its tokens would name other ads otherwise). A plain Hugging
-    Face model directory has no manifest and nothing recorded to check."""
-    from leadre.artifacts import MANIFEST, check_sid_version, exists, join, read_manifest
-
-    if exists(join(model_dir, MANIFEST)):
-        manifest = read_manifest(model_dir, stage=("sft", "dpo"))
-        check_sid_version(f"the model in {model_dir}", manifest, table.version, sids_dir)
 
 
 # --- the common approach, kept as the reference and the benchmark baseline ----------------

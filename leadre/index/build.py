@@ -250,6 +250,8 @@ def run(cfg: IndexConfig) -> dict:
     """Build the index of the active ads of ``cfg.sids_dir`` into ``cfg.out``."""
     timings: dict[str, float] = {}
     sids_manifest = read_manifest(cfg.sids_dir, stage="sids")
+    if cfg.ingest_dir:
+        read_manifest(cfg.ingest_dir, stage="ingest")
     with timed(timings, "read"):
         ad_ids, emb = load_embeddings(cfg.sids_dir)
         active, ecpm, popularity, sid_version = _active_and_meta(cfg, ad_ids)
@@ -308,6 +310,7 @@ def run(cfg: IndexConfig) -> dict:
                           config=asdict(cfg), counts={"ads": int(len(keep)),
                                                       "inactive": int(len(ad_ids) - len(keep))},
                           timings=timings, extra={"version": version, "index": info,
+                                                  "sid_version": sid_version,
                                                   "summary": summary,
                                                   "content": content_digest(cfg.out)})
 

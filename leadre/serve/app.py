@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from leadre.config import ConfigError, from_dict, merge
+from leadre.config import from_dict, merge
 from leadre.serve.config import DeploymentConfig, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def build_app(args: dict[str, Any] | None = None):
             value = {leaf: value}
             leaf = p
         data = merge(data, {leaf: value})
-    return build(from_dict(ServeConfig, data))
+    cfg = from_dict(ServeConfig, data)
+    cfg.paths().check()
+    return build(cfg)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> None:
@@ -109,13 +111,9 @@ def run(cfg: ServeConfig) -> dict:
     Serve's high-throughput mode (:data:`HIGH_THROUGHPUT_ENV`)."""
     import ray
 
-    from leadre.artifacts import exists
     from leadre.runtime import init_ray
 
-    for path, what in ((cfg.index_dir, "index_dir (run `leadre index`)"),
-                       (cfg.sids_dir, "sids_dir (run `leadre sids`)")):
-        if not exists(path):
-            raise ConfigError(f"{what}: {path} does not exist")
+    cfg.paths().check()  # here, not in a replica that Serve would restart over and over
     own_cluster = not ray.is_initialized() and not (cfg.ray.address or
                                                     os.environ.get("RAY_ADDRESS"))
     if own_cluster and cfg.high_throughput:

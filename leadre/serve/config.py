@@ -244,6 +244,26 @@ class ServePaths:
                           index_dir=fix(self.index_dir), model_dir=fix(self.model_dir),
                           index_root=fix(root))
 
+    def check(self) -> str:
+        """Refuse, on the driver and before any replica or actor starts, input directories
+        the tiers would fail on only inside Ray: each must hold the manifest of its stage
+        (``sids``; ``index``; ``sft``/``dpo`` for a model with a manifest), and the index and
+        the model must be built from the S-IDs of ``sids_dir`` (the error names both
+        versions). Returns that S-ID version."""
+        from leadre.artifacts import check_model, check_sid_version, read_manifest
+        from leadre.sids import load_table
+
+        version = load_table(self.sids_dir).version
+        if self.index_dir is not None:
+            built = read_manifest(self.index_dir, stage="index")
+            # Indexes record it as an input (older ones only there).
+            built = {"sid_version": built.get("sid_version") or
+                     (built.get("inputs") or {}).get("sids_version")}
+            check_sid_version(f"the index in {self.index_dir}", built, version, self.sids_dir)
+        if self.model_dir is not None:
+            check_model(self.model_dir, version, self.sids_dir)
+        return version
+
 
 @dataclass
 class ServeConfig:

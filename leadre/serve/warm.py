@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -109,12 +109,16 @@ def run(cfg: WarmConfig) -> dict:
     import ray
     import ray.data
 
-    from leadre.artifacts import join, read_table
+    from leadre.artifacts import join, read_manifest, read_table
     from leadre.runtime import init_ray
 
     # Same absolute-path rules as serving (workers may run elsewhere).
     paths = ServePaths(sids_dir=cfg.sids_dir, store_url=cfg.store_url, index_dir=cfg.index_dir,
                        model_dir=cfg.model_dir).absolute()
+    # Up front: a wrong directory would fail only inside the Ray Data workers.
+    read_manifest(cfg.ingest_dir, stage="ingest")
+    # The LLM generator does not read the index.
+    (replace(paths, index_dir=None) if cfg.model_dir else paths).check()
     gen_cfg = GeneratorConfig(ttl_s=cfg.ttl_s, top_k=cfg.top_k, beam_size=cfg.beam_size,
                               batch_size=cfg.batch_size)
     init_ray(cfg.ray)
