@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from leadre.serve.config import GeneratorConfig, ServePaths
-from leadre.serve.store import CandidateRecord, open_store
+from leadre.serve.store import CandidateRecord, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,22 @@ def _deployment():
                      self.core.model_version, self.core.device())
 
         async def _drain_queue(self) -> None:
+            store_down = False  # said once per outage, not at every poll
             while True:
                 try:
                     ids = await asyncio.to_thread(self.core.store.claim, self.batch_size,
                                                   self.lease)
+                    if store_down:
+                        log.info("generator: store reachable again, draining the queue")
+                        store_down = False
                     self.queue.set(await asyncio.to_thread(self.core.store.queue_depth))
                     if ids:
                         await asyncio.gather(*(self.generate(u) for u in ids))
                         continue
+                except StoreUnavailable as e:  # claims come back after their lease
+                    if not store_down:
+                        log.warning("generator: store unavailable, queue drain waits: %s", e)
+                    store_down = True
                 except RuntimeError as e:  # the replica is shutting down
                     if "shutdown" in str(e):
                         return

@@ -34,7 +34,7 @@ from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
 from leadre.serve.matching import MatcherCore
 from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
-from leadre.serve.store import open_store
+from leadre.serve.store import StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def _deployment():
                     if await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store):
                         log.info("matcher: %d ads switched off (status v%d)",
                                  len(self.core.off), self.core.ad_status_version)
-                except Exception:  # the store may be briefly away: keep the last status
+                except StoreUnavailable as e:  # keep the last status until it is back
+                    log.warning("matcher: ad status refresh skipped: %s", e)
+                except Exception:
                     log.exception("matcher: ad status refresh failed")
 
         async def _watch_index(self) -> None:
@@ -117,6 +119,8 @@ def _deployment():
                         await asyncio.to_thread(self.core.swap_index, target["index_dir"],
                                                 target["version"])
                     self.queue.set(await asyncio.to_thread(self.bg_store.queue_depth))
+                except StoreUnavailable as e:
+                    log.warning("matcher: store watch skipped: %s", e)
                 except Exception:  # a bad directory must not kill the replica
                     log.exception("matcher: store watch failed")
 
@@ -131,8 +135,9 @@ def _deployment():
                 ids, self._pending = list(self._pending), set()
                 try:
                     await asyncio.to_thread(self.bg_store.enqueue, ids)
-                except Exception:
-                    log.exception("matcher: queueing %d users for generation failed", len(ids))
+                except Exception as e:  # they are queued again on their next miss
+                    log.warning("matcher: queueing %d users for generation failed: %r",
+                                len(ids), e)
                     continue
                 self._wake_generator()
 

@@ -9,7 +9,10 @@ wraps it; tests and the benchmark use it directly). It never waits for the LLM.
 3. on a miss (no record, expired, or an older S-ID version) answer from a real-time ScaNN
    query built from the request's ``recent_events`` plus the user's stored history (source
    ``fallback``), or from the popularity list when there is no signal at all, and mark users
-   with a stored context for generation (``queued``; the caller writes the queue).
+   with a stored context for generation (``queued``; the caller writes the queue);
+4. when the store is unreachable (:class:`~leadre.serve.store.StoreUnavailable`), answer as
+   on a miss from the request's ``recent_events`` alone (cache ``unavailable``): a store
+   outage degrades answers, it fails none.
 
 *Servable* = in the index (active when it was built) and not switched off since: the store's
 live ad status (:meth:`MatcherCore.refresh_ad_status`) is applied on top of the index, so a
@@ -28,7 +31,7 @@ from leadre.index.ann import AdIndex
 from leadre.index.query import QueryBuilder
 from leadre.serve.config import ServePaths
 from leadre.serve.context import merge_events
-from leadre.serve.store import open_store
+from leadre.serve.store import StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,11 @@ class MatcherCore:
 
     def recommend(self, user_id: str, k: int, recent_events: list[dict] | None = None) -> dict:
         ix, off = self.index, self.off  # one snapshot for the whole request
-        rec = self.store.get(user_id)
+        try:
+            rec = self.store.get(user_id)
+            reachable = True
+        except StoreUnavailable:  # answer without the store: ANN on the request's events
+            rec, reachable = None, False
         picked: list[dict] = []
         seen: set[str] = set()
 
@@ -110,7 +117,7 @@ class MatcherCore:
                 seen.add(ad_id)
                 picked.append({"ad_id": ad_id, "score": round(float(score), 6), "source": source})
 
-        cache = "miss"
+        cache = "miss" if reachable else "unavailable"
         ctx = None
         model_version = None
         if rec is not None and rec.sid_version == self.table.version:
@@ -130,7 +137,7 @@ class MatcherCore:
                 q = self.queries.ad_vectors([p["ad_id"] for p in picked]).mean(axis=0)
                 source = "ann"
             else:
-                ctx = self.store.get_user(user_id) if cache != "hit" or not picked else None
+                ctx = self._context(user_id) if reachable else None
                 events = merge_events(recent_events, (ctx or {}).get("events"),
                                       self.history_events)
                 q = self.queries.vector(events) if events else None
@@ -151,6 +158,12 @@ class MatcherCore:
                 "queued": queued,
                 "versions": {"index": ix.version, "sid": self.table.version,
                              "model": model_version}}
+
+    def _context(self, user_id: str) -> dict | None:
+        try:
+            return self.store.get_user(user_id)
+        except StoreUnavailable:
+            return None
 
     @staticmethod
     def _fill(ix: AdIndex, q, k: int, have: int, add, picked: list) -> None:

@@ -60,6 +60,12 @@ class CandidateRecord:
         return self.expires_at <= (time.time() if now is None else now)
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached now (a server restarting, a network blip): callers on the
+    request path answer without it (the matcher's ANN fallback) instead of failing, and the
+    next call after the backend's back-off tries again."""
+
+
 class CandidateStore(ABC):
     """Candidates (with TTL + versions), user contexts and the pending-generation queue."""
 

@@ -1,13 +1,19 @@
 """Redis backend of the candidate store (``redis://host:port/db``): the production store every
 replica on every node shares. Candidates use Redis' own key expiry; the queue is a sorted set
-scored by "available at", claimed atomically with a Lua script."""
+scored by "available at", claimed atomically with a Lua script.
+
+A Redis that goes away (restart, failover, network) raises :class:`StoreUnavailable` from
+every call, at once: after a failed call the store does not try the server again for
+``retry_after_s``, so requests that fall back meanwhile pay no connect timeout. The first call
+after that reconnects (redis-py opens a fresh connection for a pooled one that broke)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
-from leadre.serve.store import CandidateRecord, CandidateStore, _expiry
+from leadre.serve.store import CandidateRecord, CandidateStore, StoreUnavailable, _expiry
 
 # Atomically take up to ARGV[2] members available at ARGV[1] and push them to ARGV[3].
 _CLAIM_LUA = """
@@ -17,22 +23,63 @@ return ids
 """
 
 
+def _guarded(fn):
+    """``fn`` raising :class:`StoreUnavailable` for an unreachable server (and at once while
+    the back-off after the last failure lasts)."""
+    import redis
+
+    @functools.wraps(fn)
+    def call(self: "RedisStore", *args, **kwargs):
+        wait = self._down_until - time.monotonic()
+        if wait > 0:
+            raise StoreUnavailable(f"Redis at {self.url} unreachable ({self._down_reason}); "
+                                   f"next try in {wait:.1f}s")
+        try:
+            return fn(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError too
+            self._down_reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            self._down_until = time.monotonic() + self.retry_after_s
+            raise StoreUnavailable(f"Redis at {self.url} unreachable: "
+                                   f"{self._down_reason}") from e
+    return call
+
+
+def _guard_all(cls):
+    """Every store operation of ``cls`` goes through :func:`_guarded`."""
+    for name in CandidateStore.__abstractmethods__:
+        setattr(cls, name, _guarded(getattr(cls, name)))
+    return cls
+
+
+@_guard_all
 class RedisStore(CandidateStore):
     """Redis backend: ``<prefix>:cand:<user>`` strings with native expiry, ``<prefix>:user:<user>``
     contexts, ``<prefix>:queue`` sorted set (score = available-at; ties broken by the
     insertion-time hash ``<prefix>:queued``), ``<prefix>:ads_off`` set of switched-off ads
-    with its version counter ``<prefix>:ads_off:version`` (changed together in MULTI)."""
+    with its version counter ``<prefix>:ads_off:version`` (changed together in MULTI).
 
-    def __init__(self, url: str, prefix: str = "leadre"):
+    ``socket_timeout_s`` / ``connect_timeout_s`` bound one call on a server that hangs or a
+    host that is gone; ``retry_after_s`` is the back-off after a failed call."""
+
+    def __init__(self, url: str, prefix: str = "leadre", socket_timeout_s: float = 2.0,
+                 connect_timeout_s: float = 1.0, retry_after_s: float = 0.5):
         try:
             import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
         except ImportError:
             raise RuntimeError("the Redis store needs the `redis` package: "
                                "pip install 'leadre[redis]'") from None
         self.url = url
         self.prefix = prefix
-        self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                       health_check_interval=30)
+        self.retry_after_s = retry_after_s
+        self._down_until, self._down_reason = 0.0, ""
+        # One quick retry: a pooled connection broken by a server restart fails once, the
+        # retry reconnects. Longer outages are the back-off's, not redis-py's, to wait out.
+        self._r = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         self._claim = self._r.register_script(_CLAIM_LUA)
         self._q = f"{prefix}:queue"
         self._off, self._off_version = f"{prefix}:ads_off", f"{prefix}:ads_off:version"

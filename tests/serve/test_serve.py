@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ from leadre.serve.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
 
 from conftest import free_port
+from load_client import Load, replica_actors
 from serving_world import make_world
 
 APP = "leadre-test"
@@ -100,54 +100,6 @@ def recommend(client, user_id, k=10, **kw):
     r = client.post("/recommend", json={"user_id": user_id, "k": k, **kw})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-class Load:
-    """A bounded load loop in threads: every status code is recorded, nothing is retried."""
-
-    def __init__(self, base: str, users: list[str], threads: int = 3):
-        self.base, self.users = base, users
-        self.codes: Counter = Counter()
-        self.answers: list[dict] = []
-        self.sent: list[float] = []  # when each answer's request was sent (time.time())
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
-                         for i in range(threads)]
-
-    def _loop(self, i: int) -> None:
-        with httpx.Client(base_url=self.base, timeout=30) as c:
-            n = 0
-            while not self._stop.is_set():
-                uid = self.users[(i * 7919 + n) % len(self.users)]
-                n += 1
-                try:
-                    t = time.time()
-                    r = c.post("/recommend", json={"user_id": uid, "k": 10})
-                    self.codes[r.status_code] += 1
-                    if r.status_code == 200:
-                        self.sent.append(t)
-                        self.answers.append(r.json())
-                    else:
-                        self.errors.append(r.text[:300])
-                except httpx.HTTPError as e:
-                    self.codes["exception"] += 1
-                    self.errors.append(repr(e))
-                time.sleep(0.01)
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-
-    @property
-    def total(self) -> int:
-        return sum(self.codes.values())
 
 
 def test_healthz_reports_versions(client, world):
@@ -267,6 +219,25 @@ def test_malformed_bodies_get_clear_4xx(client, body, status, needle):
     assert needle in r.text
 
 
+def test_client_retries_only_what_a_fault_loses(server):
+    """leadre.serve.client answers a 200 in one attempt, gives a 4xx back at once (the request
+    is wrong: never retried), and retries a refused connection before giving up."""
+    from leadre.serve.client import RecommendClient
+
+    retried: list[str] = []
+    with RecommendClient(server, on_retry=retried.append) as c:
+        ok = c.recommend("anon-client", 3)
+        bad = c.recommend("not a valid id!", 3)
+    assert ok.status == 200 and ok.attempts == 1 and len(ok.body["ads"]) == 3
+    assert bad.status == 422 and bad.attempts == 1 and "user_id" in bad.error
+    assert not retried
+    with RecommendClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.01,
+                         on_retry=retried.append) as c:
+        down = c.recommend("anon-client")
+    assert down.status == 0 and down.attempts == 3 and len(retried) == 2
+    assert "refused" in down.error.lower()
+
+
 def test_oversized_and_wrong_type_bodies(client):
     big = {"user_id": "u1", "recent_events": [{"domain": "news", "action": "read",
                                                "title": "t" * 500}] * 200}
@@ -304,17 +275,7 @@ def test_oversized_and_wrong_type_bodies(client):
 
 
 def _generator_replicas(ray):
-    """(name, actor id) of the live Generator replicas of the app (named actors in the
-    "serve" namespace; no state-API address lookup, other clusters may share the host)."""
-    out = []
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["namespace"] == "serve" and APP in a["name"] and "Generator" in a["name"]:
-            try:
-                h = ray.get_actor(a["name"], namespace="serve")
-            except ValueError:
-                continue
-            out.append((a["name"], h._actor_id.hex()))
-    return out
+    return replica_actors(ray, APP, "Generator")
 
 
 def test_killing_the_generator_under_load(server, client, world, ray_local):
