@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from leadre.serve.store import CandidateRecord, RedisStore, SqliteStore, open_store
+from leadre.serve.store import (CandidateRecord, RedisStore, SqliteStore, StoreUnavailable,
+                                open_store)
 
 from redis_server import RedisServer
 
@@ -186,3 +187,27 @@ def test_live_ad_status(store, url):
     store.clear()
     assert store.inactive_ads() == (0, set())
     other.close()
+
+
+def test_redis_store_fails_fast_while_down_and_reconnects(tmp_path):
+    """A stopped Redis raises StoreUnavailable (the matcher's cue to fall back), and at once
+    while the back-off lasts; once the server is back the same store object reads again,
+    with no reopening (the append-only file kept the data)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    s = open_store(server.url)
+    try:
+        s.put(rec("a"), ttl_s=60)
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            s.get("a")
+        t0 = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="next try in"):
+            s.get_many(["a"])
+        assert time.perf_counter() - t0 < 0.05  # no connect attempt in the back-off
+        server.start()
+        time.sleep(s.retry_after_s)
+        assert s.get("a").sids == rec("a").sids
+    finally:
+        s.close()
+        server.stop()
