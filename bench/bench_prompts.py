@@ -28,6 +28,8 @@ from leadre import artifacts  # noqa: E402
 from leadre.prompts import PromptConfig, build_local, run  # noqa: E402
 from leadre.runtime import RayConfig, init_ray  # noqa: E402
 from leadre.sids.table import SidTable  # noqa: E402
+from leadre.data import shards  # noqa: E402
+from leadre.data.ingest import IngestConfig  # noqa: E402
 from leadre.data.synth import SynthConfig, generate, write_world  # noqa: E402
 
 
@@ -35,8 +37,12 @@ def make_inputs(root: str, users: int, ads: int, seed: int) -> tuple[str, str, i
     cfg = SynthConfig(out=f"{root}/ingest", users=users, ads=ads, seed=seed)
     world = generate(cfg)
     write_world(world, cfg)
+    # The layout `leadre ingest` writes: user shards of ~100k events, sorted by user and time.
+    n_shards = shards.default_shards(world.events.num_rows, IngestConfig().batch_size)
+    shards.write_partitioned(world.events, world.users, cfg.out, n_shards)
     artifacts.write_manifest(cfg.out, "ingest", inputs={"source": "parquet", "note": "bench"},
-                             config=cfg, counts={}, timings={})
+                             config=cfg, counts={}, timings={},
+                             extra={shards.LAYOUT_KEY: shards.layout(n_shards)})
     rng = np.random.default_rng(seed)
     codes = np.stack([world.ad_category, *(rng.integers(0, 256, ads) for _ in range(3))], 1)
     table = SidTable.from_codes(world.ads.column("ad_id").to_pylist(), codes,
