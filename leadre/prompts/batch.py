@@ -124,8 +124,11 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     out, notes, fallback = Out(), Counter(), Rows()
     profiles = _profiles(users)
     ev = events_batch(events) if events is not None else GROUP_SCHEMA.empty_table()
+    order = None  # on-disk row of every sorted row, when the shard was not sorted
     if not _in_order(ev):  # a broken promise costs a sort, never a wrong row
-        ev = ev.take(pc.sort_indices(ev, shards.SORT_KEYS))
+        order = pc.sort_indices(ev, shards.SORT_KEYS)
+        ev, raw_ev = ev.take(order), ev
+        order = order.to_numpy()
     n = ev.num_rows
     uid = ev.column("user_id").to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(uid[1:] != uid[:-1]) + 1 if n else np.zeros(0, np.int64)
@@ -185,7 +188,9 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     for u, user_id in enumerate(user_ids):
         profile = profiles.pop(user_id, None)
         if not normal[u]:
-            raw = ev.slice(starts_l[u], starts_l[u + 1] - starts_l[u])
+            # build_user sees the user's events as stored (its drop notes are in that order)
+            raw = (ev.slice(starts_l[u], starts_l[u + 1] - starts_l[u]) if order is None else
+                   raw_ev.take(pa.array(np.sort(order[starts_l[u]:starts_l[u + 1]]))))
             build_user(user_id, profile, list(map(Event, *(raw.column(c).to_pylist() for c in (
                 "ts", "domain", "action", "ad_id", "title")))), catalog, cfg, plan, fallback)
             continue
