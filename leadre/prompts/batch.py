@@ -205,7 +205,8 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
             ends = {"train": pos[-2], "valid": pos[-1], "test": len(evs)}
         else:
             ends = {"train": int(before[0][u]), "valid": int(before[1][u]), "test": len(evs)}
-        eng_u = list(zip(e_pos_l[e_bounds[u]:e_bounds[u + 1]], e_row_l[e_bounds[u]:e_bounds[u + 1]]))
+        ea, eb = e_bounds[u], e_bounds[u + 1]
+        eng_u = list(zip(e_pos_l[ea:eb], e_row_l[ea:eb]))
         positives = {s: {r for p, r in eng_u if p < end} for s, end in ends.items()}
         targets = [(t_pos_l[i], SPLITS[t_split_l[i]], t_row_l[i]) for i in range(ta, tb)
                    if hist_l[i]]

@@ -1,5 +1,7 @@
-"""Stage 3 on Ray Data: events + profiles -> group by user -> :func:`build_user` -> sharded
-parquet, in one streaming pass.
+"""Stage 3 on Ray Data. :func:`run` picks the engine: ``shards`` (:mod:`leadre.prompts.batch`,
+one task per user shard of the ingest output, no shuffle) when the ingest manifest vouches for
+user-partitioned events, else ``groupby``, described here: events + profiles -> group by user
+-> :func:`build_user` -> sharded parquet, in one streaming pass.
 
     read events ──map_batches(ts -> int ms)──┐
                                              ├─ union ─ groupby(user_id).map_groups(build) ─ write
