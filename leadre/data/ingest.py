@@ -5,7 +5,11 @@ Nothing is dropped silently: every input row ends up either in a clean table or 
 quarantine with a reason (see :class:`leadre.data.schema.Reason`), and the manifest's counts add up
 (``rows_in == clean + quarantined`` per table). Checks that need the whole table run after
 the batch checks: duplicate ad/user ids on the (small) dimension tables in the driver,
-duplicate events per user with a Ray Data group-by, so events scale with the cluster.
+duplicate events per user shard with a Ray Data group-by, so events scale with the cluster.
+
+``events`` and ``users`` are written user-partitioned (:mod:`leadre.data.shards`): shard k of
+both holds the same users, no user is split across files, and events are sorted by
+(user_id, ts); the manifest records the layout, so the prompt stage needs no shuffle.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Literal
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
@@ -24,7 +29,7 @@ from leadre import artifacts
 
 from leadre.data import lcrec
 
-from leadre.data import schema
+from leadre.data import schema, shards
 from leadre.config import ConfigError
 from leadre.runtime import RayConfig, init_ray
 
@@ -135,9 +140,22 @@ def _validate_batch(batch: pa.Table, name: str, limits: schema.TextLimits,
     return _combine(name, v)
 
 
-def _dedupe_user_events(group: pa.Table) -> pa.Table:
+_SHARD = "_shard"
+
+
+def _with_shard(batch: pa.Table, n_shards: int) -> pa.Table:
+    return batch.append_column(_SHARD, pa.array(shards.shard_of(batch.column("user_id"),
+                                                                n_shards)))
+
+
+def _dedupe_and_write_shard(group: pa.Table, out: str) -> pa.Table:
+    """One user shard: drop duplicate events, write the rest sorted by (user_id, ts) as the
+    shard's file (a retried task overwrites it), return the duplicates as quarantine rows."""
+    k = int(group.column(_SHARD)[0].as_py())
     clean = group.select([f.name for f in schema.EVENTS]).cast(schema.EVENTS)
-    return _combine("events", schema.flag_duplicate_events(clean))
+    v = schema.flag_duplicate_events(clean)
+    shards.write_file(v.clean, out, "events", k)
+    return v.quarantine
 
 
 def _clean_rows(batch: pa.Table, name: str) -> pa.Table:
@@ -260,31 +278,31 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
         n_events = checked.count()
         clean = checked.map_batches(_clean_rows, batch_format="pyarrow",
                                     fn_kwargs={"name": "events"})
-        # A few large shuffle partitions beat Ray's default 200 tiny ones on small inputs.
-        partitions = max(1, min(200, n_events // cfg.batch_size))
-        deduped = (clean.groupby("user_id", num_partitions=partitions)
-                   .map_groups(_dedupe_user_events, batch_format="pyarrow")
-                   .materialize())
+        # About batch_size events per user shard; each shard is deduplicated and written by
+        # one task (a few large shuffle partitions beat Ray's default 200 tiny ones).
+        n_shards = shards.default_shards(n_events, cfg.batch_size)
+        for path in ("events", "quarantine"):
+            shards.clear(cfg.out, path)
+        duplicates = (clean.map_batches(_with_shard, batch_format="pyarrow",
+                                        fn_kwargs={"n_shards": n_shards})
+                      .groupby(_SHARD, num_partitions=min(n_shards, 200))
+                      .map_groups(_dedupe_and_write_shard, batch_format="pyarrow",
+                                  fn_kwargs={"out": cfg.out})
+                      .materialize())
+        if not shards.shard_ids(cfg.out):  # no clean event at all: still an events table
+            shards.write_file(schema.EVENTS.empty_table(), cfg.out, "events", 0)
         q_events = checked.map_batches(_quarantine_rows, batch_format="pyarrow",
-                                       fn_kwargs={"name": "events"}).union(
-            deduped.map_batches(_quarantine_rows, batch_format="pyarrow",
-                                fn_kwargs={"name": "events"}))
-        events = deduped.map_batches(_clean_rows, batch_format="pyarrow",
-                                     fn_kwargs={"name": "events"})
+                                       fn_kwargs={"name": "events"})
 
     with artifacts.timed(timings, "write"):
         artifacts.write_table(ads, cfg.out, "ads")
-        artifacts.write_table(users, cfg.out, "users")
-        for path in ("events", "quarantine"):
-            fs, p = artifacts.resolve(artifacts.join(cfg.out, path))
-            if fs.get_file_info(p).type != artifacts.pafs.FileType.NotFound:
-                fs.delete_dir(p)
-        fs, p = artifacts.resolve(artifacts.join(cfg.out, "events"))
-        events.write_parquet(p, filesystem=fs, min_rows_per_file=cfg.batch_size)
-        q_all = pa.concat_tables([q_ads, q_users, *ray.get(q_events.to_arrow_refs())])
+        shards.write_users(users, cfg.out, n_shards)
+        q_all = pa.concat_tables([q_ads, q_users, *ray.get(q_events.to_arrow_refs()),
+                                  *ray.get(duplicates.to_arrow_refs())])
         artifacts.write_table(q_all, cfg.out, "quarantine")
 
-    n_events_clean = events.count()
+    fs, p = artifacts.resolve(artifacts.join(cfg.out, "events"))
+    n_events_clean = pads.dataset(p, filesystem=fs, format="parquet").count_rows()
     for name, rows_in, clean_rows in (("ads", n_ads, ads.num_rows),
                                       ("users", n_users, users.num_rows),
                                       ("events", n_events, n_events_clean)):
@@ -297,7 +315,8 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
     _check_quarantine_share(cfg, counts)
     manifest = artifacts.write_manifest(cfg.out, "ingest", inputs={"input_dir": cfg.input_dir,
                                         "source": cfg.source, **notes}, config=cfg,
-                                        counts=counts, timings=timings)
+                                        counts=counts, timings=timings,
+                                        extra={shards.LAYOUT_KEY: shards.layout(n_shards)})
     manifest["summary"] = {
         "out": cfg.out,
         **{name: f"{c['clean']} clean / {c['quarantined']} quarantined" for name, c in counts.items()},

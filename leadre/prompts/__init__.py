@@ -16,7 +16,9 @@ auxiliary alignment tasks and DPO pairs, split leak-free, as sharded parquet::
   (:func:`build_user_prompt`, the one prompt used offline and by serving).
 * ``catalog.py``: the ads the builder knows; ``examples.py``: one user's examples, DPO pairs
   and evaluation rows, in plain Python.
-* ``pipeline.py``: the Ray Data job (:func:`run`) and its single-process twin (:func:`build_local`).
+* ``pipeline.py``: the Ray Data job (:func:`run`; engine ``groupby``: shuffle by user, one call
+  of ``build_user`` per user) and its single-process twin (:func:`build_local`);
+  ``batch.py``: engine ``shards``, one task per user shard of the ingest output, no shuffle.
 
 The pipeline names are imported on first use, so that reading the contract or building a
 prompt does not import Ray Data.

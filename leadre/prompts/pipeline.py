@@ -1,5 +1,7 @@
-"""Stage 3 on Ray Data: events + profiles -> group by user -> :func:`build_user` -> sharded
-parquet, in one streaming pass.
+"""Stage 3 on Ray Data. :func:`run` picks the engine: ``shards`` (:mod:`leadre.prompts.batch`,
+one task per user shard of the ingest output, no shuffle) when the ingest manifest vouches for
+user-partitioned events, else ``groupby``, described here: events + profiles -> group by user
+-> :func:`build_user` -> sharded parquet, in one streaming pass.
 
     read events ──map_batches(ts -> int ms)──┐
                                              ├─ union ─ groupby(user_id).map_groups(build) ─ write
@@ -38,6 +40,7 @@ from ray.data.datasource import Datasink
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.data.schema import MS_PER_DAY, PROFILE_FIELDS
+from leadre.data.shards import LAYOUT_KEY, read_layout
 from leadre.prompts.catalog import Catalog
 from leadre.prompts.config import PromptConfig
 from leadre.prompts.contract import (EXPECTED, LAYOUT, OUTPUTS, PAIR_TYPES, SPLITS, STAGE, TASKS,
@@ -363,8 +366,7 @@ def _partitions(cfg: PromptConfig, n_rows: int) -> int:
 
 def run(cfg: PromptConfig) -> dict[str, Any]:
     """``leadre prompts``: build every output of stage 3 on Ray Data and write the manifest."""
-    import ray
-
+    from leadre.prompts.batch import run_shards
     from leadre.runtime import init_ray
 
     timings: dict[str, float] = {}
@@ -376,7 +378,38 @@ def run(cfg: PromptConfig) -> dict[str, Any]:
     log.info("prompts: %d events, %d ads (S-ID version %s), split %s", n_events,
              len(catalog.ad_ids), catalog.sid_version, split_info)
 
+    layout = read_layout(ingest)
+    if cfg.engine == "shards" and layout is None:
+        raise ArtifactError(f"engine=shards needs user-partitioned events, and the manifest of "
+                            f"{cfg.ingest_dir} records no {LAYOUT_KEY} (hand-made, or written "
+                            "by an older ingest): rerun `leadre ingest`, or use engine=groupby")
+    engine = "groupby" if cfg.engine == "groupby" or layout is None else "shards"
+    if cfg.engine == "auto" and layout is None:
+        log.info("prompts: %s records no %s: grouping events by user with a shuffle",
+                 cfg.ingest_dir, LAYOUT_KEY)
     init_ray(cfg.ray)
+    if engine == "shards":
+        with artifacts.timed(timings, "build_and_write"):
+            _clear_outputs(cfg.out)
+            flat, partitions = run_shards(cfg, catalog, plan)
+    else:
+        flat, partitions = _run_groupby(cfg, catalog, plan, events_path, fs, n_events, timings)
+    with artifacts.timed(timings, "ad_tasks"):
+        tables, c = route(build_ad_rows(catalog, cfg).to_arrow())
+        _write_local(cfg.out, tables, "ads")
+        flat.update(c)
+        _fill_empty(cfg.out)
+    return _finish(cfg, flat, timings, catalog, ingest, sids, split_info,
+                   {"partitions": partitions, "engine": engine})
+
+
+def _run_groupby(cfg: PromptConfig, catalog: Catalog, plan: SplitPlan, events_path: str,
+                 fs: pafs.FileSystem, n_events: int, timings: dict[str, float]
+                 ) -> tuple[Counter, int]:
+    """The engine ``groupby``: union events and profile rows, hash-shuffle by user, one
+    :func:`build_group` call per user, :class:`PromptSink` routes and writes."""
+    import ray
+
     with artifacts.timed(timings, "build_and_write"):
         _clear_outputs(cfg.out)
         events = ray.data.read_parquet(events_path, filesystem=fs).map_batches(
@@ -392,14 +425,7 @@ def run(cfg: PromptConfig) -> dict[str, Any]:
          .map_groups(build_group, batch_format="pyarrow", zero_copy_batch=True,
                      fn_kwargs={"catalog_ref": [ray.put(catalog)], "cfg": cfg, "plan": plan})
          .write_datasink(sink))
-        flat = sink.counts
-    with artifacts.timed(timings, "ad_tasks"):
-        tables, c = route(build_ad_rows(catalog, cfg).to_arrow())
-        _write_local(cfg.out, tables, "ads")
-        flat.update(c)
-        _fill_empty(cfg.out)
-    return _finish(cfg, flat, timings, catalog, ingest, sids, split_info,
-                   {"partitions": partitions, "engine": "ray"})
+    return sink.counts, partitions
 
 
 def build_local(cfg: PromptConfig, write: bool = True) -> dict[str, Any]:

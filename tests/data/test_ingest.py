@@ -222,3 +222,37 @@ def test_quarantine_share_over_the_threshold_fails_with_counts(ray_local, tmp_pa
     # the quarantine stays for inspection; no manifest vouches for the partial output
     assert artifacts.read_table(out, "quarantine").num_rows > 0
     assert not artifacts.exists(out / "manifest.json")
+
+
+def test_events_and_users_are_written_as_user_shards_recorded_in_the_manifest(ray_local,
+                                                                              tmp_path):
+    """The ingest -> prompts contract: shard k of events and of users holds the same users,
+    no user is in two files, every events file is sorted by (user_id, ts), and the manifest
+    vouches for it."""
+    from leadre.data import shards
+
+    world = tmp_path / "world"
+    synth_run(SynthConfig(out=str(world), users=300, ads=60, seed=2))
+    out = str(tmp_path / "ingest")
+    run(IngestConfig(input_dir=str(world), out=out, ray=RAY, batch_size=3000))
+    layout = shards.read_layout(artifacts.read_manifest(out, stage="ingest"))
+    assert layout is not None and layout["shards"] > 3
+    ids = shards.shard_ids(out)
+    assert len(ids) > 3 and max(ids) < layout["shards"]
+    seen: dict[str, int] = {}
+    total = 0
+    for k in ids:
+        ev = shards.read_shard(out, "events", k)
+        users = shards.read_shard(out, "users", k)
+        assert ev is not None and ev.schema.equals(schema.EVENTS)
+        assert ev.equals(ev.sort_by(shards.SORT_KEYS))
+        for u in set(ev.column("user_id").to_pylist()):
+            assert seen.setdefault(u, k) == k
+        assert (shards.shard_of(ev.column("user_id"), layout["shards"]) == k).all()
+        if users is not None:
+            assert (shards.shard_of(users.column("user_id"), layout["shards"]) == k).all()
+        total += ev.num_rows
+    assert total == _counts(out)["events"]["clean"] > 0
+    # a reader of the whole tables sees no difference
+    assert artifacts.read_table(out, "users").num_rows == _counts(out)["users"]["clean"]
+    assert shards.read_layout({}) is None

@@ -77,10 +77,10 @@ def world(tmp_path_factory):
 
 
 # ads and users are one validation task each (they run first, one after the other): the
-# third `_validate_batch` task is one of the events'. `_dedupe_user_events` runs on the
-# grouped clean events.
+# third `_validate_batch` task is one of the events'. `_dedupe_and_write_shard` runs on each
+# user shard of the clean events (and writes its file).
 @pytest.mark.parametrize("title,nth", [("MapBatches(_validate_batch)", 3),
-                                       ("MapBatches(_dedupe_user_events)", 1)],
+                                       ("MapBatches(_dedupe_and_write_shard)", 1)],
                          ids=["validate_events", "dedupe_events"])
 def test_worker_killed_mid_ingest_loses_no_row_or_fails_without_manifest(
         ray_local, world, tmp_path, title, nth):

@@ -8,6 +8,7 @@ the variations because it is fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -85,7 +86,9 @@ def canon(df: pd.DataFrame) -> pd.DataFrame:
 def world(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prompts")
     synth_run(SynthConfig(out=str(tmp / "world"), users=200, ads=100, seed=3))
-    ingest_run(IngestConfig(input_dir=str(tmp / "world"), out=str(tmp / "ingest"), ray=RAY))
+    # several user shards, so the shards engine runs more than one task
+    ingest_run(IngestConfig(input_dir=str(tmp / "world"), out=str(tmp / "ingest"), ray=RAY,
+                            batch_size=2500))
     w = {"tmp": tmp, "ingest": str(tmp / "ingest"), "sids": str(tmp / "sids")}
     w["table"] = make_sids(w["ingest"], w["sids"])
     w["manifest"] = run(cfg_for(w, str(tmp / "ray_out")))
@@ -166,6 +169,24 @@ def test_ray_output_equals_single_process_builder(world):
     for key, df in world["t"].items():
         pd.testing.assert_frame_equal(canon(df), canon(lt[key]), obj=key)
     assert local["counts"] == world["manifest"]["counts"]
+
+
+def test_shards_engine_equals_groupby_engine_and_single_process_builder(world):
+    """The new engine (user shards, no shuffle) against the old ones: Ray Data group-by and
+    the plain per-user loop, column by column, and the same counts."""
+    assert world["manifest"]["engine"] == "shards" and world["manifest"]["partitions"] > 1
+    out = str(world["tmp"] / "groupby_out")
+    old = run(cfg_for(world, out, engine="groupby"))
+    assert old["engine"] == "groupby"
+    local = build_local(cfg_for(world, "unused"), write=False)
+    local_tables = {f"{k}/{s}" if s else k: t.to_pandas() for (k, s), t in local["tables"].items()}
+    for name, got in world["t"].items():
+        for other in (tables(out)[name], local_tables.get(name, got.iloc[:0])):
+            a, b = canon(got), canon(other)
+            assert len(a) == len(b) > 0 or name.startswith("skipped"), name
+            for column in b.columns:
+                pd.testing.assert_series_equal(a[column], b[column], obj=f"{name}.{column}")
+    assert world["manifest"]["counts"] == old["counts"] == local["counts"]
 
 
 def test_deterministic_and_seed_sensitive(world):
@@ -511,6 +532,31 @@ def test_bad_and_empty_histories_are_reported_not_fatal(world, tmp_path, capsys)
     test = read_split(out, "eval", "test").to_pandas()
     assert test.user_id.tolist() == ["ok"] and list(test.history_ad_ids[0]) == [a0]
     assert list(test.sequence_ad_ids[0]) == [a0]
+    # No layout in the hand-made manifest: `auto` fell back to the group-by engine, and
+    # asking for shards is a clear error.
+    assert m["engine"] == "groupby"
+    cfg = PromptConfig(ingest_dir=d, sids_dir=world["sids"], out=str(tmp_path / "sh"),
+                       valid_start="2025-01-20", test_start="2025-01-25", ray=RAY)
+    with pytest.raises(artifacts.ArtifactError, match="events_layout"):
+        run(dataclasses.replace(cfg, engine="shards"))
+    # The same users as user shards (out of order on disk, so the builder must sort): the
+    # shards engine hands every skipped user to the per-user builder and gets the same rows.
+    from leadre.data import shards
+
+    shards.write_partitioned(ev.take(pa.array(list(range(ev.num_rows))[::-1])), users, d, 3)
+    for k in shards.shard_ids(d):
+        t = shards.read_shard(d, "events", k)
+        if t is not None and t.num_rows > 1:
+            shards.write_file(t.take(pa.array(list(range(t.num_rows))[::-1])), d, "events", k)
+    artifacts.write_manifest(d, "ingest", inputs={"source": "parquet"}, config={}, counts={},
+                             timings={}, extra={shards.LAYOUT_KEY: shards.layout(3)})
+    sharded = run(dataclasses.replace(cfg, engine="shards"))
+    assert sharded["engine"] == "shards" and sharded["counts"] == m["counts"]
+    # (the per-user builder reads them as stored: its drop notes follow that order)
+    local = build_local(dataclasses.replace(cfg, out=str(tmp_path / "local")))
+    assert local["counts"] == m["counts"]
+    for key, df in tables(local["summary"]["out"]).items():
+        pd.testing.assert_frame_equal(canon(tables(cfg.out)[key]), canon(df), obj=key)
 
 
 def test_user_level_error_becomes_a_skipped_row(world, monkeypatch):
