@@ -47,9 +47,15 @@ class DemoConfig:
     preset: str = field(default="tiny", metadata={
         "help": "model preset built from scratch (tiny | small)"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers for SFT and DPO"})
-    sft_steps: int = field(default=600, metadata={
+    max_events: int = field(default=12, metadata={
+        "help": "most recent behaviours in a prompt (the prompts stage's default is 20)"})
+    short_prompts: bool = field(default=True, metadata={
+        "help": "leave out the instruction and question sentences: the same words in every "
+                "prompt, which a model built from scratch pays for at every step and learns "
+                "nothing from"})
+    sft_steps: int = field(default=1200, metadata={
         "help": "SFT optimiser steps (full fine-tune of the model built from scratch, 32 "
-                "examples a step: ~1.3 epochs of the 15k examples)"})
+                "examples a step: ~2.5 epochs of the 15k examples)"})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT peak learning rate"})
     dpo_steps: int = field(default=30, metadata={
         "help": "DPO optimiser steps on the business-value pairs"})
@@ -75,10 +81,11 @@ def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
                      **seed},
         "ingest": ray,
         "sids": {"quantizer": "rqkmeans", **seed, **ray},
-        "prompts": {**seed, **ray},
+        "prompts": {"max_events": cfg.max_events, "instruction": not cfg.short_prompts,
+                    "question": not cfg.short_prompts, **seed, **ray},
         # Checkpoints are picked by the validation users' HR@10 (the SFT stage's default).
         "sft": {"preset": cfg.preset, "num_workers": cfg.workers, "max_steps": cfg.sft_steps,
-                "batch_size": 16, "learning_rate": cfg.sft_lr, "save_steps": cfg.sft_steps // 2,
+                "batch_size": 16, "learning_rate": cfg.sft_lr, "save_steps": cfg.sft_steps // 3,
                 "logging_steps": 50, **seed, **ray},
         "dpo": {"num_workers": cfg.workers, "max_steps": cfg.dpo_steps, "pair_types": ["value"],
                 "learning_rate": 1e-4, "save_steps": cfg.dpo_steps, **seed, **ray},
