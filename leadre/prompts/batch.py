@@ -213,10 +213,8 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     n_hist = np.bincount(t_user[with_history], minlength=n_users)
     normal = (n_kept > 0) & (n_t > 0) & (n_hist > 0) & ((n_t >= 2) if loo else True)
 
-    take = pa.array(kept)
+    kept_ev = ev.take(pa.array(kept))
     ts_l, row_l = k_ts.tolist(), k_row.tolist()
-    dom_l, act_l, ad_l, title_l = (ev.column(c).take(take).to_pylist()
-                                   for c in ("domain", "action", "ad_id", "title"))
     t_bounds = np.concatenate([[0], np.cumsum(n_t)]).tolist()
     t_pos_l, t_split_l, hist_l = t_pos.tolist(), t_split.tolist(), with_history.tolist()
     t_row_l = k_row[t_idx].tolist()
@@ -225,7 +223,9 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     k_start_l, n_kept_l = k_start.tolist(), n_kept.tolist()
     sid_of, title_of, cat_of = catalog.sid_of, catalog.title_of, catalog.category_of
     starts_l = np.append(starts, n).tolist()
-    fast = ShardPrompts(cfg, catalog, ts_l, dom_l, act_l, row_l, title_l) if SUPPORTED else None
+    fast = (ShardPrompts(cfg, catalog, ts_l, *(kept_ev.column(c) for c in ("domain", "action")),
+                         k_row, kept_ev.column("title")) if SUPPORTED and normal.any() else None)
+    ad_ids = catalog.ad_ids
     out = _Columns()
     for u, user_id in enumerate(user_ids):
         profile = profiles.pop(user_id, None)
@@ -264,28 +264,30 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
         all_targets = t_pos_l[ta:tb]
         for t, split, ad_row in targets:
             at = k0 + t
-            ad_id, now = ad_l[at], ts_l[at]
+            ad_id, now = ad_ids[ad_row], ts_l[at]
             tpl = pick_template(cfg, user_id, ad_id)
             texts = []
             for titles in (False, True):
                 if titles and not share_picked(cfg.aux_titles, cfg.seed, "titles", user_id,
                                                ad_id, now):
                     break
-                got = fast.prompt(at, now, tpl, titles) if fast is not None else None
-                if got is None:
-                    evs = evs or list(map(Event, ts_l[k0:k1], dom_l[k0:k1], act_l[k0:k1],
-                                          ad_l[k0:k1], title_l[k0:k1]))
+                if fast is not None:
+                    p = fast.prompt(at, now, tpl, titles)
+                else:
+                    if not evs:
+                        user = kept_ev.slice(k0, k1 - k0)
+                        evs = list(map(Event, ts_l[k0:k1], *(user.column(c).to_pylist() for c in (
+                            "domain", "action", "ad_id", "title"))))
                     p = compose_prompt(profile, evs, sid_of, title_of, cfg, now=now,
                                        ad_category_of=cat_of, template=tpl, use_titles=titles,
                                        presorted=True)
-                    if not titles:
-                        notes["prompts_truncated"] += p.truncated
-                        notes["prompts_over_budget"] += p.over_budget
-                    got = p
-                texts.append(got[0])
+                if not titles:
+                    notes["prompts_truncated"] += p.truncated
+                    notes["prompts_over_budget"] += p.over_budget
+                texts.append(p.text)
             src = out.sft(split, texts, u, ad_row, tpl)
             if eval_at.get(t) == split:
-                hist = [ad_l[k0 + i] for i in all_targets if i < t]
+                hist = [ad_ids[row_l[k0 + i]] for i in all_targets if i < t]
                 out.eval_row(split, src, u, ad_row,
                              hist[-cfg.max_events:] if cfg.max_events else [], hist)
             if share_picked(cfg.dpo_share, cfg.seed, "dpo", user_id, ad_id, now):

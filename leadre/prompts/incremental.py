@@ -18,13 +18,18 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from leadre.data.schema import MS_PER_DAY
 from leadre.prompts import templates as T
 from leadre.prompts.catalog import Catalog
 from leadre.prompts.config import PromptConfig
-from leadre.prompts.render import hard, profile_text, token_counts, tokens_of
+from leadre.prompts.render import (Prompt, fit_prompt, hard, profile_text, token_counts,
+                                   tokens_of)
 
 
 def _slot(text: str, name: str) -> tuple[str, str] | None:
@@ -63,60 +68,68 @@ class _Template:
         self.behaviours = [(s, *token_counts(s)) for s in _slot(tpl.behaviours, "behaviours")]
 
 
-class ShardPrompts:
-    """Prompts of the targets of one shard's kept events (lists in (user, time) order;
-    ``row``: catalog row of ad events). Per user: :meth:`start_user`, then :meth:`prompt`
-    for its targets in time order."""
+def _numpy(x: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(x, False).to_numpy(zero_copy_only=False)
 
-    def __init__(self, cfg: PromptConfig, catalog: Catalog, ts: Sequence[int],
-                 domain: Sequence[str], action: Sequence[str], row: Sequence[int],
-                 title: Sequence[str | None]):
+
+class ShardPrompts:
+    """Prompts of the targets of one shard's kept events (in (user, time) order: times as a
+    list, domain / action / title as Arrow arrays, ``row``: catalog row of ad events). Per
+    user: :meth:`start_user`, then :meth:`prompt` for its targets in time order."""
+
+    def __init__(self, cfg: PromptConfig, catalog: Catalog, ts: list[int], domain: pa.Array,
+                 action: pa.Array, row: np.ndarray, title: pa.Array):
         assert SUPPORTED
         self.cfg, self.ts = cfg, ts
         self.templates = {i: _Template(t) for i, t in enumerate(T.PROMPT_TEMPLATES)}
         pre, post = _slot(T.BEHAVIOUR_ITEM, "days")
         self.headless = not pre  # items start with the day count (one concatenation each)
-        acts, cat_acts = set(cfg.history_actions), set(cfg.category_actions)
-        sid, ad_title, category = catalog.sid, catalog.title, catalog.category
-        # per variant (0: S-IDs, 1: titles): eligible event positions, times, item pieces
-        # (before, after the day count), prefix sums of the pieces' counts and lengths
-        self.pos: tuple[list[int], list[int]] = ([], [])
-        self.times: tuple[list[int], list[int]] = ([], [])
-        self.heads: tuple[list[str], list[str]] = ([], [])
-        self.tails: tuple[list[str], list[str]] = ([], [])
-        sums = ([[0], [0], [0]], [[0], [0], [0]])
-        self.cat_pos: list[int] = []
-        self.cat: list[str] = []
-        pieces: dict[tuple[str, str], tuple[str, str, int, int, int]] = {}
-        for k, (d, a) in enumerate(zip(domain, action)):
-            if d == "ad":
-                r = row[k]
-                c = category[r]
-                if a in cat_acts and c and c != T.UNKNOWN_CATEGORY:
-                    self.cat_pos.append(k)
-                    self.cat.append(c)
-                if a not in acts:
-                    continue
-                objs = (sid[r], ad_title[r])
-            elif a not in acts:
-                continue
-            else:
-                objs = (title[k], title[k])
-            for v, obj in enumerate(objs):
-                if not obj:
-                    continue
-                got = pieces.get((a, obj))
-                if got is None:
-                    values = {"behaviour": T.BEHAVIOURS[a], "object": obj}
-                    h, t = pre.format(**values), post.format(**values)
-                    got = pieces[(a, obj)] = (h, t, *token_counts(h + t), len(h) + len(t))
-                self.pos[v].append(k)
-                self.times[v].append(ts[k])
-                self.heads[v].append(got[0])
-                self.tails[v].append(got[1])
-                for acc, x in zip(sums[v], got[2:]):
-                    acc.append(acc[-1] + x)
-        self.sum_a, self.sum_b, self.sum_len = zip(*sums)
+        is_ad = _numpy(pc.equal(domain, "ad"))
+        ad_row = np.where(is_ad, row, 0)
+
+        def among(actions: list[str]) -> np.ndarray:
+            return _numpy(pc.is_in(action, pa.array(sorted(set(actions)), pa.string())))
+
+        # Events counted towards the categories: positions and category names.
+        cat = catalog.category
+        known = np.array([bool(c) and c != T.UNKNOWN_CATEGORY for c in cat] or [False])
+        self.cat_pos = np.flatnonzero(is_ad & among(cfg.category_actions) &
+                                      known[ad_row]).tolist()
+        self.cat = [cat[r] for r in row[self.cat_pos].tolist()]
+        # Per variant (0: S-IDs, 1: titles): positions of the events the behaviour facet can
+        # show, their times, item pieces before / after the day count (rendered once per
+        # distinct (action, object)), and prefix sums of the pieces' counts and lengths.
+        self.pos, self.times, self.heads, self.tails = [], [], [], []
+        self.sum_a, self.sum_b, self.sum_len = [], [], []
+        shown = among(cfg.history_actions)
+        for objects in (catalog.sid, catalog.title):
+            obj = pc.if_else(pa.array(is_ad), pa.array(objects, pa.string()).take(
+                pa.array(ad_row)), title)
+            pos = np.flatnonzero(shown & _numpy(pc.greater(pc.utf8_length(obj), 0)))
+            take = pa.array(pos)
+            acts = pc.dictionary_encode(action.take(take)).combine_chunks()
+            objs = pc.dictionary_encode(obj.take(take)).combine_chunks()
+            m = max(len(objs.dictionary), 1)
+            key = (acts.indices.to_numpy(zero_copy_only=False).astype(np.int64) * m
+                   + objs.indices.to_numpy(zero_copy_only=False))
+            keys, inverse = np.unique(key, return_inverse=True)
+            act_names, obj_names = acts.dictionary.to_pylist(), objs.dictionary.to_pylist()
+            heads, tails, counts = [], [], []
+            for k in keys.tolist():
+                values = {"behaviour": T.BEHAVIOURS[act_names[k // m]], "object": obj_names[k % m]}
+                h, t = pre.format(**values), post.format(**values)
+                heads.append(h)
+                tails.append(t)
+                counts.append((*token_counts(h + t), len(h) + len(t)))
+            inv = inverse.tolist()
+            self.pos.append(pos.tolist())
+            self.times.append(np.asarray(ts, np.int64)[pos].tolist() if len(pos) else [])
+            self.heads.append(list(map(heads.__getitem__, inv)))
+            self.tails.append(list(map(tails.__getitem__, inv)))
+            per = np.array(counts, np.int64).reshape(-1, 3)[inverse]
+            sums = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(per, 0)]).T.tolist()
+            for acc, x in zip((self.sum_a, self.sum_b, self.sum_len), sums):
+                acc.append(x)
         self.start_user(None, 0)
 
     def start_user(self, profile: Mapping[str, Any] | None, first: int) -> None:
@@ -129,6 +142,7 @@ class ShardPrompts:
         self.cat_next = bisect_left(self.cat_pos, first)
         self.counts: Counter = Counter()
         self.cats_body: tuple[str, int, int] | None = None
+        self.top: list[tuple[str, int]] = []
 
     def _categories(self, end: int) -> tuple[str, int, int] | None:
         """Top categories over events before ``end``: (joined items, counts), or None."""
@@ -140,14 +154,14 @@ class ShardPrompts:
         if i != self.cat_next or self.cats_body is None:
             self.cat_next = i
             top = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:cfg.max_categories]
+            self.top = top
             body = _LJ.join(T.CATEGORY_ITEM.format(category=c, count=n) for c, n in top)
             self.cats_body = (body, *token_counts(body)) if top else ("", 0, 0)
         return self.cats_body if self.cats_body[0] else None
 
-    def prompt(self, target: int, now: int, template: int, use_titles: bool = False
-               ) -> tuple[str, int] | None:
-        """(text, approx tokens) of the prompt of the current user's target at kept position
-        ``target`` (time ``now``); None when over ``max_prompt_tokens``."""
+    def prompt(self, target: int, now: int, template: int, use_titles: bool = False) -> Prompt:
+        """The prompt of the current user's target at kept position ``target`` (time
+        ``now``), as ``compose_prompt`` gives it."""
         cfg, tp = self.cfg, self.templates[template]
         end = bisect_left(self.ts, now, self.first, target + 1)  # events before now
         facets, a, b = [], 0, 0
@@ -161,12 +175,14 @@ class ShardPrompts:
                 got = self.profile_facets[template] = (text, *token_counts(text))
             facets.append(got[0])
             a, b = a + got[1], b + got[2]
+        cats = None
         if cfg.categories and cfg.max_categories:
-            got = self._categories(end)
-            if got is not None:
+            cats = self._categories(end)
+            if cats is not None:
                 (pre, pa_, pb), (post, qa, qb) = tp.cats
-                facets.append(pre + got[0] + post)
-                a, b = a + got[1] + pa_ + qa, b + got[2] + pb + qb
+                facets.append(pre + cats[0] + post)
+                a, b = a + cats[1] + pa_ + qa, b + cats[2] + pb + qb
+        items: list[str] = []
         if cfg.behaviours and cfg.max_events:
             v = 1 if use_titles else 0
             j = bisect_left(self.pos[v], end)
@@ -174,8 +190,9 @@ class ShardPrompts:
             if j > i:
                 days = [str((now - t) // MS_PER_DAY) for t in self.times[v][i:j]]
                 tails = self.tails[v][i:j]
-                body = _LJ.join(map(str.__add__, days, tails) if self.headless else
-                                map("".join, zip(self.heads[v][i:j], days, tails)))
+                items = (list(map(str.__add__, days, tails)) if self.headless else
+                         list(map("".join, zip(self.heads[v][i:j], days, tails))))
+                body = _LJ.join(items)
                 n = j - i
                 digits = len(body) - (self.sum_len[v][j] - self.sum_len[v][i]) - (n - 1) * len(_LJ)
                 (pre, pa_, pb), (post, qa, qb) = tp.behaviours
@@ -187,6 +204,6 @@ class ShardPrompts:
             a, b = a + tp.question[1], b + tp.question[2]
         a, b = a + (len(facets) - 1) * _FJ_A, b + (len(facets) - 1) * _FJ_B
         tokens = tokens_of(a, b)
-        if tokens > cfg.max_prompt_tokens:
-            return None
-        return _FJ.join(facets), tokens
+        if tokens > cfg.max_prompt_tokens:  # the one truncation policy decides what goes
+            return fit_prompt(template, cfg, self.profile, self.top if cats else [], items)
+        return Prompt(_FJ.join(facets), tokens, False, False)

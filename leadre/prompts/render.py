@@ -164,10 +164,8 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
             evs.sort(key=lambda e: e.ts)
     now_ms = _ts_ms(now) if now is not None else (evs[-1].ts + 1 if evs else 0)
     evs = evs[:bisect_left(evs, now_ms, key=_event_ts)]  # in time order: a prefix
-    tpl = T.PROMPT_TEMPLATES[template]
     object_of = ad_title_of if use_titles else sid_of
 
-    head = [tpl.instruction] if cfg.instruction else []
     prof = profile_text(profile) if cfg.profile else ""
     cats = top_categories(evs, ad_category_of, cfg) if cfg.categories else []
     items: list[str] = []
@@ -187,6 +185,16 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
             if len(items) == cfg.max_events:
                 break
         items.reverse()
+    return fit_prompt(template, cfg, prof, cats, items)
+
+
+def fit_prompt(template: int, cfg: PromptConfig, prof: str, cats: list[tuple[str, int]],
+               items: list[str]) -> Prompt:
+    """The prompt of the gathered facets (profile text, top categories, behaviour items oldest
+    first), made to fit ``max_prompt_tokens``: the one truncation policy (also used by the
+    batch builder for the prompts its pieces show to be over budget)."""
+    tpl = T.PROMPT_TEMPLATES[template]
+    head = [tpl.instruction] if cfg.instruction else []
     tail = [tpl.question] if cfg.question else []
 
     def render() -> str:
