@@ -77,10 +77,13 @@ class ShardPrompts:
     list, domain / action / title as Arrow arrays, ``row``: catalog row of ad events). Per
     user: :meth:`start_user`, then :meth:`prompt` for its targets in time order."""
 
-    def __init__(self, cfg: PromptConfig, catalog: Catalog, ts: list[int], domain: pa.Array,
-                 action: pa.Array, row: np.ndarray, title: pa.Array):
+    def __init__(self, cfg: PromptConfig, catalog: Catalog, ts: list[int],
+                 domain: pa.Array | pa.ChunkedArray, action: pa.Array | pa.ChunkedArray,
+                 row: np.ndarray, title: pa.Array | pa.ChunkedArray):
         assert SUPPORTED
         self.cfg, self.ts = cfg, ts
+        domain, action, title = (x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
+                                 for x in (domain, action, title))
         self.templates = {i: _Template(t) for i, t in enumerate(T.PROMPT_TEMPLATES)}
         pre, post = _slot(T.BEHAVIOUR_ITEM, "days")
         self.headless = not pre  # items start with the day count (one concatenation each)
@@ -107,8 +110,8 @@ class ShardPrompts:
                 pa.array(ad_row)), title)
             pos = np.flatnonzero(shown & _numpy(pc.greater(pc.utf8_length(obj), 0)))
             take = pa.array(pos)
-            acts = pc.dictionary_encode(action.take(take)).combine_chunks()
-            objs = pc.dictionary_encode(obj.take(take)).combine_chunks()
+            acts = pc.dictionary_encode(action.take(take))
+            objs = pc.dictionary_encode(obj.take(take))
             m = max(len(objs.dictionary), 1)
             key = (acts.indices.to_numpy(zero_copy_only=False).astype(np.int64) * m
                    + objs.indices.to_numpy(zero_copy_only=False))
