@@ -9,10 +9,13 @@ write them as ``<out>/<kind>/<split>/part-<k>.parquet``; only counts go back to 
 :func:`build_shard` does per shard, with Arrow compute and numpy, what
 :func:`leadre.prompts.examples.build_user` does per user in Python: dropping unusable events
 (counted by reason), finding targets, splitting them, the visible window of every split and
-which users are skipped. What is left per target (the prompt text, template and mixing
-hashes, DPO sampling) uses the same functions as ``build_user``: :func:`compose_prompt` (the
-one prompt implementation, also used online), :func:`pick_template`, :func:`share_picked`,
-``_dpo_pairs``. A user who gets a ``skipped`` row goes through ``build_user`` itself, so rare
+which users are skipped. Prompts come from :class:`leadre.prompts.incremental.ShardPrompts`
+(the history pieces rendered once per event, checked against :func:`compose_prompt`, the one
+prompt implementation, also used online; over-budget prompts go through its truncation,
+:func:`fit_prompt`); template and mixing hashes and DPO sampling are the functions
+``build_user`` calls (:func:`pick_template`, :func:`share_picked`, :func:`dpo_pairs`). Rows
+are kept as catalog rows and indices and become Arrow columns by ``take`` once per shard.
+A user who gets a ``skipped`` row goes through ``build_user`` itself, so rare
 cases (and their detail strings) have one implementation. The output equals ``build_user``'s
 row for row (tested).
 """
