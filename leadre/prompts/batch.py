@@ -9,10 +9,13 @@ write them as ``<out>/<kind>/<split>/part-<k>.parquet``; only counts go back to 
 :func:`build_shard` does per shard, with Arrow compute and numpy, what
 :func:`leadre.prompts.examples.build_user` does per user in Python: dropping unusable events
 (counted by reason), finding targets, splitting them, the visible window of every split and
-which users are skipped. What is left per target (the prompt text, template and mixing
-hashes, DPO sampling) uses the same functions as ``build_user``: :func:`compose_prompt` (the
-one prompt implementation, also used online), :func:`pick_template`, :func:`share_picked`,
-``_dpo_pairs``. A user who gets a ``skipped`` row goes through ``build_user`` itself, so rare
+which users are skipped. Prompts come from :class:`leadre.prompts.incremental.ShardPrompts`
+(the history pieces rendered once per event, checked against :func:`compose_prompt`, the one
+prompt implementation, also used online; over-budget prompts go through its truncation,
+:func:`fit_prompt`); template and mixing hashes and DPO sampling are the functions
+``build_user`` calls (:func:`pick_template`, :func:`share_picked`, :func:`dpo_pairs`). Rows
+are kept as catalog rows and indices and become Arrow columns by ``take`` once per shard.
+A user who gets a ``skipped`` row goes through ``build_user`` itself, so rare
 cases (and their detail strings) have one implementation. The output equals ``build_user``'s
 row for row (tested).
 """
@@ -32,8 +35,9 @@ from leadre.data.schema import ENGAGEMENTS
 from leadre.prompts.catalog import Catalog
 from leadre.prompts.config import PromptConfig
 from leadre.prompts.contract import LABEL_COLUMNS, OUTPUTS, SPLITS, split_path
-from leadre.prompts.examples import (_LEGAL, Rng, Rows, SplitPlan, _dpo_pairs, build_user,
+from leadre.prompts.examples import (_LEGAL, Rng, Rows, SplitPlan, build_user, dpo_pairs,
                                      pick_template, share_picked, stable_hash)
+from leadre.prompts.incremental import SUPPORTED, ShardPrompts
 from leadre.prompts.render import Event, compose_prompt
 
 # Why an event is dropped, in build_user's order of checks (0 = kept).
@@ -41,34 +45,74 @@ _DROPS = ("", "dropped_missing_timestamp", "dropped_unknown_action", "dropped_un
           "dropped_ad_without_sid", "dropped_content_without_title")
 _LEGAL_KEYS = pa.array(sorted(f"{d}\x1f{a}" for d, a in _LEGAL), pa.string())
 _ENGAGEMENTS = pa.array(sorted(ENGAGEMENTS), pa.string())
-# public table -> the ROWS name of each of its columns, in order
-_SOURCES = {kind: [renames.get(c, c) for c in schema.names]
-            for kind, (schema, renames) in OUTPUTS.items()}
 
 
-class Out:
-    """Rows of one shard as column lists per public table ((kind, split) -> columns). Also a
-    :class:`Rows` look-alike (``add``) for the shared DPO sampler."""
+class _Columns:
+    """The shard's sft, eval and dpo rows as column lists of ints where it can (split code,
+    user, catalog rows; a DPO or eval row's prompt is the index of its target's main SFT row),
+    turned into Arrow tables once, by ``take`` from the catalog's columns."""
 
     def __init__(self) -> None:
-        self.tables: dict[tuple[str, str | None], dict[str, list]] = {}
+        self.s: tuple[list, ...] = ([], [], [], [], [], [])  # split, prompt, task, user, row, tpl
+        self.e: tuple[list, ...] = ([], [], [], [], [], [])  # split, src, user, row, hist, seq
+        self.d: tuple[list, ...] = ([], [], [], [], [], [])  # split, src, type, user, chosen, rej
 
-    def columns(self, kind: str, split: str | None) -> dict[str, list]:
-        cols = self.tables.get((kind, split))
-        if cols is None:
-            cols = self.tables[(kind, split)] = {c: [] for c in OUTPUTS[kind][0].names}
-        return cols
+    def sft(self, split: int, texts: list[str], user: int, row: int, tpl: int) -> int:
+        """The main (and aux_titles, if ``texts`` has two) rows; the main row's index."""
+        src = len(self.s[0])
+        for text, task in zip(texts, ("main", "aux_titles")):
+            for col, v in zip(self.s, (split, text, task, user, row, tpl)):
+                col.append(v)
+        return src
 
-    def add(self, kind: str, split: str | None, label: str, user_id: str | None,
-            **values: Any) -> None:
-        values["label"], values["user_id"] = label, user_id
-        get = values.get
-        for col, source in zip(self.columns(kind, split).values(), _SOURCES[kind]):
-            col.append(get(source))
+    def eval_row(self, split: int, src: int, user: int, row: int, hist: list[str],
+                 seq: list[str]) -> None:
+        for col, v in zip(self.e, (split, src, user, row, hist, seq)):
+            col.append(v)
 
-    def to_arrow(self) -> dict[tuple[str, str | None], pa.Table]:
-        return {key: pa.table(cols, schema=OUTPUTS[key[0]][0])
-                for key, cols in self.tables.items()}
+    def dpo(self, split: int, src: int, user: int, pairs: list[tuple[str, int, int]]) -> None:
+        for kind, chosen, rejected in pairs:
+            for col, v in zip(self.d, (split, src, kind, user, chosen, rejected)):
+                col.append(v)
+
+    def tables(self, catalog: Catalog, user_ids: list[str]) -> dict[tuple[str, str | None],
+                                                                    pa.Table]:
+        sid, ad = pa.array(catalog.sid, pa.string()), pa.array(catalog.ad_ids, pa.string())
+        ecpm, users = pa.array(catalog.ecpm, pa.float64()), pa.array(user_ids, pa.string())
+        prompts = pa.array(self.s[1], pa.string())
+
+        def at(values: pa.Array, index: list[int]) -> pa.Array:
+            return values.take(pa.array(index, pa.int64()))
+
+        def sft(split, _, task, user, row, tpl):
+            return {"prompt": prompts, "completion": at(sid, row), "task": task,
+                    "user_id": at(users, user), "target_ad_id": at(ad, row),
+                    "template": pa.array(tpl, pa.int32())}
+
+        def eval_(split, src, user, row, hist, seq):
+            return {"user_id": at(users, user), "prompt": at(prompts, src),
+                    "target_ad_id": at(ad, row), "target_sid": at(sid, row),
+                    "history_ad_ids": hist, "sequence_ad_ids": seq}
+
+        def dpo(split, src, kind, user, chosen, rejected):
+            return {"prompt": at(prompts, src), "chosen": at(sid, chosen),
+                    "rejected": at(sid, rejected), "pair_type": kind,
+                    "user_id": at(users, user), "chosen_ad_id": at(ad, chosen),
+                    "rejected_ad_id": at(ad, rejected), "chosen_ecpm": at(ecpm, chosen),
+                    "rejected_ecpm": at(ecpm, rejected)}
+
+        out = {}
+        for kind, make, rows in (("sft", sft, self.s), ("eval", eval_, self.e),
+                                 ("dpo", dpo, self.d)):
+            if not rows[0]:
+                continue
+            schema = OUTPUTS[kind][0]
+            cols = make(*rows)
+            table = pa.table({c: cols[c] for c in schema.names}, schema=schema)
+            codes = np.asarray(rows[0])
+            for code in np.unique(codes).tolist():
+                out[(kind, SPLITS[code])] = table.filter(pa.array(codes == code))
+        return out
 
 
 def _profiles(users: pa.Table | None) -> dict[str, dict[str, Any] | None]:
@@ -121,7 +165,7 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     counts (``kind/split/label`` -> n) that :func:`leadre.prompts.pipeline.route` would give."""
     from leadre.prompts.pipeline import GROUP_SCHEMA, events_batch, route
 
-    out, notes, fallback = Out(), Counter(), Rows()
+    notes, fallback = Counter(), Rows()
     profiles = _profiles(users)
     ev = events_batch(events) if events is not None else GROUP_SCHEMA.empty_table()
     order = None  # on-disk row of every sorted row, when the shard was not sorted
@@ -172,19 +216,20 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
     n_hist = np.bincount(t_user[with_history], minlength=n_users)
     normal = (n_kept > 0) & (n_t > 0) & (n_hist > 0) & ((n_t >= 2) if loo else True)
 
-    ts_l, ad_l = k_ts.tolist(), ev.column("ad_id").take(pa.array(kept)).to_pylist()
-    evs_all = list(map(Event, ts_l, ev.column("domain").take(pa.array(kept)).to_pylist(),
-                       ev.column("action").take(pa.array(kept)).to_pylist(), ad_l,
-                       ev.column("title").take(pa.array(kept)).to_pylist()))
+    kept_ev = ev.take(pa.array(kept))
+    ts_l, row_l = k_ts.tolist(), k_row.tolist()
     t_bounds = np.concatenate([[0], np.cumsum(n_t)]).tolist()
     t_pos_l, t_split_l, hist_l = t_pos.tolist(), t_split.tolist(), with_history.tolist()
     t_row_l = k_row[t_idx].tolist()
     e_bounds = np.concatenate([[0], np.cumsum(np.bincount(e_user, minlength=n_users))]).tolist()
     e_pos_l, e_row_l = (eng - k_start[e_user]).tolist(), e_row.tolist()
     k_start_l, n_kept_l = k_start.tolist(), n_kept.tolist()
-    sid, cols = catalog.sid, {s: out.columns("sft", s) for s in SPLITS}
     sid_of, title_of, cat_of = catalog.sid_of, catalog.title_of, catalog.category_of
     starts_l = np.append(starts, n).tolist()
+    fast = (ShardPrompts(cfg, catalog, ts_l, *(kept_ev.column(c) for c in ("domain", "action")),
+                         k_row, kept_ev.column("title")) if SUPPORTED and normal.any() else None)
+    ad_ids = catalog.ad_ids
+    out = _Columns()
     for u, user_id in enumerate(user_ids):
         profile = profiles.pop(user_id, None)
         if not normal[u]:
@@ -197,62 +242,66 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
         notes["users"] += 1
         for code in np.flatnonzero(drops[u, 1:]).tolist():
             notes[_DROPS[code + 1]] += int(drops[u, code + 1])
-        evs = evs_all[k_start_l[u]:k_start_l[u] + n_kept_l[u]]
+        k0, k1 = k_start_l[u], k_start_l[u] + n_kept_l[u]
+        evs: list[Event] = []  # the user's events, for compose_prompt (rarely needed)
+        if fast is not None:
+            fast.start_user(profile, k0)
         ta, tb = t_bounds[u], t_bounds[u + 1]
         notes["targets_without_history"] += (tb - ta) - int(n_hist[u])
         if loo:
             pos = t_pos_l[ta:tb]
-            ends = {"train": pos[-2], "valid": pos[-1], "test": len(evs)}
+            ends = {"train": pos[-2], "valid": pos[-1], "test": k1 - k0}
         else:
-            ends = {"train": int(before[0][u]), "valid": int(before[1][u]), "test": len(evs)}
+            ends = {"train": int(before[0][u]), "valid": int(before[1][u]), "test": k1 - k0}
         ea, eb = e_bounds[u], e_bounds[u + 1]
         eng_u = list(zip(e_pos_l[ea:eb], e_row_l[ea:eb]))
         positives = {s: {r for p, r in eng_u if p < end} for s, end in ends.items()}
-        targets = [(t_pos_l[i], SPLITS[t_split_l[i]], t_row_l[i]) for i in range(ta, tb)
-                   if hist_l[i]]
-        eval_at: dict[int, str] = {}
+        targets = [(t_pos_l[i], t_split_l[i], t_row_l[i]) for i in range(ta, tb) if hist_l[i]]
+        eval_at: dict[int, int] = {}
         for t, split, _ in targets:
-            if split != "train" and split not in eval_at.values():
+            if split and split not in eval_at.values():
                 eval_at[t] = split
-        train = [t for t, s, _ in targets if s == "train"]
+        train = [t for t, s, _ in targets if s == 0]
         if train:
-            eval_at[train[-1]] = "train"
+            eval_at[train[-1]] = 0
         all_targets = t_pos_l[ta:tb]
         for t, split, ad_row in targets:
-            target = evs[t]
-            ad_id, now = target.ad_id, target.ts
+            at = k0 + t
+            ad_id, now = ad_ids[ad_row], ts_l[at]
             tpl = pick_template(cfg, user_id, ad_id)
-            p = compose_prompt(profile, evs, sid_of, title_of, cfg, ad_category_of=cat_of,
-                               now=now, template=tpl, presorted=True)
-            notes["prompts_truncated"] += p.truncated
-            notes["prompts_over_budget"] += p.over_budget
-            c = cols[split]
-            target_sid = sid[ad_row]
-            for name, v in (("prompt", p.text), ("completion", target_sid), ("task", "main"),
-                            ("user_id", user_id), ("target_ad_id", ad_id), ("template", tpl)):
-                c[name].append(v)
-            if share_picked(cfg.aux_titles, cfg.seed, "titles", user_id, ad_id, now):
-                pt = compose_prompt(profile, evs, sid_of, title_of, cfg, ad_category_of=cat_of,
-                                    now=now, template=tpl, use_titles=True, presorted=True)
-                for name, v in (("prompt", pt.text), ("completion", target_sid),
-                                ("task", "aux_titles"), ("user_id", user_id),
-                                ("target_ad_id", ad_id), ("template", tpl)):
-                    c[name].append(v)
+            texts = []
+            for titles in (False, True):
+                if titles and not share_picked(cfg.aux_titles, cfg.seed, "titles", user_id,
+                                               ad_id, now):
+                    break
+                if fast is not None:
+                    p = fast.prompt(at, now, tpl, titles)
+                else:
+                    if not evs:
+                        user = kept_ev.slice(k0, k1 - k0)
+                        evs = list(map(Event, ts_l[k0:k1], *(user.column(c).to_pylist() for c in (
+                            "domain", "action", "ad_id", "title"))))
+                    p = compose_prompt(profile, evs, sid_of, title_of, cfg, now=now,
+                                       ad_category_of=cat_of, template=tpl, use_titles=titles,
+                                       presorted=True)
+                if not titles:
+                    notes["prompts_truncated"] += p.truncated
+                    notes["prompts_over_budget"] += p.over_budget
+                texts.append(p.text)
+            src = out.sft(split, texts, u, ad_row, tpl)
             if eval_at.get(t) == split:
-                hist = [evs[i].ad_id for i in all_targets if i < t]
-                out.add("eval", split, "eval", user_id, prompt=p.text, target_ad_id=ad_id,
-                        target_sid=target_sid,
-                        history_ad_ids=hist[-cfg.max_events:] if cfg.max_events else [],
-                        sequence_ad_ids=hist)
+                hist = [ad_ids[row_l[k0 + i]] for i in all_targets if i < t]
+                out.eval_row(split, src, u, ad_row,
+                             hist[-cfg.max_events:] if cfg.max_events else [], hist)
             if share_picked(cfg.dpo_share, cfg.seed, "dpo", user_id, ad_id, now):
                 rng = Rng(stable_hash(cfg.seed, "dpo", user_id, ad_id, now))
-                _dpo_pairs(out, p.text, user_id, split, ad_row, positives[split], catalog,
-                           cfg, rng, notes)
+                out.dpo(split, src, u, dpo_pairs(ad_row, positives[SPLITS[split]], catalog,
+                                                 cfg, rng, notes))
         notes["users_with_examples"] += 1
     for user_id in sorted(profiles):  # profiles without a single event
         build_user(user_id, profiles[user_id], [], catalog, cfg, plan, fallback)
 
-    tables = {k: t for k, t in out.to_arrow().items() if t.num_rows}
+    tables = out.tables(catalog, user_ids)
     flat: Counter = Counter()
     for (kind, split), t in tables.items():
         if kind not in LABEL_COLUMNS:  # eval rows have no label column; their label is "eval"

@@ -217,17 +217,10 @@ def _sample_other(rng: Rng, pool: list[int], avoid: set[int], tries: int = 24) -
     return None
 
 
-def _dpo_pairs(rows: Rows, prompt: str, user_id: str, split: str, target: int,
-               positives: set[int], catalog: Catalog, cfg: PromptConfig, rng: Rng,
-               notes: Counter) -> None:
-    sid, ecpm = catalog.sid, catalog.ecpm
-
-    def pair(kind: str, chosen: int, rejected: int) -> None:
-        rows.add("dpo", split, kind, user_id, prompt=prompt, chosen=sid[chosen],
-                 rejected=sid[rejected], chosen_ad_id=catalog.ad_ids[chosen],
-                 rejected_ad_id=catalog.ad_ids[rejected], chosen_ecpm=ecpm[chosen],
-                 rejected_ecpm=ecpm[rejected])
-
+def dpo_pairs(target: int, positives: set[int], catalog: Catalog, cfg: PromptConfig, rng: Rng,
+              notes: Counter) -> list[tuple[str, int, int]]:
+    """The DPO pairs of one prompt: (pair type, chosen, rejected catalog rows)."""
+    ecpm, pairs = catalog.ecpm, []
     avoid = positives | {target}
     for _ in range(cfg.dpo_random_negatives):
         neg = _sample_other(rng, catalog.candidates, avoid)
@@ -235,20 +228,20 @@ def _dpo_pairs(rows: Rows, prompt: str, user_id: str, split: str, target: int,
             notes["dpo_no_random_negative"] += 1
             continue
         avoid.add(neg)
-        pair("interest_random", target, neg)
+        pairs.append(("interest_random", target, neg))
     for _ in range(cfg.dpo_hard_negatives):
         neg = _sample_other(rng, catalog.by_first.get(catalog.first_code[target], []), avoid)
         if neg is None:
             notes["dpo_no_hard_negative"] += 1
             continue
         avoid.add(neg)
-        pair("interest_hard", target, neg)
+        pairs.append(("interest_hard", target, neg))
     if not cfg.dpo_value_pairs:
-        return
+        return pairs
     t_ecpm, cat = ecpm[target], catalog.category[target]
     if t_ecpm is None or cat is None:
         notes["dpo_value_unknown_ecpm" if t_ecpm is None else "dpo_value_unknown_category"] += 1
-        return
+        return pairs
     pool = catalog.by_category.get(cat, [])
     used = {target}
     for _ in range(cfg.dpo_value_pairs):
@@ -265,7 +258,8 @@ def _dpo_pairs(rows: Rows, prompt: str, user_id: str, split: str, target: int,
         if found is None:
             notes["dpo_no_value_pair"] += 1
             continue
-        pair("value", *found)
+        pairs.append(("value", *found))
+    return pairs
 
 
 def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence[Event],
@@ -351,8 +345,13 @@ def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence
                      sequence_ad_ids=hist_ads)
         if share_picked(cfg.dpo_share, cfg.seed, "dpo", user_id, target.ad_id, target.ts):
             rng = Rng(stable_hash(cfg.seed, "dpo", user_id, target.ad_id, target.ts))
-            _dpo_pairs(rows, p.text, user_id, split, ad_row, positives[split], catalog, cfg,
-                       rng, notes)
+            sid, ecpm, ad_ids = catalog.sid, catalog.ecpm, catalog.ad_ids
+            for kind, chosen, rejected in dpo_pairs(ad_row, positives[split], catalog, cfg,
+                                                    rng, notes):
+                rows.add("dpo", split, kind, user_id, prompt=p.text, chosen=sid[chosen],
+                         rejected=sid[rejected], chosen_ad_id=ad_ids[chosen],
+                         rejected_ad_id=ad_ids[rejected], chosen_ecpm=ecpm[chosen],
+                         rejected_ecpm=ecpm[rejected])
     notes["users_with_examples"] += 1
     _note(rows, user_id, notes)
     return rows

@@ -49,6 +49,14 @@ def approx_tokens(text: str) -> int:
     per-word rounding); every digit counts 1 (Llama-style tokenizers split digits) and so does
     every other non-space character (punctuation, ``^``). Whitespace is free.
     """
+    return tokens_of(*token_counts(text))
+
+
+def token_counts(text: str) -> tuple[int, int]:
+    """The two sums :func:`approx_tokens` is made of: (S-IDs + other characters, letters +
+    3 * words). Both add up over pieces of a text cut where one side is a :func:`hard`
+    character (no word or S-ID spans the cut), which lets the batch builder count a prompt
+    from counts of its pieces."""
     rest, n_sid = SID_TOKEN.subn(" ", text)
     if rest.isascii():
         # The same counts with bytes.translate / count (C loops, no match objects): this
@@ -62,7 +70,17 @@ def approx_tokens(text: str) -> int:
         kept, words = _WORD.subn("", rest)
         letters = len(rest) - len(kept)
         others = len("".join(kept.split()))
-    return n_sid + -(-(letters + 3 * words) // 4) + others
+    return n_sid + others, letters + 3 * words
+
+
+def tokens_of(ones: int, letters_words: int) -> int:
+    """:func:`approx_tokens` from (summed) :func:`token_counts`."""
+    return ones + -(-letters_words // 4)
+
+
+def hard(char: str) -> bool:
+    """True when no word or S-ID token can contain ``char`` (space, most punctuation)."""
+    return char.isspace() or not (char.isalnum() or char in "<>_")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -146,10 +164,8 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
             evs.sort(key=lambda e: e.ts)
     now_ms = _ts_ms(now) if now is not None else (evs[-1].ts + 1 if evs else 0)
     evs = evs[:bisect_left(evs, now_ms, key=_event_ts)]  # in time order: a prefix
-    tpl = T.PROMPT_TEMPLATES[template]
     object_of = ad_title_of if use_titles else sid_of
 
-    head = [tpl.instruction] if cfg.instruction else []
     prof = profile_text(profile) if cfg.profile else ""
     cats = top_categories(evs, ad_category_of, cfg) if cfg.categories else []
     items: list[str] = []
@@ -169,6 +185,16 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
             if len(items) == cfg.max_events:
                 break
         items.reverse()
+    return fit_prompt(template, cfg, prof, cats, items)
+
+
+def fit_prompt(template: int, cfg: PromptConfig, prof: str, cats: list[tuple[str, int]],
+               items: list[str]) -> Prompt:
+    """The prompt of the gathered facets (profile text, top categories, behaviour items oldest
+    first), made to fit ``max_prompt_tokens``: the one truncation policy (also used by the
+    batch builder for the prompts its pieces show to be over budget)."""
+    tpl = T.PROMPT_TEMPLATES[template]
+    head = [tpl.instruction] if cfg.instruction else []
     tail = [tpl.question] if cfg.question else []
 
     def render() -> str:
