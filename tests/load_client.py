@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 
 from leadre.serve.client import RecommendClient
@@ -125,3 +126,16 @@ def replica_actors(ray, app: str, deployment: str) -> list[tuple[str, str]]:
                 continue
             out.append((a["name"], h._actor_id.hex()))
     return sorted(out)
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200 (a deployment coming up), or raise after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} never answered 200")

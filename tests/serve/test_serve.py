@@ -29,7 +29,7 @@ from leadre.serve.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
 
 from conftest import free_port
-from load_client import Load, replica_actors
+from load_client import Load, replica_actors, wait_http
 from serving_world import make_world
 
 APP = "leadre-test"
@@ -57,18 +57,6 @@ def world(tmp_path_factory):
     store.put_users(w["contexts"])
     store.close()
     return w
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} never answered 200")
 
 
 @pytest.fixture(scope="module")

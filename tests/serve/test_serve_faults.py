@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from leadre.artifacts import read_table
@@ -18,7 +17,7 @@ from leadre.serve.store import CandidateRecord, open_store
 from leadre.sids import load_table
 
 from conftest import free_port
-from load_client import Load, replica_actors
+from load_client import Load, replica_actors, wait_http
 from redis_server import RedisServer
 from serving_world import make_world
 
@@ -36,18 +35,6 @@ def world(tmp_path_factory):
     with open_store(w["store"]) as store:
         store.put_users(w["contexts"])
     return w
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} never answered 200")
 
 
 def config(world, store_url: str, matchers: int = 2, **generator) -> ServeConfig:
