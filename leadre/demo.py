@@ -3,7 +3,8 @@ stage writing its artifact directory under ``out`` exactly as the stand-alone co
 
     generate -> ingest -> sids -> prompts -> sft -> dpo -> eval -> index -> warm -> serve (+ HTTP)
 
-Sizes are chosen to finish in about ten minutes on a 2-core CPU machine; every knob of every
+Sizes are chosen to finish in about 17 minutes on a quiet 2-core CPU machine, most of it SFT
+(1,200 steps buy a model that beats the embedding-ANN baseline); every knob of every
 stage stays reachable through that stage's own command.
 
 The terminal gets one line per stage and a short summary at the end. Everything the stages
