@@ -96,6 +96,32 @@ class Curve(TrainerCallback):
         print("curve:", point, flush=True)
 
 
+def budgeted_train(trainer, curve: Curve, clock: Clock, timer: dict[str, float], score_fn,
+                   a: argparse.Namespace, sync) -> tuple[float, int, float]:
+    """Calibrate, then train for ``a.train_seconds``: (calibration s, timed steps, timed
+    training s without curve scoring). The first ``a.calibration_steps`` (which train too)
+    measure the step rate; the timed run then gets a fresh optimiser and schedule over as many
+    steps as the budget holds, from the warm weights, with ``a.curve_points`` curve points."""
+    t0 = time.perf_counter()
+    trainer.train()
+    sync()
+    calib_s = time.perf_counter() - t0
+    steps_per_s = clock.steps_per_s(skip=a.calibration_steps // 3)  # CUDA warm-up excluded
+    total = max(a.calibration_steps, int(steps_per_s * a.train_seconds))
+    every = max(1, total // a.curve_points)
+    curve.steps = {every * i for i in range(1, a.curve_points + 1)}
+    trainer.args.max_steps = total
+    timer["start"], timer["scoring"] = time.perf_counter(), 0.0
+    clock.deadline = timer["start"] + 1.2 * a.train_seconds + 5 * a.curve_points
+    # Step 0 of the timed run: the model has had the calibration steps already.
+    curve.points.append({"step": 0, "train_seconds": 0.0,
+                         "after_calibration_steps": a.calibration_steps, **score_fn(trainer.model)})
+    timer["scoring"] = time.perf_counter() - timer["start"]
+    trainer.train()
+    sync()
+    return calib_s, total, time.perf_counter() - timer["start"] - timer["scoring"]
+
+
 def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -145,25 +171,7 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     tokenize_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in trainer.model.parameters())
 
-    # Calibration: the first steps (also training) measure the step rate.
-    t0 = time.perf_counter()
-    trainer.train()
-    sync()
-    calib_s = time.perf_counter() - t0
-    steps_per_s = clock.steps_per_s(skip=a.calibration_steps // 3)  # CUDA warm-up excluded
-    total = max(a.calibration_steps, int(steps_per_s * a.train_seconds))
-    every = max(1, total // a.curve_points)
-    curve.steps = {every * i for i in range(1, a.curve_points + 1)}
-    trainer.args.max_steps = total
-    timer["start"], timer["scoring"] = time.perf_counter(), 0.0
-    clock.deadline = timer["start"] + 1.2 * a.train_seconds + 5 * a.curve_points
-    # Step 0 of the timed run: the model has had the calibration steps already.
-    curve.points.append({"step": 0, "train_seconds": 0.0,
-                         "after_calibration_steps": a.calibration_steps, **score(trainer.model)})
-    timer["scoring"] = time.perf_counter() - timer["start"]
-    trainer.train()  # fresh optimiser + schedule over `total` steps, from the warm weights
-    sync()
-    train_s = time.perf_counter() - timer["start"] - timer["scoring"]
+    calib_s, total, train_s = budgeted_train(trainer, curve, clock, timer, score, a, sync)
     train_hist = [e for e in trainer.state.log_history if "loss" in e]
     trainer.save_model(str(run_dir / "merged"))
     tokenizer.save_pretrained(str(run_dir / "merged"))

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import Clock, Curve, valid_scorer  # noqa: E402
+from bench_gpu import Clock, Curve, budgeted_train, valid_scorer  # noqa: E402
 
 from leadre.train.common import OFFLINE_ENV  # noqa: E402
 
@@ -120,22 +120,7 @@ def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
     trainer = _trainer(cfg, model_dir, a, [curve, clock])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in trainer.model.parameters())
-    t0 = time.perf_counter()
-    trainer.train()  # calibration: these steps train too
-    sync()
-    calib_s = time.perf_counter() - t0
-    rate = clock.steps_per_s(skip=a.calibration_steps // 3)
-    total = max(a.calibration_steps, int(rate * a.train_seconds))
-    every = max(1, total // a.curve_points)
-    curve.steps = {every * i for i in range(1, a.curve_points + 1)}
-    trainer.args.max_steps = total
-    timer["start"], timer["scoring"] = time.perf_counter(), 0.0
-    clock.deadline = timer["start"] + 1.2 * a.train_seconds + 5 * a.curve_points
-    curve.points.append({"step": 0, "train_seconds": 0.0, **score(trainer.model)})
-    timer["scoring"] = time.perf_counter() - timer["start"]
-    trainer.train()
-    sync()
-    train_s = time.perf_counter() - timer["start"] - timer["scoring"]
+    calib_s, total, train_s = budgeted_train(trainer, curve, clock, timer, score, a, sync)
     merged_dir = a.out / name / variant  # its last path part names it in the eval report
     model = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") \
         else trainer.model
