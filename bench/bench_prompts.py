@@ -64,7 +64,8 @@ def make_inputs(root: str, users: int, ads: int, seed: int) -> tuple[str, str, i
 
 class PeakRss:
     """Peak of the summed RSS of this process and all its descendants (the Ray driver, raylet,
-    GCS and workers of a local cluster), sampled every 0.1 s in a thread. Pages shared between
+    GCS and workers of a local cluster), sampled every 0.25 s in a thread (a sample costs ~2
+    ms of CPU; at 0.1 s that took 2% of a core from the run). Pages shared between
     processes (the object store) are counted once per process that maps them."""
 
     def __init__(self) -> None:
@@ -83,7 +84,7 @@ class PeakRss:
         return total
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.25):
             self.peak = max(self.peak, self._sample())
 
     def __enter__(self) -> "PeakRss":
@@ -149,9 +150,16 @@ def main() -> None:
         return m["counts"]["totals"]["examples"] / s
 
     c = results[0][3]["counts"]
+    def usage(m):
+        u = m.get("shard_workers")
+        if not u or not u.get("workers"):
+            return ""
+        return (f"{u['workers']} x {u['busy_share']:.0%} of {u['span_s']:.1f} s; shard "
+                f"{u['shard_s']['median']:.2f} s (max {u['shard_s']['max']:.2f})")
+
     rows = "\n".join(
         f"| {name} | {s:.1f} | {m['counts']['totals']['examples']:,} | {rate(s, m):,.0f} | "
-        f"{m['counts']['users']['total'] / s:,.0f} | {peak / 2**20:,.0f} |"
+        f"{m['counts']['users']['total'] / s:,.0f} | {peak / 2**20:,.0f} | {usage(m)} |"
         for name, _, s, m, peak in results)
     by = {key: rate(s, m) for _, key, s, m, _ in results}
     peaks = {key: peak for _, key, _, _, peak in results}
@@ -169,10 +177,11 @@ def main() -> None:
 ({c['sft']['train']['main']:,} main train), {c['totals']['dpo']:,} DPO, {c['totals']['eval']:,} eval rows.
 Wall time from reading inputs to the last parquet shard (Ray start-up excluded). Peak memory:
 summed RSS of the driver and every process it started (Ray's raylet, GCS, workers), sampled
-every 0.1 s during the run (object-store pages count once per process mapping them).
+every 0.25 s during the run (object-store pages count once per process mapping them).
+Builders busy: ShardBuilder actors x the share of the build span each spent inside a shard.
 
-| engine | wall s | examples | examples/s | users/s | peak RSS MiB |
-|---|---|---|---|---|---|
+| engine | wall s | examples | examples/s | users/s | peak RSS MiB | builders busy |
+|---|---|---|---|---|---|---|
 {rows}
 
 {'; '.join(ratios)}. Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}

@@ -24,6 +24,7 @@ row for row (tested).
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -40,6 +41,8 @@ from leadre.prompts.examples import (_LEGAL, Rng, Rows, SplitPlan, build_user, d
                                      pick_template, share_picked, stable_hash)
 from leadre.prompts.incremental import SUPPORTED, ShardPrompts
 from leadre.prompts.render import Event, compose_prompt
+
+log = logging.getLogger(__name__)
 
 # Why an event is dropped, in build_user's order of checks (0 = kept).
 _DROPS = ("", "dropped_missing_timestamp", "dropped_unknown_action", "dropped_unknown_ad",
@@ -337,10 +340,14 @@ class ShardBuilder:
         self.fs, self.root = artifacts.resolve(out)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
+        import time
 
-        counts = []
+        import pyarrow.parquet as pq
+        import ray
+
+        counts, times = [], []
         for k in batch.column("shard").to_pylist():
+            t0 = time.time()
             tables, flat = build_shard(shards.read_shard(self.ingest_dir, "events", k),
                                        shards.read_shard(self.ingest_dir, "users", k),
                                        self.catalog, self.cfg, self.plan)
@@ -349,17 +356,44 @@ class ShardBuilder:
                 self.fs.create_dir(d, recursive=True)
                 pq.write_table(t, f"{d}/{shards.shard_file(k)}", filesystem=self.fs)
             counts.append(json.dumps(flat))
-        return pa.table({"counts": pa.array(counts, pa.string())})
+            times.append((t0, time.time()))
+        return pa.table({"counts": pa.array(counts, pa.string()),
+                         "worker": pa.array([ray.get_runtime_context().get_actor_id()]
+                                            * len(times), pa.string()),
+                         "start": pa.array([a for a, _ in times], pa.float64()),
+                         "end": pa.array([b for _, b in times], pa.float64())})
 
 
-def run_shards(cfg: PromptConfig, catalog: Catalog, plan: SplitPlan) -> tuple[Counter, int]:
-    """Build and write every shard of ``cfg.ingest_dir`` on Ray Data; (flat counts, shards)."""
+def worker_usage(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How busy the builders were, from each shard's (worker, start, end): the share of the
+    span (first start to last end) that each worker spent building, on average, and the
+    spread of shard times. A share well below 1 means workers waited (for the driver, for
+    the tail shard), not that building was slow."""
+    if not rows:
+        return {"workers": 0}
+    span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    busy: Counter = Counter()
+    for r in rows:
+        busy[r["worker"]] += r["end"] - r["start"]
+    secs = sorted(r["end"] - r["start"] for r in rows)
+    return {"workers": len(busy), "span_s": round(span, 2),
+            "busy_share": round(sum(busy.values()) / (len(busy) * span), 3) if span else 1.0,
+            "shard_s": {"min": round(secs[0], 3), "median": round(secs[len(secs) // 2], 3),
+                        "max": round(secs[-1], 3)}}
+
+
+def run_shards(cfg: PromptConfig, catalog: Catalog, plan: SplitPlan
+               ) -> tuple[Counter, dict[str, Any]]:
+    """Build and write every shard of ``cfg.ingest_dir`` on Ray Data; (flat counts, manifest
+    fields: the shard count and :func:`worker_usage`). Logs progress as shards finish."""
+    import time
+
     import ray
 
     ids = shards.shard_ids(cfg.ingest_dir)
     flat: Counter = Counter()
     if not ids:
-        return flat, 0
+        return flat, {"partitions": 0}
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"shard": k} for k in ids], override_num_blocks=len(ids))
     result = ds.map_batches(
@@ -369,6 +403,13 @@ def run_shards(cfg: PromptConfig, catalog: Catalog, plan: SplitPlan) -> tuple[Co
                                            max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"ingest_dir": cfg.ingest_dir, "out": cfg.out,
                                "catalog_ref": [ray.put(catalog)], "cfg": cfg, "plan": plan})
+    done, t0, last = [], time.perf_counter(), 0.0
     for r in result.iter_rows():
-        flat.update(json.loads(r["counts"]))
-    return flat, len(ids)
+        flat.update(json.loads(r.pop("counts")))
+        done.append(r)
+        now = time.perf_counter() - t0
+        if now - last >= 10 or len(done) == len(ids):  # a line every 10 s, and the last
+            last = now
+            log.info("prompts: %d/%d shards in %.0f s (~%.0f s left)", len(done), len(ids),
+                     now, now / len(done) * (len(ids) - len(done)))
+    return flat, {"partitions": len(ids), "shard_workers": worker_usage(done)}

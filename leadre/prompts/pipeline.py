@@ -391,16 +391,17 @@ def run(cfg: PromptConfig) -> dict[str, Any]:
     if engine == "shards":
         with artifacts.timed(timings, "build_and_write"):
             _clear_outputs(cfg.out)
-            flat, partitions = run_shards(cfg, catalog, plan)
+            flat, info = run_shards(cfg, catalog, plan)
     else:
         flat, partitions = _run_groupby(cfg, catalog, plan, events_path, fs, n_events, timings)
+        info = {"partitions": partitions}
     with artifacts.timed(timings, "ad_tasks"):
         tables, c = route(build_ad_rows(catalog, cfg).to_arrow())
         _write_local(cfg.out, tables, "ads")
         flat.update(c)
         _fill_empty(cfg.out)
     return _finish(cfg, flat, timings, catalog, ingest, sids, split_info,
-                   {"partitions": partitions, "engine": engine})
+                   {**info, "engine": engine})
 
 
 def _run_groupby(cfg: PromptConfig, catalog: Catalog, plan: SplitPlan, events_path: str,

@@ -189,6 +189,28 @@ def test_shards_engine_equals_groupby_engine_and_single_process_builder(world):
     assert world["manifest"]["counts"] == old["counts"] == local["counts"]
 
 
+def test_shards_manifest_records_how_busy_the_builders_were(world):
+    """engine=shards runs a pool of ShardBuilder actors (one per CPU of the cluster, 2 here);
+    the manifest says how many, how long each shard took and what share of the build span
+    they spent building."""
+    u = world["manifest"]["shard_workers"]
+    assert u["workers"] == 2
+    assert 0 < u["busy_share"] <= 1 and u["span_s"] > 0
+    assert 0 < u["shard_s"]["min"] <= u["shard_s"]["median"] <= u["shard_s"]["max"] <= u["span_s"]
+
+
+def test_worker_usage_arithmetic():
+    from leadre.prompts.batch import worker_usage
+
+    rows = [{"worker": "a", "start": 0.0, "end": 4.0}, {"worker": "a", "start": 5.0, "end": 10.0},
+            {"worker": "b", "start": 0.0, "end": 8.0}]
+    u = worker_usage(rows)
+    # span 10 s; a built 9 s, b 8 s: (9 + 8) / (2 * 10)
+    assert u == {"workers": 2, "span_s": 10.0, "busy_share": 0.85,
+                 "shard_s": {"min": 4.0, "median": 5.0, "max": 8.0}}
+    assert worker_usage([]) == {"workers": 0}
+
+
 def test_deterministic_and_seed_sensitive(world):
     a = build_local(cfg_for(world, "unused"), write=False)["tables"]
     b = build_local(cfg_for(world, "unused"), write=False)["tables"]
