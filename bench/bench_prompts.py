@@ -2,10 +2,10 @@
 (engine=shards) on 1 and 2 CPUs, against the single-process pure-Python per-user loop
 (`build_local`, the old builder), in one run, with the peak memory of each.
 
-    python bench/bench_prompts.py [--users 100000] [--ads 10000] [--groupby 2]
+    python bench/bench_prompts.py [--users 100000] [--ads 10000] [--groupby 2] [--pin]
 
 The last line is `RESULT examples=<n> python_eps=<x> ray1_eps=<x> ray2_eps=<x>` plus the
-peak memory of each run (`<run>_peak_mib`). `--groupby 2` also runs the old Ray engine
+peak memory of each run (`<run>_peak_mib`) and `pinned=0|1` (`--pin`). `--groupby 2` also runs the old Ray engine
 (shuffle by user, one Python call per user) on 2 CPUs, for comparison.
 
 The world is generated with leadre.data.synth and written directly as an ingest directory (the
@@ -117,7 +117,13 @@ def main() -> None:
     p.add_argument("--groupby", type=int, nargs="*", default=[], metavar="CPUS",
                    help="also run the old engine (engine=groupby: shuffle by user, one Python "
                         "call per user) on these CPU counts, for its time and peak memory")
+    p.add_argument("--pin", action="store_true",
+                   help="pin each run, with every process it starts (Ray's raylet, GCS, "
+                        "dashboard, workers), to as many cores as it has CPUs (the Python run "
+                        "to one): without it, a 1-CPU Ray run has its control plane on the "
+                        "other core for free, and 2 CPUs share theirs")
     args = p.parse_args()
+    all_cores = os.sched_getaffinity(0)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -128,19 +134,25 @@ def main() -> None:
         n_shards = len(shards.shard_ids(ingest))
         results = []
         base = dict(ingest_dir=ingest, sids_dir=sids)
+        def pin(cpus: int | None) -> None:
+            os.sched_setaffinity(0, sorted(all_cores)[:cpus] if cpus else all_cores)
+
         if not args.skip_local:
+            pin(1 if args.pin else None)
             s, m, peak = timed_run(build_local, PromptConfig(**base, out=f"{root}/local"))
             results.append(("pure Python, 1 process (per-user loop)", "python", s, m, peak))
             print(f"local: {s:.1f} s", m["summary"], flush=True)
         runs = [(c, "groupby") for c in args.groupby] + [(c, "shards") for c in args.cpus]
         for cpus, engine in runs:
             ray_cfg = RayConfig(num_cpus=cpus, object_store_mb=1024)
+            pin(cpus if args.pin else None)  # before Ray starts: its processes inherit it
             init_ray(ray_cfg)
             try:
                 s, m, peak = timed_run(run, PromptConfig(**base, out=f"{root}/{engine}{cpus}",
                                                          ray=ray_cfg, engine=engine))
             finally:
                 ray.shutdown()
+                pin(None)
             old = engine == "groupby"
             name = f"Ray Data, {cpus} CPU, " + ("old engine=groupby" if old else "engine=shards")
             results.append((name, f"{'groupby' if old else 'ray'}{cpus}", s, m, peak))
@@ -172,7 +184,9 @@ def main() -> None:
     if py and r1:
         ratios.append(f"Ray Data 1 CPU vs pure Python: {r1 / py:.2f}x")
     load = os.getloadavg()
-    body = f"""{args.users:,} users, {args.ads:,} ads, {n_events:,} events in {n_shards} user shards
+    pinned = ("Each run pinned (`--pin`) with all its processes to as many cores as it has "
+              "CPUs (pure Python: 1 core).\n" if args.pin else "")
+    body = f"""{pinned}{args.users:,} users, {args.ads:,} ads, {n_events:,} events in {n_shards} user shards
 (inputs prepared in {prep:.1f} s, not counted). Examples = SFT rows + DPO pairs; {c['totals']['sft']:,} SFT
 ({c['sft']['train']['main']:,} main train), {c['totals']['dpo']:,} DPO, {c['totals']['eval']:,} eval rows.
 Wall time from reading inputs to the last parquet shard (Ray start-up excluded). Peak memory:
@@ -189,7 +203,7 @@ Builders busy: ShardBuilder actors x the share of the build span each spent insi
     append("Prompt pipeline (stage 3)", body)
     keys = " ".join(f"{k}_eps={by[k]:.0f}" for k in ("python", "ray1", "ray2") if k in by)
     mem = " ".join(f"{k}_peak_mib={peaks[k] / 2**20:.0f}" for k in peaks)
-    print(f"RESULT examples={c['totals']['examples']} {keys} {mem}")
+    print(f"RESULT examples={c['totals']['examples']} {keys} {mem} pinned={int(args.pin)}")
 
 
 if __name__ == "__main__":
