@@ -247,10 +247,13 @@ def generate_all(cfg: EvalConfig, model_dir: str, sids_dir: str, prompts: list[s
         from leadre.runtime import init_ray
 
         init_ray(cfg.ray)
-        # Sort by prompt length so each batch pads little; blocks keep actors busy.
+        # Sort by prompt length so each batch pads little; blocks keep actors busy. The blocks
+        # are cut here, not by Dataset.repartition: its split tasks need a CPU, and when the
+        # actor pool holds every CPU of the cluster (ray.num_cpus=1) they never run.
         frame = frame.iloc[np.argsort(frame["prompt"].str.len().to_numpy(), kind="stable")]
         n_blocks = max(1, min(len(frame) // cfg.batch_size, cfg.actors * 4))
-        ds = ray.data.from_pandas(frame).repartition(n_blocks)
+        cuts = np.linspace(0, len(frame), n_blocks + 1).astype(int)
+        ds = ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
         res = ds.map_batches(
             GenerateBatch, fn_constructor_kwargs={"model_dir": model_dir, "sids_dir": sids_dir,
                                                   "gen_cfg": gen_cfg},
