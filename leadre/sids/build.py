@@ -37,7 +37,7 @@ CONFIG_FILE = "sid_config.json"
 # Fields that change where/how fast the stage runs but never which S-IDs it produces; they
 # are left out of the version hash so the same S-IDs get the same version everywhere.
 _EXECUTION_FIELDS = {"ingest_dir", "out", "embed_on", "embed_batch_size", "embed_actors",
-                     "embed_cpus", "embed_gpus", "ray", "device"}
+                     "embed_cpus", "embed_gpus", "ray", "device", "model_cache"}
 
 
 def load_ads(ingest_dir: str) -> pa.Table:
@@ -70,7 +70,7 @@ def load_ads(ingest_dir: str) -> pa.Table:
 
 def make_encoder(cfg: SidConfig) -> TextEncoder:
     if cfg.encoder == "hf":
-        return HfEncoder(cfg.model_path, cfg.max_length, device="cpu")
+        return HfEncoder(cfg.model_path, cfg.max_length, device="cpu", cache_dir=cfg.model_cache)
     return LsaEncoder(cfg.embed_dim, cfg.hash_features, seed=cfg.seed, fit_sample=cfg.fit_sample)
 
 

