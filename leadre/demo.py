@@ -3,7 +3,7 @@ stage writing its artifact directory under ``out`` exactly as the stand-alone co
 
     generate -> ingest -> sids -> prompts -> sft -> dpo -> eval -> index -> warm -> serve (+ HTTP)
 
-Sizes are chosen to finish in about 17 minutes on a quiet 2-core CPU machine, most of it SFT
+Sizes are chosen to finish in about 8 minutes on a quiet 2-core CPU machine, most of it SFT
 (1,200 steps buy a model that beats the embedding-ANN baseline); every knob of every
 stage stays reachable through that stage's own command.
 
