@@ -126,8 +126,9 @@ class PromptConfig:
     seed: int = field(default=0, metadata={
         "help": "seed of every sampled choice (templates, mixing, negatives)"})
     engine: Literal["auto", "shards", "groupby"] = field(default="auto", metadata={
-        "help": "shards: one task per user shard of the ingest output, no shuffle (needs the "
-                "layout the ingest manifest records as events_layout); groupby: hash-shuffle "
+        "help": "shards: a pool of builder actors, one user shard of the ingest output per "
+                "call, no shuffle (needs the layout the ingest manifest records as "
+                "events_layout); groupby: hash-shuffle "
                 "events by user_id, then one Python call per user (any ingest directory); "
                 "auto: shards when the ingest manifest vouches for the layout, else groupby"})
     partitions: int | None = field(default=None, metadata={
