@@ -105,6 +105,20 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.25)
 
 
+def _shutdown(serve, timeout_s: float) -> None:
+    """``serve.shutdown()``, given at most ``timeout_s``: on a loaded machine it has been seen to
+    take longer than a user waits after Ctrl-C (the full test suite, once). The command then
+    returns anyway; a local cluster it started ends with the process."""
+    import threading
+
+    print("stopping Serve ...", flush=True)
+    done = threading.Thread(target=serve.shutdown, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        log.warning("serve.shutdown() still running after %.0f s: exiting anyway", timeout_s)
+
+
 def run(cfg: ServeConfig) -> dict:
     """``leadre serve``: start Serve on ``cfg.host:cfg.port`` and deploy the graph. When
     this starts its own Ray cluster and ``cfg.high_throughput`` is set, the cluster runs in
@@ -136,5 +150,5 @@ def run(cfg: ServeConfig) -> dict:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.shutdown()
+            _shutdown(serve, cfg.shutdown_timeout_s)
     return {"stage": "serve", "config": asdict(cfg), "summary": summary}

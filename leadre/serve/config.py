@@ -287,6 +287,8 @@ class ServeConfig:
             (:class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
             ``--set generator.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
         ray: how to reach Ray. blocking: ``leadre serve`` keeps running until Ctrl-C.
+        shutdown_timeout_s: after Ctrl-C, how long ``serve.shutdown()`` may take before the
+            command exits anyway (its own local cluster goes with the process).
     """
 
     index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
@@ -310,6 +312,12 @@ class ServeConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
     blocking: bool = field(default=True, metadata={
         "help": "leadre serve: keep running until Ctrl-C (false: deploy and return)"})
+    shutdown_timeout_s: float = field(default=30.0, metadata={
+        "help": "after Ctrl-C, wait this long for Serve to shut down, then exit anyway"})
+
+    def __post_init__(self) -> None:
+        if self.shutdown_timeout_s <= 0:
+            raise ConfigError(f"serve: shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
 
     def paths(self) -> ServePaths:
         """The artifact paths and store URL, absolute (computed on the driver)."""
