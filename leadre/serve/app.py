@@ -106,9 +106,10 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
 
 
 def _shutdown(serve, timeout_s: float) -> None:
-    """``serve.shutdown()``, given at most ``timeout_s``: on a loaded machine it has been seen to
-    take longer than a user waits after Ctrl-C (the full test suite, once). The command then
-    returns anyway; a local cluster it started ends with the process."""
+    """``serve.shutdown()``, given at most ``timeout_s``: its controller has been seen to need
+    more than 30 s (Serve then logs "Controller failed to shut down within 30.0s"), longer than
+    a user waits after Ctrl-C. The command returns anyway; a local cluster it started ends with
+    the process."""
     import threading
 
     print("stopping Serve ...", flush=True)

@@ -47,7 +47,10 @@ def served(tmp_path_factory):
          "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=200",
          "--set", "matcher.num_cpus=0.1", "--set", "generator.num_cpus=0.1",
          "--set", "generator.num_gpus=0"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        # A suite started in the background (`pytest &` from a script) ignores SIGINT, and a
+        # child inherits that: give `leadre serve` the Ctrl-C a terminal user has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while True:
