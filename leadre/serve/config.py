@@ -317,7 +317,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.shutdown_timeout_s <= 0:
-            raise ConfigError(f"serve: shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
+            raise ConfigError(f"serve: shutdown_timeout_s must be > 0, "
+                              f"got {self.shutdown_timeout_s}")
 
     def paths(self) -> ServePaths:
         """The artifact paths and store URL, absolute (computed on the driver)."""

