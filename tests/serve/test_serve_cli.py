@@ -76,10 +76,14 @@ def served(tmp_path_factory):
             proc.wait(90)
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything of its cluster still alive
-    except ProcessLookupError:
-        pass
+    # Anything of its cluster still alive: the whole session it leads, not only its process
+    # group (Ray's HAProxy runs in a group of its own and outlived a failed run's killpg).
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (psutil.Error, OSError):
+            pass
     log.close()
 
 
