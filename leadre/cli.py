@@ -43,6 +43,15 @@ def _scalar_type(tp: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None
     return None, None, optional
 
 
+def _nullable(conv: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`--model-dir null` means None, as the help texts and the YAML spelling say (argparse
+    would otherwise pass the string "null" on)."""
+    def parse(raw: str) -> Any:
+        return None if raw == "null" else conv(raw)
+    parse.__name__ = getattr(conv, "__name__", "value")  # argparse names it in its errors
+    return parse
+
+
 # Options every sub-command has; a config field of the same name is set through them.
 COMMON_OPTIONS = {"config", "overrides", "verbose"}
 VERBOSE_HELP = "debug logging (demo: the libraries' logs as they happen)"
@@ -62,9 +71,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
             continue
-        conv, choices, _ = _scalar_type(tp)
+        conv, choices, optional = _scalar_type(tp)
         if conv is None:
             continue
+        if optional:
+            conv = _nullable(conv)
         parser.add_argument(flag, dest=f.name, type=conv, choices=choices,
                             default=argparse.SUPPRESS, metavar=None if choices else f.name.upper(),
                             help=f"{help_} (default: {default})")
