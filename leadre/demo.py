@@ -46,7 +46,7 @@ class DemoConfig:
     corrupt_share: float = field(default=0.002, metadata={
         "help": "share of malformed log rows injected to show the ingest quarantine at work"})
     preset: str = field(default="tiny", metadata={
-        "help": "model preset built from scratch (tiny | small)"})
+        "help": "model preset built from scratch (tiny | base | small)"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers for SFT and DPO"})
     max_events: int = field(default=12, metadata={
         "help": "most recent behaviours in a prompt (the prompts stage's default is 20)"})

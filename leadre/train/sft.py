@@ -46,7 +46,8 @@ class SftConfig(TrainArgs):
         base_model: a local causal-LM directory (Llama, Qwen2, ..., or the output of ``leadre
             base-model``) to fine-tune, prompts rendered through its chat template if it has
             one; ``None`` builds ``preset`` from scratch with a tokenizer trained on the prompts.
-        preset: size of a model built from scratch: ``tiny`` (tests) or ``small`` (real runs).
+        preset: size of a model built from scratch: ``tiny`` (tests, the demo), ``base`` (a
+            real catalog on a few CPU cores) or ``small`` (real runs on a GPU).
         tasks: train only on these tasks (``main``, ``aux_text2sid``, ``aux_sid2text``,
             ``aux_titles``); ``None`` = all (the paper's mix).
         tokenizer_corpus_rows: examples the from-scratch tokenizer is trained on.
@@ -66,7 +67,8 @@ class SftConfig(TrainArgs):
     base_model: str | None = field(default=None, metadata={
         "help": "local causal-LM directory to fine-tune; unset = build `preset` from scratch"})
     preset: PresetName = field(default="small", metadata={
-        "help": "size of a model built from scratch (tiny: tests, small: real runs)"})
+        "help": "size of a model built from scratch (tiny: tests and the demo, base: a real "
+                "catalog on a few CPU cores, small: real runs on a GPU)"})
     tasks: list[str] | None = field(default=None, metadata={
         "help": "train only on these tasks (main, aux_text2sid, aux_sid2text, aux_titles)"})
     tokenizer_corpus_rows: int = field(default=200_000, metadata={
