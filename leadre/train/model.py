@@ -61,8 +61,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # tests and the demo: ~0.2 M parameters, one optimiser step in milliseconds on a CPU
     "tiny": Preset(64, 128, 2, 4, 4, 512, 1024),
-    # 2 CPU cores on a real catalog (Amazon Scientific): ~1 M parameters, about twice tiny's
-    # step time, where small's 5 M cost 8x and leave no budget for several epochs
+    # a real catalog on 2 CPU cores (Amazon Scientific): ~1 M parameters; a step of 2 x 16
+    # examples takes 0.55 s there (tiny 0.16 s, small 1.3 s, which leaves no budget for epochs)
     "base": Preset(128, 384, 3, 4, 4, 1024, 1024),
     # real runs on a laptop CPU or a small GPU: ~5 M parameters (+ 2 x 256 per S-ID token)
     "small": Preset(256, 704, 4, 4, 2, 4096, 2048),
