@@ -25,8 +25,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def main() -> None:
+    from leadre.train.model import PRESETS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=["tiny", "base", "small"])
+    p.add_argument("--preset", default="small", choices=list(PRESETS))
     p.add_argument("--steps", type=int, default=24, help="optimiser steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="examples per worker per step")
     p.add_argument("--workers", default="1,2", help="worker counts to compare")

@@ -29,6 +29,7 @@ from typing import Any
 from leadre.console import Console, link_ray_logs, tail
 from leadre.runtime import RayConfig, init_ray
 from leadre.stages import pipeline_dirs, run_stage, wire
+from leadre.train.model import PresetName
 
 PIPELINE = ("generate", "ingest", "sids", "prompts", "sft", "dpo", "eval", "index", "warm",
             "serve")
@@ -45,8 +46,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     corrupt_share: float = field(default=0.002, metadata={
         "help": "share of malformed log rows injected to show the ingest quarantine at work"})
-    preset: str = field(default="tiny", metadata={
-        "help": "model preset built from scratch (tiny | base | small)"})
+    preset: PresetName = field(default="tiny", metadata={
+        "help": "model preset built from scratch"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers for SFT and DPO"})
     max_events: int = field(default=12, metadata={
         "help": "most recent behaviours in a prompt (the prompts stage's default is 20)"})
