@@ -1,4 +1,4 @@
-"""Trie-constrained beam search (leadre.eval.generate) vs the common approach, `model.generate(
+"""Trie-constrained beam search (leadre.model.decode) vs the common approach, `model.generate(
 num_beams=20, prefix_allowed_tokens_fn=...)`, at equal results: batch 32, beam 20, the `tiny`
 and `small` model presets, ratio measured in one run. Appends to bench/RESULTS.md.
 
@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._results import append  # noqa: E402
-from leadre.eval.generate import GenerateConfig, SidGenerator, hf_constrained_generate  # noqa: E402
-from leadre.train.model import PRESETS, build_model, train_tokenizer  # noqa: E402
+from leadre.model.config import GenerationConfig  # noqa: E402
+from leadre.model.decode import SidGenerator, hf_constrained_generate  # noqa: E402
+from leadre.model.factory import PRESETS, build_model, train_tokenizer  # noqa: E402
 from leadre.prompts.templates import PROMPT_TEMPLATES  # noqa: E402
 from leadre.sids.table import SidTable  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
         tok = train_tokenizer(texts * 4, table.tokens(), vocab)
         model = build_model(preset, tok, seed=0).eval()
         n_params = sum(p.numel() for p in model.parameters())
-        gen = SidGenerator(model, tok, table, GenerateConfig(beam_size=args.beam, top_k=args.beam,
+        gen = SidGenerator(model, tok, table, GenerationConfig(beam_size=args.beam, top_k=args.beam,
                                                              batch_size=args.batch, device=device))
         ours_s, (rows, scores) = timed(lambda: gen.generate_rows(texts), args.repeats)
         hf_s, (hrows, hscores) = timed(

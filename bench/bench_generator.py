@@ -6,7 +6,7 @@ costs the same whether or not the weights are trained).
 
 Each batch size runs with the decoder's buckets (prompts of similar token length decoded
 together, and no decode batch whose beam-expanded KV cache outgrows the CPU's caches:
-``GenerateConfig.bucket_slack`` / ``max_batch_tokens``) and without them (one padded batch).
+``GenerationConfig.bucket_slack`` / ``max_batch_tokens``) and without them (one padded batch).
 
     python bench/bench_generator.py --demo-dir runs/demo --users 256 --batch-sizes 1 16 64
     python bench/bench_generator.py --tiny
@@ -47,8 +47,9 @@ def main() -> int:
     import torch
 
     from _results import append
+    from leadre.model.config import GenerationConfig
     from leadre.serve import GeneratorConfig, ServePaths
-    from leadre.serve.context import build_prompt, user_contexts
+    from leadre.index.context import build_prompt, user_contexts
     from leadre.serve.generator import GeneratorCore
     from leadre.serve.store import open_store
 
@@ -71,8 +72,8 @@ def main() -> int:
         open_store(url).put_users({u: contexts[u] for u in users})
         for bs in a.batch_sizes:
             for slack in ([None] if bs == 1 else [0.25, None]):
-                core = GeneratorCore(GeneratorConfig(ttl_s=3600, top_k=a.top_k,
-                                                     beam_size=a.beam_size, batch_size=bs),
+                core = GeneratorCore(GeneratorConfig(ttl_s=3600, generation=GenerationConfig(
+                    top_k=a.top_k, beam_size=a.beam_size, batch_size=bs)),
                                      ServePaths(str(demo / "sids"), url, model_dir=model_dir))
                 if slack is None:  # one padded batch of `bs`, as before bucketing
                     core.llm.cfg.bucket_slack, core.llm.cfg.max_batch_tokens = None, 0
@@ -120,10 +121,10 @@ def main() -> int:
 def decoder_before_after(llm, prompts: list[str], batch_sizes: list[int]) -> dict:
     """prompts/s of ``llm.generate_rows`` with the decoder's cache handling and buckets
     switched off (before) and on (after)."""
-    import leadre.eval.generate as G
+    import leadre.model.decode as G
 
     reserve, reorder = G.reserve, G.reorder_generated
-    slack, cap = G.GenerateConfig.bucket_slack, G.GenerateConfig.max_batch_tokens  # defaults
+    slack, cap = G.GenerationConfig.bucket_slack, G.GenerationConfig.max_batch_tokens  # defaults
     out: dict = {}
     try:
         for _ in range(2):
@@ -156,9 +157,9 @@ def tiny_world(root: Path) -> Path:
     from serving_world import make_world
 
     from leadre.artifacts import write_manifest
-    from leadre.serve.context import build_prompt, user_contexts
+    from leadre.index.context import build_prompt, user_contexts
     from leadre.sids import load_table
-    from leadre.train.model import prepare_base_model
+    from leadre.model.factory import prepare_base_model
 
     w = make_world(root, ads=1000, users=600, index=False)
     table = load_table(w["sids"])

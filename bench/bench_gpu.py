@@ -63,7 +63,7 @@ class Clock(TrainerCallback):
 def valid_scorer(table, tokenizer, gen_cfg, valid):
     """model -> validation HR@10 / NDCG@10 under constrained decoding, on copies (the model
     keeps training)."""
-    from leadre.eval.generate import SidGenerator
+    from leadre.model.decode import SidGenerator
     from leadre.eval.metrics import ranking_metrics
 
     def score(model) -> dict[str, float]:
@@ -128,8 +128,8 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     from leadre.eval.evaluate import EvalConfig, load_eval_rows
     from leadre.eval.evaluate import run as run_eval
-    from leadre.eval.generate import GenerateConfig
-    from leadre.train.model import load_tokenizer, prepare_base_model
+    from leadre.model.config import GenerationConfig
+    from leadre.model.factory import load_tokenizer, prepare_base_model
     from leadre.train.sft import COLUMNS, SftConfig, build_trainer
     from leadre.sids.build import load_table
     from leadre.train.common import hf_args, load_split
@@ -154,7 +154,7 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     prep_s = time.perf_counter() - t0
 
     valid = load_eval_rows(prompts, "valid").sample(frac=1.0, random_state=0).head(a.curve_rows)
-    gen_cfg = GenerateConfig(beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device,
+    gen_cfg = GenerationConfig(beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device,
                              dtype="bfloat16" if a.device == "cuda" else "float32")
     tokenizer = load_tokenizer(model_dir)
 

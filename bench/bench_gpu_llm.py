@@ -78,7 +78,7 @@ def _trainer(cfg, model_dir: Path, a, callbacks):
 def _prepare(cfg, model_dir: Path) -> tuple[dict[str, Any], Any]:
     from leadre.sids.build import load_table
     from leadre.train.common import load_split
-    from leadre.train.model import prepare_base_model
+    from leadre.model.factory import prepare_base_model
     from leadre.train.sft import COLUMNS
 
     table = load_table(cfg.sids_dir)
@@ -96,9 +96,9 @@ def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
     import torch
 
     from leadre.eval.evaluate import load_eval_rows
-    from leadre.eval.generate import GenerateConfig
+    from leadre.model.config import GenerationConfig
     from leadre.sids.build import load_table
-    from leadre.train.model import load_tokenizer
+    from leadre.model.factory import load_tokenizer
 
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     tasks = ["main"] if name in a.main_only or variant.endswith("-main") else None
@@ -111,7 +111,7 @@ def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
     table, tokenizer = load_table(cfg.sids_dir), load_tokenizer(model_dir)
     valid = load_eval_rows(cfg.prompts_dir, "valid").sample(frac=1.0, random_state=0)
     valid = valid.head(a.curve_rows)
-    gen_cfg = GenerateConfig(beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device)
+    gen_cfg = GenerationConfig(beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device)
 
     score = valid_scorer(table, tokenizer, gen_cfg, valid)
 
@@ -209,11 +209,12 @@ def bench_generation(model_dir: str, root: Path, a) -> dict[str, Any]:
     import torch
 
     from leadre.eval.evaluate import load_eval_rows
-    from leadre.eval.generate import GenerateConfig, SidGenerator
-    from leadre.train.model import render_prompts
+    from leadre.model.config import GenerationConfig
+    from leadre.model.decode import SidGenerator
+    from leadre.model.factory import render_prompts
 
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    gen = SidGenerator.from_stage_dir(model_dir, str(root / "sids"), GenerateConfig(
+    gen = SidGenerator.from_stage_dir(model_dir, str(root / "sids"), GenerationConfig(
         beam_size=20, top_k=10, batch_size=a.gen_batch, device=a.device))
     prompts = load_eval_rows(str(root / "prompts"), "test")["prompt"].tolist()[:a.gen_rows]
     gen.generate_rows(prompts[:a.gen_batch])  # warm-up (kernels, allocator)

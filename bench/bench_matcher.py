@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from _results import append
-from leadre.index.ann import exact_topk, recall_at
-from leadre.index.build import IndexConfig, build
+from leadre.index import IndexConfig
+from leadre.sids.ann import build, exact_topk, recall_at
 from leadre.index.query import QueryBuilder
 
 HERE = Path(__file__).resolve().parent

@@ -191,7 +191,7 @@ def prepare_store(w: dict, store_url: str, warm_share: float, seed: int) -> list
     """Contexts for every user, generated candidates for ``warm_share`` of them (the embedding
     generator, as the serving Generator writes them); returns the user ids."""
     from leadre.serve import GeneratorConfig, ServePaths
-    from leadre.serve.context import user_contexts
+    from leadre.index.context import user_contexts
     from leadre.serve.generator import GeneratorCore
     from leadre.serve.store import open_store
 
@@ -420,7 +420,7 @@ def profile_in_process(w: dict, store_url: str, users: list[str], n: int = 2000)
 
     from leadre.serve.api import request_model
     from leadre.serve.config import ServePaths
-    from leadre.serve.context import merge_events
+    from leadre.index.context import merge_events
     from leadre.serve.matching import MatcherCore
     from leadre.serve.store import open_store
 

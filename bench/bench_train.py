@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def main() -> None:
-    from leadre.train.model import PRESETS
+    from leadre.model.factory import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=list(PRESETS))

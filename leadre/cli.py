@@ -18,7 +18,7 @@ import typing
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 from leadre.artifacts import ArtifactError
-from leadre.config import RENAMED, ConfigError, load_config, merge, parse_overrides
+from leadre.config import RENAMED, ConfigError, load_config, merge, nest, parse_overrides
 from leadre.stages import STAGES, Stage, config_class, run_stage
 
 __all__ = ["STAGES", "build_parser", "config_from_args", "main"]
@@ -57,18 +57,24 @@ COMMON_OPTIONS = {"config", "overrides", "verbose"}
 VERBOSE_HELP = "debug logging (demo: the libraries' logs as they happen)"
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """A flag per field; a nested section's fields get ``--<section>.<field>`` flags
+    (``--generation.beam-size 20``, ``--ray.address auto``)."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in COMMON_OPTIONS:
+        if not f.init or (not prefix and f.name in COMMON_OPTIONS):
             continue
         tp = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(tp):
+            _add_config_flags(parser, tp, f"{prefix}{f.name}.")
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = prefix + f.name
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f.metadata.get("help", "")
         if tp is bool or tp == (bool | None):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
             continue
         conv, choices, optional = _scalar_type(tp)
@@ -76,8 +82,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if optional:
             conv = _nullable(conv)
-        parser.add_argument(flag, dest=f.name, type=conv, choices=choices,
-                            default=argparse.SUPPRESS, metavar=None if choices else f.name.upper(),
+        parser.add_argument(flag, dest=dest, type=conv, choices=choices,
+                            default=argparse.SUPPRESS,
+                            metavar=None if choices else f.name.upper(),
                             help=f"{help_} (default: {default})")
 
 
@@ -116,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     stage: Stage = args._stage
     cls = config_class(stage.name)
     reserved = COMMON_OPTIONS | {"_stage", "stage"}
-    flags = {k: v for k, v in vars(args).items() if k not in reserved}
+    flags = nest({k: v for k, v in vars(args).items() if k not in reserved})
     if args.verbose and _has_verbose(cls):
         flags["verbose"] = True
     return load_config(cls, args.config, section=stage.section,
@@ -129,10 +136,10 @@ def _has_verbose(cls: type) -> bool:
     return any(f.name == "verbose" for f in dataclasses.fields(cls))
 
 
-def _renamed_flag(argv: list[str]) -> str | None:
-    """A message for a flag spelled the way an earlier release did (``--prompts``), which
-    argparse would only call unrecognised."""
-    for arg in argv:
+def _renamed_flag(unknown: list[str]) -> str | None:
+    """A message for a flag the stage does not know but an earlier release did
+    (``--prompts``, ``--beam-size``), which argparse would only call unrecognised."""
+    for arg in unknown:
         old = arg.split("=", 1)[0]
         if old.startswith("--") and old[2:].replace("-", "_") in RENAMED:
             new = "--" + RENAMED[old[2:].replace("-", "_")].replace("_", "-")
@@ -142,11 +149,14 @@ def _renamed_flag(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    renamed = _renamed_flag(argv)
-    if renamed:
-        print(renamed, file=sys.stderr)
-        return 2
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        renamed = _renamed_flag(unknown)
+        if renamed:
+            print(renamed, file=sys.stderr)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     stage: Stage = args._stage
     debug = args.verbose and not _has_verbose(config_class(stage.name))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,

@@ -26,9 +26,18 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-# Option names that earlier releases used for artifact directories -> today's name.
-RENAMED: dict[str, str] = {"prompts": "prompts_dir", "sids": "sids_dir", "sft": "sft_dir",
-                           "input": "input_dir"}
+# Option names that earlier releases used -> today's name (dotted: a field of a nested
+# section). Only an option the config class does not know is looked up here.
+RENAMED: dict[str, str] = {
+    "prompts": "prompts_dir", "sids": "sids_dir", "sft": "sft_dir", "input": "input_dir",
+    # decoding and its pool moved into one `generation` section (GenerationConfig)
+    **{k: f"generation.{k}" for k in ("beam_size", "top_k", "max_prompt_tokens", "batch_size",
+                                      "device", "num_replicas", "num_cpus", "num_gpus")},
+    "selection_beam": "generation.beam_size",
+    "actors": "generation.num_replicas", "workers": "generation.num_replicas",
+    "cpus_per_actor": "generation.num_cpus", "cpus_per_worker": "generation.num_cpus",
+    "gpus_per_actor": "generation.num_gpus", "gpus_per_worker": "generation.num_gpus",
+}
 
 
 def _check(name: str, value: Any, tp: Any) -> Any:
@@ -83,7 +92,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
-    renamed = [u for u in unknown if RENAMED.get(u) in fields]
+    renamed = [u for u in unknown if RENAMED.get(u, "").split(".")[0] in fields]
     if renamed:
         raise ConfigError("; ".join(f"{cls.__name__}: option {prefix + u!r} is now called "
                                     f"{prefix + RENAMED[u]!r}" for u in renamed))
@@ -97,20 +106,31 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``key=value`` strings (values parsed as YAML, dotted keys nest) into a mapping."""
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"generation.beam_size": 20}`` -> ``{"generation": {"beam_size": 20}}`` (dotted keys
+    name fields of nested sections; the CLI, ``--set`` and Serve's ``args:`` all use them)."""
     out: dict[str, Any] = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+    for key, value in flat.items():
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is a value, not a section")
+        node[leaf] = merge(node[leaf], value) if isinstance(node.get(leaf), dict) \
+            and isinstance(value, dict) else value
     return out
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``key=value`` strings (values parsed as YAML, dotted keys nest) into a mapping."""
+    flat: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        flat[key] = yaml.safe_load(raw) if raw != "" else None
+    return nest(flat)
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

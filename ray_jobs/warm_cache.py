@@ -3,8 +3,8 @@ active users with Ray Data (same flags; see `--help`).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/warm_cache.py --ingest-dir s3://.../ingest --sids-dir ... \
-        --index-dir ... --model-dir ... --store-url redis://redis:6379/0 --workers 4 \
-        --gpus-per-worker 1
+        --index-dir ... --model-dir ... --store-url redis://redis:6379/0 --generation.num-replicas 4 \
+        --generation.num-gpus 1
 """
 
 import sys

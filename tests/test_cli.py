@@ -145,9 +145,9 @@ def test_verbose_flag_reaches_the_demo(argv):
 
 def test_null_on_the_command_line_unsets_an_optional_field():
     from leadre.cli import build_parser, config_from_args
-    argv = ["eval", "--model-dir", "null", "--max-rows", "null", "--beam-size", "12"]
+    argv = ["eval", "--model-dir", "null", "--max-rows", "null", "--generation.beam-size", "12"]
     cfg = config_from_args(build_parser(argv).parse_args(argv))
-    assert cfg.model_dir is None and cfg.max_rows is None and cfg.beam_size == 12
+    assert cfg.model_dir is None and cfg.max_rows is None and cfg.generation.beam_size == 12
     argv = ["eval", "--model-dir", "runs/dpo", "--max-rows", "300"]
     cfg = config_from_args(build_parser(argv).parse_args(argv))
     assert cfg.model_dir == "runs/dpo" and cfg.max_rows == 300

@@ -25,8 +25,7 @@ from torch import nn
 
 from leadre.artifacts import exists, join
 from leadre.eval.metrics import ranking_metrics
-from leadre.index.ann import choose_mode, load_embeddings
-from leadre.index.build import IndexConfig, build
+from leadre.sids.ann import AnnConfig, build, choose_mode, load_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +239,14 @@ def tune_sasrec(item_ids, active_ids, sequences, valid, grid: Sequence[Mapping[s
 class EmbeddingANN(Recommender):
     """User vector = mean of the (L2-normalised) embeddings of the history ads; recommend the
     nearest active ads by inner product, searched the way ``leadre index`` searches: ``index``
-    (default ``IndexConfig()``) picks the mode by the number of active ads (exact NumPy where
+    (default ``AnnConfig()``) picks the mode by the number of active ads (exact NumPy where
     ScaNN would brute-force, ScaNN above) and ScaNN's query knobs are tuned to its
     ``min_recall``. Users without embedded history get the most popular ads."""
 
     name = "embedding_ann"
 
     def __init__(self, embeddings: Mapping[str, np.ndarray] | tuple[Sequence[str], np.ndarray],
-                 active_ids: Sequence[str], index: IndexConfig | None = None):
+                 active_ids: Sequence[str], index: AnnConfig | None = None):
         ids, vecs = (list(embeddings[0]), np.asarray(embeddings[1], np.float32)) \
             if isinstance(embeddings, tuple) else (list(embeddings), np.stack(list(embeddings.values())))
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
@@ -256,7 +255,7 @@ class EmbeddingANN(Recommender):
         act = [a for a in active_ids if a in self.row]
         self.active_ids = np.asarray(act, dtype=object)
         self.db = self.vecs[[self.row[a] for a in act]] if act else np.zeros((0, vecs.shape[1]), np.float32)
-        self.index = index or IndexConfig()
+        self.index = index or AnnConfig()
         self.searcher = None
         self.query_params: dict[str, Any] = {}
         self.fallback: list[str] = act
@@ -341,7 +340,7 @@ def _embedding_ann(x: BaselineInputs) -> tuple[Recommender | None, dict[str, Any
     if not exists(join(x.sids_dir, "embeddings")):
         return None, {"skipped": f"{x.sids_dir} has no embeddings (bring-your-own S-IDs)"}
     ids, vecs = load_embeddings(x.sids_dir)
-    model = EmbeddingANN((ids.tolist(), vecs), x.active_ids, IndexConfig(seed=x.seed))
+    model = EmbeddingANN((ids.tolist(), vecs), x.active_ids, AnnConfig(seed=x.seed))
     model.fit(x.sequences)
     return model, {"index": "scann" if model.searcher is not None else "exact"}
 

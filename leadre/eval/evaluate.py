@@ -14,7 +14,7 @@ Writes (``out``):
     ``manifest.json`` (stage ``eval``)
 
 Generation for many users runs on Ray Data: ``map_batches`` over the prompts with an actor
-pool, each actor holding one copy of the model (``actors``, ``gpus_per_actor``).
+pool, each actor holding one copy of the model (``generation.num_replicas``, ``num_gpus``).
 
 Fairness rules (every report states them):
 
@@ -55,6 +55,7 @@ from leadre.eval import report
 from leadre.eval.channel import channel_report, history_groups
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
+from leadre.model.config import GenerationConfig
 from leadre.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,11 @@ class EvalConfig:
         a stable hash of (seed, user id) (null = all).
     Fairness: filter_history drops each row's earlier ads from every ranking;
         ci_resamples: bootstrap resamples over users for the 95% intervals (0 = none).
-    Decoding: beam_size, top_k (= the largest K; all beams with filter_history),
-        batch_size, max_prompt_tokens, device.
-    Execution: generate_on ``ray`` (Ray Data actor pool; ``actors`` model copies with
-        ``cpus_per_actor`` / ``gpus_per_actor`` each) or ``local`` (this process).
+    Decoding: generation (:class:`leadre.model.config.GenerationConfig`): beam_size,
+        batch_size, max_prompt_tokens, device, ...; its top_k is set here (the largest K;
+        all beams with filter_history).
+    Execution: generate_on ``ray`` (Ray Data actor pool of ``generation.num_replicas`` model
+        copies, ``generation.num_cpus`` / ``num_gpus`` each) or ``local`` (this process).
     Baselines: any of most_popular, sasrec, embedding_ann, random. ``sasrec`` overrides
         fields of :class:`leadre.eval.baselines.SasrecConfig`; ``sasrec_grid`` lists override sets
         tried on the valid rows (the best by NDCG@10 is reported).
@@ -113,16 +115,11 @@ class EvalConfig:
     channel_k: int | None = field(default=None, metadata={
         "help": "channel report: SASRec top-K merged with LEADRE top-K vs SASRec top-2K "
                 "(needs beam_size >= K and the sasrec baseline)"})
-    beam_size: int = field(default=20, metadata={"help": "beams per prompt"})
-    batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts keep their end"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: CUDA when available"})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={
+        "help": "decoding (beam_size, batch_size, device, ...) and the actor pool "
+                "(num_replicas, num_cpus, num_gpus); top_k is set from ks"})
     generate_on: Literal["ray", "local"] = field(default="ray", metadata={
         "help": "ray: Ray Data map_batches with an actor pool; local: in this process"})
-    actors: int = field(default=1, metadata={"help": "model copies in the actor pool"})
-    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per generation actor"})
-    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per generation actor"})
     baselines: list[str] = field(default_factory=lambda: ["most_popular", "sasrec", "embedding_ann"],
                                  metadata={"help": "baselines to run: names of leadre.eval.baselines.BASELINES"})
     sasrec: dict[str, Any] = field(default_factory=dict, metadata={
@@ -141,17 +138,16 @@ class EvalConfig:
             raise ConfigError(f"eval: unknown baseline(s) {bad}; valid: {list(BASELINES)}")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("eval: ks must be a non-empty list of positive cut-offs")
-        if max(self.ks) > self.beam_size:
-            raise ConfigError(f"eval: the largest K ({max(self.ks)}) exceeds beam_size "
-                              f"({self.beam_size}); raise beam_size")
-        if self.actors < 1 or self.batch_size < 1:
-            raise ConfigError("eval: actors and batch_size must be >= 1")
+        beam = self.generation.beam_size
+        if max(self.ks) > beam:
+            raise ConfigError(f"eval: the largest K ({max(self.ks)}) exceeds "
+                              f"generation.beam_size ({beam}); raise generation.beam_size")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError("eval: max_rows must be >= 1 (or null for all rows)")
-        if self.channel_k is not None and (self.channel_k > self.beam_size
+        if self.channel_k is not None and (self.channel_k > beam
                                            or "sasrec" not in self.baselines):
-            raise ConfigError(f"eval: channel_k={self.channel_k} needs beam_size >= channel_k "
-                              f"(got {self.beam_size}) and the sasrec baseline")
+            raise ConfigError(f"eval: channel_k={self.channel_k} needs generation.beam_size >= "
+                              f"channel_k (got {beam}) and the sasrec baseline")
         if self.ci_resamples < 0:
             raise ConfigError("eval: ci_resamples must be >= 0 (0: no confidence intervals)")
         known = {f.name for f in dataclasses.fields(SasrecConfig)}
@@ -160,14 +156,9 @@ class EvalConfig:
             if unknown:
                 raise ConfigError(f"eval: unknown SASRec option(s) {unknown}; valid: {sorted(known)}")
 
-    def generate_config(self):
-        from leadre.eval.generate import GenerateConfig
-
         # Filtering needs every beam: the history's ads are removed before the cut to K.
-        top_k = self.beam_size if self.filter_history else max(*self.ks, self.channel_k or 0)
-        return GenerateConfig(beam_size=self.beam_size, top_k=top_k,
-                              max_prompt_tokens=self.max_prompt_tokens,
-                              batch_size=self.batch_size, device=self.device)
+        self.generation.top_k = beam if self.filter_history else max(*self.ks,
+                                                                     self.channel_k or 0)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -217,12 +208,12 @@ class GenerateBatch:
     def __init__(self, model_dir: str, sids_dir: str, gen_cfg: dict[str, Any]):
         import torch
 
-        from leadre.eval.generate import GenerateConfig, SidGenerator
+        from leadre.model.decode import SidGenerator
 
         cpus = _ray_actor_cpus()
         if cpus is not None:  # Ray caps actor threads at their CPU share: use that share
             torch.set_num_threads(max(1, int(round(cpus))))
-        self.gen = SidGenerator.from_stage_dir(model_dir, sids_dir, GenerateConfig(**gen_cfg))
+        self.gen = SidGenerator.from_stage_dir(model_dir, sids_dir, GenerationConfig(**gen_cfg))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = self.gen.generate(batch["prompt"].tolist())
@@ -237,7 +228,7 @@ class GenerateBatch:
 def generate_all(cfg: EvalConfig, model_dir: str, sids_dir: str, prompts: list[str]
                  ) -> pd.DataFrame:
     """Top-K for every prompt (columns row, rec_ad_ids, rec_sids, rec_scores), input order."""
-    gen_cfg = dataclasses.asdict(cfg.generate_config())
+    gen_cfg = dataclasses.asdict(cfg.generation)
     frame = pd.DataFrame({"row": np.arange(len(prompts)), "prompt": prompts})
     if cfg.generate_on == "local":
         res = GenerateBatch(model_dir, sids_dir, gen_cfg)(frame)
@@ -251,14 +242,15 @@ def generate_all(cfg: EvalConfig, model_dir: str, sids_dir: str, prompts: list[s
         # are cut here, not by Dataset.repartition: its split tasks need a CPU, and when the
         # actor pool holds every CPU of the cluster (ray.num_cpus=1) they never run.
         frame = frame.iloc[np.argsort(frame["prompt"].str.len().to_numpy(), kind="stable")]
-        n_blocks = max(1, min(len(frame) // cfg.batch_size, cfg.actors * 4))
+        gen = cfg.generation
+        n_blocks = max(1, min(len(frame) // gen.batch_size, gen.num_replicas * 4))
         cuts = np.linspace(0, len(frame), n_blocks + 1).astype(int)
         ds = ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
         res = ds.map_batches(
             GenerateBatch, fn_constructor_kwargs={"model_dir": model_dir, "sids_dir": sids_dir,
                                                   "gen_cfg": gen_cfg},
-            batch_size=cfg.batch_size * 4, batch_format="pandas", concurrency=cfg.actors,
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None).to_pandas()
+            batch_size=gen.batch_size * 4, batch_format="pandas", concurrency=gen.num_replicas,
+            num_cpus=gen.num_cpus, num_gpus=gen.gpus() or None).to_pandas()
     return res.sort_values("row").reset_index(drop=True)
 
 
@@ -280,7 +272,7 @@ def run_baselines(cfg: EvalConfig, rows: pd.DataFrame, table, sids_dir: str,
         active_ids=[str(a) for a in table.ad_id_array[table.active]],
         sequences=list(sequences.values()), fit_sequences=fit, sids_dir=sids_dir,
         seed=cfg.seed, valid=stop,
-        device="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu",
+        device="cuda" if torch.cuda.is_available() and cfg.generation.device != "cpu" else "cpu",
         sasrec=SasrecConfig(**{**cfg.sasrec, "seed": cfg.seed}), sasrec_grid=cfg.sasrec_grid)
     histories = rows["sequence_ad_ids"].tolist()
     # With filtering, ask for enough extra ads that k remain once the history is dropped.
@@ -317,7 +309,7 @@ def method_name(model_dir: str, taken: set[str]) -> str:
 # --- stage --------------------------------------------------------------------------------
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from leadre.eval.generate import invalid_rate
+    from leadre.model.decode import invalid_rate
     from leadre.eval.metrics import CI_LEVEL, all_metrics
     from leadre.sids.build import load_table
 

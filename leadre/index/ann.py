@@ -1,10 +1,5 @@
-"""The ANN library behind stage 7 and the serving matcher: ScaNN searchers over unit vectors
-(dot product), exact search and recall for checking them, and :class:`AdIndex`, a loaded index
-directory (built by :mod:`leadre.index.build`).
-
-Algorithm choice follows ScaNN's own rules of thumb: brute force below 20k points (as fast, and
-exact); asymmetric hashing (AH, 2 dims per block) + exact re-scoring below 100k; above that a
-partitioning tree with ~sqrt(n) leaves in front of AH + re-scoring.
+"""An index directory of stage 7, loaded: :class:`AdIndex` (built by
+:mod:`leadre.index.build`; the ScaNN wrapper itself is :mod:`leadre.sids.ann`).
 
 String doc ids would be stored by ScaNN in a pickle; we index by row number and keep the
 ad_id mapping in parquet, load the searcher without ScaNN's pickle-reading loader, and refuse
@@ -15,19 +10,15 @@ or not matching its manifest's content hash).
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from leadre.artifacts import read_json, read_table, resolve
 from leadre.index.verify import check_under_root, verify_index_dir
-
-if TYPE_CHECKING:
-    from leadre.index.build import IndexConfig
+from leadre.sids.ann import normalize
 
 log = logging.getLogger(__name__)
 
@@ -35,73 +26,6 @@ STAGE = "index"
 INDEX_JSON = "index.json"
 SCANN_DIR = "scann"
 ADS_TABLE = "ads"
-# ScaNN's rules of thumb for the algorithm by number of points.
-BRUTE_FORCE_BELOW = 20_000
-AH_ONLY_BELOW = 100_000
-
-
-def choose_mode(n: int, mode: str = "auto") -> str:
-    if mode != "auto":
-        return mode
-    if n < BRUTE_FORCE_BELOW:
-        return "brute_force"
-    return "ah" if n < AH_ONLY_BELOW else "tree_ah"
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def load_embeddings(sids_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ad_ids object array, (n, d) float32 unit rows) from a sids directory."""
-    t = read_table(sids_dir, "embeddings")
-    col = t.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return np.asarray(t.column("ad_id").to_pylist(), dtype=object), emb
-
-
-def exact_topk(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k rows by dot product (NumPy), best first."""
-    scores = queries @ db.T
-    k = min(k, db.shape[0])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
-    return np.take_along_axis(part, order, 1)
-
-
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
-    return float(np.sum(hits) / truth.size) if truth.size else 1.0
-
-
-def build_searcher(db: np.ndarray, mode: str, cfg: IndexConfig, k: int = 10):
-    """A ScaNN searcher over ``db`` (unit rows, dot product) for ``mode``."""
-    import scann
-
-    n = db.shape[0]
-    b = scann.scann_ops_pybind.builder(db, max(1, min(k, n)), "dot_product")
-    sample = min(cfg.training_sample_size, n)
-    if mode == "brute_force":
-        return b.score_brute_force().build(), {}
-    if mode == "tree_ah":
-        leaves = cfg.num_leaves or max(2, int(round(math.sqrt(n))))
-        leaves = min(leaves, max(2, n // 50))
-        search = cfg.leaves_to_search or max(1, leaves // 20)
-        b = b.tree(num_leaves=leaves, num_leaves_to_search=search,
-                   training_sample_size=sample)
-        params = {"num_leaves": leaves, "leaves_to_search": search}
-    else:
-        params = {}
-    b = b.score_ah(2, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
-                   training_sample_size=sample)
-    b = b.reorder(max(cfg.reorder, k))
-    params["pre_reorder_num_neighbors"] = max(cfg.reorder, k)
-    return b.build(), params
-
-
 class AdIndex:
     """A loaded index: ``search(queries, k) -> (ad_ids, scores)`` over active ads only.
 

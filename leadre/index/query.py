@@ -39,7 +39,7 @@ class QueryBuilder:
     def from_sids_dir(cls, sids_dir: str, cache_titles: int = 50_000) -> "QueryBuilder":
         """With the catalog's text encoder loaded and run once now: loading it lazily would
         stall the first request that carries a title (imports, weights) by a second or more."""
-        from leadre.index.ann import load_embeddings
+        from leadre.sids.ann import load_embeddings
 
         ids, emb = load_embeddings(sids_dir)
         qb = cls(ids.tolist(), emb, sids_dir, cache_titles)

@@ -41,6 +41,8 @@ from leadre.prompts.examples import (_LEGAL, Rng, Rows, SplitPlan, build_user, d
                                      pick_template, share_picked, stable_hash)
 from leadre.prompts.incremental import SUPPORTED, ShardPrompts
 from leadre.prompts.render import Event, compose_prompt
+from leadre.prompts.tables import (GROUP_SCHEMA, events_batch, profile_batch, profile_from_json,
+                                   route)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,6 @@ class _Columns:
 
 def _profiles(users: pa.Table | None) -> dict[str, dict[str, Any] | None]:
     """user_id -> profile, exactly as the group-by path sees it (through its JSON row)."""
-    from leadre.prompts.pipeline import profile_batch, profile_from_json
-
     if users is None or users.num_rows == 0:
         return {}
     rows = profile_batch(users)
@@ -166,9 +166,7 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
                 cfg: PromptConfig, plan: SplitPlan) -> tuple[dict[tuple[str, str | None],
                                                               pa.Table], Counter]:
     """Every row of one shard's users: public tables ((kind, split) -> table) and the flat
-    counts (``kind/split/label`` -> n) that :func:`leadre.prompts.pipeline.route` would give."""
-    from leadre.prompts.pipeline import GROUP_SCHEMA, events_batch, route
-
+    counts (``kind/split/label`` -> n) that :func:`leadre.prompts.tables.route` would give."""
     notes, fallback = Counter(), Rows()
     profiles = _profiles(users)
     ev = events_batch(events) if events is not None else GROUP_SCHEMA.empty_table()

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from leadre.config import from_dict, merge
+from leadre.config import from_dict, nest
 from leadre.serve.config import DeploymentConfig, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,8 @@ def build_app(args: dict[str, Any] | None = None):
     arrive as strings and are parsed as YAML scalars."""
     import yaml
 
-    data: dict[str, Any] = {}
-    for key, value in (args or {}).items():
-        if isinstance(value, str) and key not in _VERBATIM_ARGS:
-            value = yaml.safe_load(value)
-        *parents, leaf = key.split(".")
-        for p in reversed(parents):
-            value = {leaf: value}
-            leaf = p
-        data = merge(data, {leaf: value})
+    data = nest({key: yaml.safe_load(value) if isinstance(value, str)
+                 and key not in _VERBATIM_ARGS else value for key, value in (args or {}).items()})
     cfg = from_dict(ServeConfig, data)
     cfg.paths().check()
     return build(cfg)

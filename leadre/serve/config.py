@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leadre.config import ConfigError
+from leadre.model.config import GenerationConfig
 from leadre.runtime import RayConfig
 from leadre.serve.store import DEFAULT_URL
 
@@ -21,11 +22,13 @@ class DeploymentConfig:
     """Ray Serve deployment options of one tier (a Serve config YAML's ``deployments:``
     section overrides them per deployment).
 
+    Sizes are the tier's own: the matcher's ``num_replicas`` / ``num_cpus``, the generator's
+    ``generation.num_replicas`` / ``num_cpus`` / ``num_gpus`` (the pool of every decoder).
+
     Parameters:
-        num_replicas: fixed replica count; ignored when ``autoscaling_config`` is set.
         autoscaling_config: Ray Serve's autoscaling options (``min_replicas``,
-            ``max_replicas``, ``target_ongoing_requests``, ...); unset: ``num_replicas``.
-        num_cpus: CPUs reserved per replica.
+            ``max_replicas``, ``target_ongoing_requests``, ...); unset: the tier's fixed
+            replica count.
         max_ongoing_requests: requests one replica works on at once.
         max_queued_requests: requests a caller queues before it gets a back-pressure error
             (overload sheds with 503 instead of queueing forever).
@@ -33,10 +36,8 @@ class DeploymentConfig:
             health check, and how long it waits before restarting the replica.
     """
 
-    num_replicas: int = field(default=1, metadata={"help": "replicas (unless autoscaling)"})
     autoscaling_config: dict[str, Any] | None = field(default=None, metadata={
-        "help": "Ray Serve autoscaling options; unset: num_replicas"})
-    num_cpus: float = field(default=0.1, metadata={"help": "CPUs reserved per replica"})
+        "help": "Ray Serve autoscaling options; unset: the fixed replica count"})
     max_ongoing_requests: int = field(default=32, metadata={
         "help": "requests in flight per replica"})
     max_queued_requests: int = field(default=64, metadata={
@@ -48,10 +49,6 @@ class DeploymentConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.num_replicas < 1:
-            raise ConfigError(f"{name}: num_replicas must be >= 1, got {self.num_replicas}")
-        if self.num_cpus < 0:
-            raise ConfigError(f"{name}: num_cpus must be >= 0, got {self.num_cpus}")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"{name}: max_ongoing_requests must be >= 1")
         if self.max_queued_requests < 1 and self.max_queued_requests != -1:
@@ -59,8 +56,12 @@ class DeploymentConfig:
         if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
             raise ConfigError(f"{name}: health check period and timeout must be > 0")
 
+    def replicas(self) -> int:
+        """The fixed replica count (unless autoscaling)."""
+        raise NotImplementedError
+
     def ray_actor_options(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus}
+        raise NotImplementedError
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options``."""
@@ -73,7 +74,7 @@ class DeploymentConfig:
         if self.autoscaling_config:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:
-            opts["num_replicas"] = self.num_replicas
+            opts["num_replicas"] = self.replicas()
         return opts
 
 
@@ -83,6 +84,8 @@ class MatcherConfig(DeploymentConfig):
     endpoints, cached candidates + ScaNN (plus its deployment options).
 
     Parameters:
+        num_replicas: fixed replica count; ignored when ``autoscaling_config`` is set.
+        num_cpus: CPUs reserved per replica.
         k_default: ads per answer when the request has no ``k``.
         k_max: the largest ``k`` a request may ask for.
         max_recent_events: most ``recent_events`` one request may carry.
@@ -105,6 +108,8 @@ class MatcherConfig(DeploymentConfig):
     max_queued_requests: int = 256
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 15.0
+    num_replicas: int = field(default=1, metadata={"help": "replicas (unless autoscaling)"})
+    num_cpus: float = field(default=0.1, metadata={"help": "CPUs reserved per replica"})
     k_default: int = field(default=10, metadata={"help": "ads per answer when k is absent"})
     k_max: int = field(default=100, metadata={"help": "largest k a request may ask for"})
     max_recent_events: int = field(default=50, metadata={
@@ -126,6 +131,10 @@ class MatcherConfig(DeploymentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.num_replicas < 1:
+            raise ConfigError(f"matcher: num_replicas must be >= 1, got {self.num_replicas}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"matcher: num_cpus must be >= 0, got {self.num_cpus}")
         if not 1 <= self.k_default <= self.k_max:
             raise ConfigError(f"need 1 <= k_default <= k_max, got {self.k_default}, {self.k_max}")
         if self.max_body_bytes < 256:
@@ -141,6 +150,19 @@ class MatcherConfig(DeploymentConfig):
     def token(self) -> str | None:
         return self.admin_token or os.environ.get("LEADRE_ADMIN_TOKEN") or None
 
+    def replicas(self) -> int:
+        return self.num_replicas
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus}
+
+
+def serving_generation() -> GenerationConfig:
+    """The generator tier's decoding defaults (``warm`` writes the same candidates): 20
+    candidates per user, 16 users per ``@serve.batch``, a small CPU reservation so the tier
+    shares a node with the matcher."""
+    return GenerationConfig(beam_size=20, top_k=20, batch_size=16, num_cpus=0.1)
+
 
 @dataclass
 class GeneratorConfig(DeploymentConfig):
@@ -148,14 +170,14 @@ class GeneratorConfig(DeploymentConfig):
     store (plus its deployment options; GPUs here).
 
     Parameters:
+        generation: decoding and the replica pool (:class:`~leadre.model.config.
+            GenerationConfig`): ``top_k`` candidates per user, ``beam_size``, ``batch_size``
+            users per ``@serve.batch`` call (and prompts decoded together), ``num_replicas``,
+            ``num_cpus``, ``num_gpus`` (unset: 1 when the cluster has GPUs, else 0).
         ttl_s: lifetime of generated candidates in the store.
-        top_k: candidates generated per user.
-        beam_size: beams per user (>= top_k).
-        batch_size: users per ``@serve.batch`` call (and prompts decoded together).
         batch_wait_s: how long ``@serve.batch`` waits to fill a batch.
         poll_interval_s: how often an idle replica looks at the store's queue.
         lease_s: a claimed queue entry returns to the queue after this (a dead replica's).
-        num_gpus: GPUs per replica; unset: 1 when the cluster has GPUs, else 0.
         niceness: added to the replica process's CPU niceness: where the tiers share cores,
             the LLM yields them to the matcher's requests (0 leaves it as Ray starts it).
     """
@@ -163,17 +185,15 @@ class GeneratorConfig(DeploymentConfig):
     max_ongoing_requests: int = 64
     max_queued_requests: int = 256
     health_check_period_s: float = 5.0
+    generation: GenerationConfig = field(default_factory=serving_generation, metadata={
+        "help": "decoding (top_k, beam_size, batch_size, ...) and replicas (num_replicas, "
+                "num_cpus, num_gpus)"})
     ttl_s: float = field(default=86_400.0, metadata={"help": "lifetime of generated candidates"})
-    top_k: int = field(default=20, metadata={"help": "candidates generated per user"})
-    beam_size: int = field(default=20, metadata={"help": "beams per user (>= top_k)"})
-    batch_size: int = field(default=16, metadata={"help": "@serve.batch max_batch_size"})
     batch_wait_s: float = field(default=0.05, metadata={"help": "@serve.batch wait timeout"})
     poll_interval_s: float = field(default=0.5, metadata={
         "help": "how often an idle generator replica looks at the store's queue"})
     lease_s: float = field(default=120.0, metadata={
         "help": "a claimed queue entry returns to the queue after this (dead replica)"})
-    num_gpus: float | None = field(default=None, metadata={
-        "help": "GPUs per generator replica; unset: 1 when the cluster has GPUs, else 0"})
     niceness: int = field(default=10, metadata={
         "help": "CPU niceness added to generator replicas (they yield shared cores)"})
 
@@ -181,28 +201,17 @@ class GeneratorConfig(DeploymentConfig):
         super().__post_init__()
         if not 0 <= self.niceness <= 19:
             raise ConfigError("niceness must be in 0..19")
-        if self.top_k > self.beam_size:
-            raise ConfigError(f"top_k={self.top_k} > beam_size={self.beam_size}")
         if self.ttl_s <= 0:
             raise ConfigError("ttl_s must be > 0")
-        if self.batch_size < 1 or self.top_k < 1:
-            raise ConfigError("batch_size and top_k must be >= 1")
         if self.batch_wait_s < 0 or self.poll_interval_s <= 0 or self.lease_s <= 0:
             raise ConfigError("batch_wait_s must be >= 0, poll_interval_s and lease_s > 0")
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ConfigError("num_gpus must be >= 0 when set")
+
+    def replicas(self) -> int:
+        return self.generation.num_replicas
 
     def ray_actor_options(self) -> dict[str, Any]:
-        gpus = self.num_gpus
-        if gpus is None:  # decided on the driver, where the cluster is known
-            try:
-                import ray
-
-                gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 \
-                    else 0.0
-            except Exception:  # noqa: BLE001
-                gpus = 0.0
-        return {**super().ray_actor_options(), "num_gpus": gpus}
+        # num_gpus unset is decided here, on the driver, where the cluster is known
+        return self.generation.ray_resources()
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,7 @@ class ServeConfig:
             this is the nodes' environment (``deploy/rayservice.yaml``).
         matcher / generator: each tier's knobs and deployment options
             (:class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
-            ``--set generator.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
+            ``--set generator.generation.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
         ray: how to reach Ray. blocking: ``leadre serve`` keeps running until Ctrl-C.
         shutdown_timeout_s: after Ctrl-C, how long ``serve.shutdown()`` may take before the
             command exits anyway (its own local cluster goes with the process).

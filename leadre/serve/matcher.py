@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
+from ray import serve
 
 from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
@@ -44,261 +45,253 @@ app = FastAPI(title="LEADRE recommendations", version="2.0",
               description="Two-tier LLM ad retrieval: cached LLM candidates + ScaNN matcher.")
 
 
-def _deployment():
-    from ray import serve
+# Sizes and replica options: MatcherConfig, applied with .options() by app.build.
+@serve.deployment(name="Matcher")
+@serve.ingress(app)
+class Matcher:
+    """ScaNN matcher replica and HTTP ingress. ``generator``: handle of the Generator
+    tier (None: a generator elsewhere drains the store's queue). ``cfg.admin_token`` is
+    used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
 
-    # Sizes and replica options: MatcherConfig, applied with .options() by app.build.
-    @serve.deployment(name="Matcher")
-    @serve.ingress(app)
-    class Matcher:
-        """ScaNN matcher replica and HTTP ingress. ``generator``: handle of the Generator
-        tier (None: a generator elsewhere drains the store's queue). ``cfg.admin_token`` is
-        used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
+    async def __init__(self, cfg: MatcherConfig, paths: ServePaths, generator=None):
+        with open_store(paths.store_url) as store:
+            stored = store.get_meta(INDEX_META_KEY)
+        current = json.loads(stored)["index_dir"] if stored else paths.index_dir
+        try:
+            self.core = await asyncio.to_thread(
+                MatcherCore, dataclasses.replace(paths, index_dir=current),
+                cfg.history_events)
+        except Exception:
+            if current == paths.index_dir:
+                raise
+            log.exception("matcher: stored index %s unusable, starting on %s", current,
+                          paths.index_dir)
+            self.core = await asyncio.to_thread(MatcherCore, paths, cfg.history_events)
+        # Background loops get their own store connection: the request path never waits
+        # behind their writes.
+        self.bg_store = open_store(paths.store_url)
+        self.core.refresh_ad_status(self.bg_store)
+        self.cfg = cfg
+        self.Request = api.request_model(cfg.k_default, cfg.k_max, cfg.max_recent_events)
+        self.generator = generator
+        self.latency = tier_latency("matcher", MATCHER_BUCKETS_MS)
+        self.responses = counter("leadre_http_responses_total",
+                                 "HTTP answers of /recommend by status", "status")
+        self.cache = counter("leadre_cache_lookups_total",
+                             "candidate-store lookups by result (hit/miss/stale)", "result")
+        self.sources = counter("leadre_recommended_ads_total", "ads returned, by source",
+                               "source")
+        self.queue = gauge("leadre_generation_queue_depth", "users waiting for LLM generation")
+        self.wake_errors = counter("leadre_generation_wake_errors_total",
+                                   "fire-and-forget generator wake-ups that failed")
+        self._pending: set[str] = set()
+        self._have_pending = asyncio.Event()
+        self._wake_task: asyncio.Task | None = None
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._watch_ad_status()),
+                       loop.create_task(self._watch_index()),
+                       loop.create_task(self._enqueue_misses())]
 
-        async def __init__(self, cfg: MatcherConfig, paths: ServePaths, generator=None):
-            with open_store(paths.store_url) as store:
-                stored = store.get_meta(INDEX_META_KEY)
-            current = json.loads(stored)["index_dir"] if stored else paths.index_dir
+    # --- background ----------------------------------------------------------------
+
+    async def _watch_ad_status(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ad_status_interval_s)
             try:
-                self.core = await asyncio.to_thread(
-                    MatcherCore, dataclasses.replace(paths, index_dir=current),
-                    cfg.history_events)
+                if await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store):
+                    log.info("matcher: %d ads switched off (status v%d)",
+                             len(self.core.off), self.core.ad_status_version)
+            except StoreUnavailable as e:  # keep the last status until it is back
+                log.warning("matcher: ad status refresh skipped: %s", e)
             except Exception:
-                if current == paths.index_dir:
-                    raise
-                log.exception("matcher: stored index %s unusable, starting on %s", current,
-                              paths.index_dir)
-                self.core = await asyncio.to_thread(MatcherCore, paths, cfg.history_events)
-            # Background loops get their own store connection: the request path never waits
-            # behind their writes.
-            self.bg_store = open_store(paths.store_url)
-            self.core.refresh_ad_status(self.bg_store)
-            self.cfg = cfg
-            self.Request = api.request_model(cfg.k_default, cfg.k_max, cfg.max_recent_events)
-            self.generator = generator
-            self.latency = tier_latency("matcher", MATCHER_BUCKETS_MS)
-            self.responses = counter("leadre_http_responses_total",
-                                     "HTTP answers of /recommend by status", "status")
-            self.cache = counter("leadre_cache_lookups_total",
-                                 "candidate-store lookups by result (hit/miss/stale)", "result")
-            self.sources = counter("leadre_recommended_ads_total", "ads returned, by source",
-                                   "source")
-            self.queue = gauge("leadre_generation_queue_depth", "users waiting for LLM generation")
-            self.wake_errors = counter("leadre_generation_wake_errors_total",
-                                       "fire-and-forget generator wake-ups that failed")
-            self._pending: set[str] = set()
-            self._have_pending = asyncio.Event()
-            self._wake_task: asyncio.Task | None = None
-            loop = asyncio.get_running_loop()
-            self._loops = [loop.create_task(self._watch_ad_status()),
-                           loop.create_task(self._watch_index()),
-                           loop.create_task(self._enqueue_misses())]
+                log.exception("matcher: ad status refresh failed")
 
-        # --- background ----------------------------------------------------------------
-
-        async def _watch_ad_status(self) -> None:
-            while True:
-                await asyncio.sleep(self.cfg.ad_status_interval_s)
-                try:
-                    if await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store):
-                        log.info("matcher: %d ads switched off (status v%d)",
-                                 len(self.core.off), self.core.ad_status_version)
-                except StoreUnavailable as e:  # keep the last status until it is back
-                    log.warning("matcher: ad status refresh skipped: %s", e)
-                except Exception:
-                    log.exception("matcher: ad status refresh failed")
-
-        async def _watch_index(self) -> None:
-            """Follow index swaps made through other replicas; publish the queue depth."""
-            while True:
-                await asyncio.sleep(self.cfg.watch_interval_s)
-                try:
-                    raw = await asyncio.to_thread(self.bg_store.get_meta, INDEX_META_KEY)
-                    target = json.loads(raw) if raw else None
-                    if target and target["version"] != self.core.index.version:
-                        await asyncio.to_thread(self.core.swap_index, target["index_dir"],
-                                                target["version"])
-                    self.queue.set(await asyncio.to_thread(self.bg_store.queue_depth))
-                except StoreUnavailable as e:
-                    log.warning("matcher: store watch skipped: %s", e)
-                except Exception:  # a bad directory must not kill the replica
-                    log.exception("matcher: store watch failed")
-
-        async def _enqueue_misses(self) -> None:
-            """One queue write per interval for all misses since the last, then one wake-up
-            call to the generator (the queue is durable: a lost wake-up only waits for the
-            generator's own polling)."""
-            while True:
-                await self._have_pending.wait()
-                await asyncio.sleep(self.cfg.enqueue_interval_s)
-                self._have_pending.clear()
-                ids, self._pending = list(self._pending), set()
-                try:
-                    await asyncio.to_thread(self.bg_store.enqueue, ids)
-                except Exception as e:  # they are queued again on their next miss
-                    log.warning("matcher: queueing %d users for generation failed: %r",
-                                len(ids), e)
-                    continue
-                self._wake_generator()
-
-        def _wake_generator(self) -> None:
-            if self.generator is None or (self._wake_task and not self._wake_task.done()):
-                return
-
-            async def wake():
-                try:
-                    await self.generator.wake.remote()
-                except Exception as e:  # noqa: BLE001 - counted, never raised
-                    self.wake_errors.inc()
-                    log.debug("generator wake-up failed: %r", e)
-
-            self._wake_task = asyncio.get_running_loop().create_task(wake())
-
-        # --- HTTP ----------------------------------------------------------------------
-
-        def _done(self, status: int, t0: float) -> None:
-            self.latency.observe((time.perf_counter() - t0) * 1000)
-            self.responses.inc(tags={"status": str(status)})
-
-        @app.post("/recommend")
-        async def http_recommend(self, request: Request):
-            t0 = time.perf_counter()
-            data, err = await api.read_json(request, self.cfg.max_body_bytes,
-                                            self.cfg.max_drain_bytes)
-            if err is not None:
-                self._done(err.status_code, t0)
-                return err
+    async def _watch_index(self) -> None:
+        """Follow index swaps made through other replicas; publish the queue depth."""
+        while True:
+            await asyncio.sleep(self.cfg.watch_interval_s)
             try:
-                req = self.Request.model_validate(data)
-            except ValidationError as e:
-                self._done(422, t0)
-                return api.error(422, "invalid request", api.field_errors(e))
-            out = self._recommend(req.user_id, req.k,
-                                  [e.model_dump() for e in req.recent_events])
-            resp = api.json_response(out)
-            self._done(200, t0)
-            return resp
+                raw = await asyncio.to_thread(self.bg_store.get_meta, INDEX_META_KEY)
+                target = json.loads(raw) if raw else None
+                if target and target["version"] != self.core.index.version:
+                    await asyncio.to_thread(self.core.swap_index, target["index_dir"],
+                                            target["version"])
+                self.queue.set(await asyncio.to_thread(self.bg_store.queue_depth))
+            except StoreUnavailable as e:
+                log.warning("matcher: store watch skipped: %s", e)
+            except Exception:  # a bad directory must not kill the replica
+                log.exception("matcher: store watch failed")
 
-        def _recommend(self, user_id: str, k: int, events: list[dict]) -> dict:
-            out = self.core.recommend(user_id, k, events)
-            if out["queued"]:
-                self._pending.add(user_id)
-                self._have_pending.set()
-            self.cache.inc(tags={"result": out["cache"]})
-            counts: dict[str, int] = {}
-            for a in out["ads"]:
-                counts[a["source"]] = counts.get(a["source"], 0) + 1
-            for source, n in counts.items():
-                self.sources.inc(n, tags={"source": source})
-            return out
-
-        @app.get("/healthz")
-        async def healthz(self):
-            return {"status": "ok", **self.core.index_info()}
-
-        @app.post("/admin/index")
-        async def http_swap_index(self, request: Request):
-            req, err = await self._admin_body(request, api.IndexSwap)
-            if err is not None:
-                return err
-            # Validate and swap here first (and persist it for replicas that start later);
-            # only then fan out, so a bad directory touches nothing.
+    async def _enqueue_misses(self) -> None:
+        """One queue write per interval for all misses since the last, then one wake-up
+        call to the generator (the queue is durable: a lost wake-up only waits for the
+        generator's own polling)."""
+        while True:
+            await self._have_pending.wait()
+            await asyncio.sleep(self.cfg.enqueue_interval_s)
+            self._have_pending.clear()
+            ids, self._pending = list(self._pending), set()
             try:
-                first = await self.swap_index(req.index_dir)
-            except Exception as e:  # noqa: BLE001 - the replica keeps its old index
-                return api.error(400, f"index swap rejected: {api.cause(e)}")
-            results = await self._everyone().broadcast(
-                "swap_index", req.index_dir, persist=False).results_async(timeout_s=120)
-            return {"status": "swapped", **first, "replicas": len(results)}
+                await asyncio.to_thread(self.bg_store.enqueue, ids)
+            except Exception as e:  # they are queued again on their next miss
+                log.warning("matcher: queueing %d users for generation failed: %r",
+                            len(ids), e)
+                continue
+            self._wake_generator()
 
-        @app.post("/admin/ads")
-        async def http_ad_status(self, request: Request):
-            """Switch ads off (or back on) on every replica, without an index rebuild: the
-            store records it (replicas starting later read it there) and every replica is
-            told at once; a replica the call misses catches up within
-            ``ad_status_interval_s``."""
-            req, err = await self._admin_body(request, api.AdStatusChange)
-            if err is not None:
-                return err
-            version = await asyncio.to_thread(self.bg_store.set_ads_active, req.ad_ids,
-                                              req.active)
-            results = await self._everyone().broadcast("apply_ad_status").results_async(
-                timeout_s=30, return_exceptions=True)
-            told = sum(1 for r in results if not isinstance(r, BaseException))
-            return {"status": "updated", "ad_status_version": version,
-                    "ads": len(set(req.ad_ids)), "active": req.active, "replicas": told,
-                    "ads_switched_off": len(self.core.off)}
+    def _wake_generator(self) -> None:
+        if self.generator is None or (self._wake_task and not self._wake_task.done()):
+            return
 
-        async def _admin_body(self, request: Request, model):
-            denied = api.check_token(request, self.cfg.token())
-            if denied is not None:
-                return None, denied
-            data, err = await api.read_json(request, self.cfg.max_body_bytes,
-                                            self.cfg.max_drain_bytes)
-            if err is not None:
-                return None, err
+        async def wake():
             try:
-                return model.model_validate(data), None
-            except ValidationError as e:
-                return None, api.error(422, "invalid request", api.field_errors(e))
+                await self.generator.wake.remote()
+            except Exception as e:  # noqa: BLE001 - counted, never raised
+                self.wake_errors.inc()
+                log.debug("generator wake-up failed: %r", e)
 
-        def _everyone(self):
-            ctx = serve.get_replica_context()
-            return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        self._wake_task = asyncio.get_running_loop().create_task(wake())
 
-        # --- handle API (the tier also runs alone, without HTTP) --------------------------
+    # --- HTTP ----------------------------------------------------------------------
 
-        async def recommend(self, user_id: str, k: int,
-                            recent_events: list[dict] | None = None) -> dict:
-            t0 = time.perf_counter()
-            out = self._recommend(user_id, k, recent_events or [])
-            self.latency.observe((time.perf_counter() - t0) * 1000)
-            return out
+    def _done(self, status: int, t0: float) -> None:
+        self.latency.observe((time.perf_counter() - t0) * 1000)
+        self.responses.inc(tags={"status": str(status)})
 
-        async def swap_index(self, index_dir: str, persist: bool = True) -> dict:
-            """Swap this replica's index; ``persist`` records it in the store so replicas
-            that start later (autoscaling, restarts) and the other replicas follow."""
-            info = await asyncio.to_thread(self.core.swap_index, index_dir, "")
-            if persist:
-                meta = await asyncio.to_thread(self._meta)
-                await asyncio.to_thread(self.bg_store.set_meta, INDEX_META_KEY, json.dumps(
-                    {"index_dir": index_dir, "version": info["index_version"],
-                     "user_config": meta.get("user_config")}))
-            return info
+    @app.post("/recommend")
+    async def http_recommend(self, request: Request):
+        t0 = time.perf_counter()
+        data, err = await api.read_json(request, self.cfg.max_body_bytes,
+                                        self.cfg.max_drain_bytes)
+        if err is not None:
+            self._done(err.status_code, t0)
+            return err
+        try:
+            req = self.Request.model_validate(data)
+        except ValidationError as e:
+            self._done(422, t0)
+            return api.error(422, "invalid request", api.field_errors(e))
+        out = self._recommend(req.user_id, req.k,
+                              [e.model_dump() for e in req.recent_events])
+        resp = api.json_response(out)
+        self._done(200, t0)
+        return resp
 
-        async def apply_ad_status(self) -> int:
-            await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store)
-            return self.core.ad_status_version
+    def _recommend(self, user_id: str, k: int, events: list[dict]) -> dict:
+        out = self.core.recommend(user_id, k, events)
+        if out["queued"]:
+            self._pending.add(user_id)
+            self._have_pending.set()
+        self.cache.inc(tags={"result": out["cache"]})
+        counts: dict[str, int] = {}
+        for a in out["ads"]:
+            counts[a["source"]] = counts.get(a["source"], 0) + 1
+        for source, n in counts.items():
+            self.sources.inc(n, tags={"source": source})
+        return out
 
-        async def info(self) -> dict:
-            return self.core.index_info()
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", **self.core.index_info()}
 
-        def _meta(self) -> dict:
-            raw = self.bg_store.get_meta(INDEX_META_KEY)
-            return json.loads(raw) if raw else {}
+    @app.post("/admin/index")
+    async def http_swap_index(self, request: Request):
+        req, err = await self._admin_body(request, api.IndexSwap)
+        if err is not None:
+            return err
+        # Validate and swap here first (and persist it for replicas that start later);
+        # only then fan out, so a bad directory touches nothing.
+        try:
+            first = await self.swap_index(req.index_dir)
+        except Exception as e:  # noqa: BLE001 - the replica keeps its old index
+            return api.error(400, f"index swap rejected: {api.cause(e)}")
+        results = await self._everyone().broadcast(
+            "swap_index", req.index_dir, persist=False).results_async(timeout_s=120)
+        return {"status": "swapped", **first, "replicas": len(results)}
 
-        def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-            """``user_config: {index_dir: ...}`` from ``serve deploy``. The latest operator
-            action wins: a user_config value is applied once (and recorded in the store); a
-            later admin swap is not undone when replicas restart with the same user_config."""
-            index_dir = (user_config or {}).get("index_dir")
-            if not index_dir:
-                return
-            meta = self._meta()
-            if meta.get("user_config") == index_dir:
-                if meta["version"] != self.core.index.version:
-                    self.core.swap_index(meta["index_dir"], meta["version"])
-                return
-            info = self.core.swap_index(index_dir, "")
-            self.bg_store.set_meta(INDEX_META_KEY, json.dumps(
+    @app.post("/admin/ads")
+    async def http_ad_status(self, request: Request):
+        """Switch ads off (or back on) on every replica, without an index rebuild: the
+        store records it (replicas starting later read it there) and every replica is
+        told at once; a replica the call misses catches up within
+        ``ad_status_interval_s``."""
+        req, err = await self._admin_body(request, api.AdStatusChange)
+        if err is not None:
+            return err
+        version = await asyncio.to_thread(self.bg_store.set_ads_active, req.ad_ids,
+                                          req.active)
+        results = await self._everyone().broadcast("apply_ad_status").results_async(
+            timeout_s=30, return_exceptions=True)
+        told = sum(1 for r in results if not isinstance(r, BaseException))
+        return {"status": "updated", "ad_status_version": version,
+                "ads": len(set(req.ad_ids)), "active": req.active, "replicas": told,
+                "ads_switched_off": len(self.core.off)}
+
+    async def _admin_body(self, request: Request, model):
+        denied = api.check_token(request, self.cfg.token())
+        if denied is not None:
+            return None, denied
+        data, err = await api.read_json(request, self.cfg.max_body_bytes,
+                                        self.cfg.max_drain_bytes)
+        if err is not None:
+            return None, err
+        try:
+            return model.model_validate(data), None
+        except ValidationError as e:
+            return None, api.error(422, "invalid request", api.field_errors(e))
+
+    def _everyone(self):
+        ctx = serve.get_replica_context()
+        return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+
+    # --- handle API (the tier also runs alone, without HTTP) --------------------------
+
+    async def recommend(self, user_id: str, k: int,
+                        recent_events: list[dict] | None = None) -> dict:
+        t0 = time.perf_counter()
+        out = self._recommend(user_id, k, recent_events or [])
+        self.latency.observe((time.perf_counter() - t0) * 1000)
+        return out
+
+    async def swap_index(self, index_dir: str, persist: bool = True) -> dict:
+        """Swap this replica's index; ``persist`` records it in the store so replicas
+        that start later (autoscaling, restarts) and the other replicas follow."""
+        info = await asyncio.to_thread(self.core.swap_index, index_dir, "")
+        if persist:
+            meta = await asyncio.to_thread(self._meta)
+            await asyncio.to_thread(self.bg_store.set_meta, INDEX_META_KEY, json.dumps(
                 {"index_dir": index_dir, "version": info["index_version"],
-                 "user_config": index_dir}))
+                 "user_config": meta.get("user_config")}))
+        return info
 
-        async def check_health(self) -> None:
-            if self.core.index is None or len(self.core.index) == 0:
-                raise RuntimeError("matcher has no index")
+    async def apply_ad_status(self) -> int:
+        await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store)
+        return self.core.ad_status_version
 
-    return Matcher
+    async def info(self) -> dict:
+        return self.core.index_info()
 
+    def _meta(self) -> dict:
+        raw = self.bg_store.get_meta(INDEX_META_KEY)
+        return json.loads(raw) if raw else {}
 
-Matcher = _deployment()
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """``user_config: {index_dir: ...}`` from ``serve deploy``. The latest operator
+        action wins: a user_config value is applied once (and recorded in the store); a
+        later admin swap is not undone when replicas restart with the same user_config."""
+        index_dir = (user_config or {}).get("index_dir")
+        if not index_dir:
+            return
+        meta = self._meta()
+        if meta.get("user_config") == index_dir:
+            if meta["version"] != self.core.index.version:
+                self.core.swap_index(meta["index_dir"], meta["version"])
+            return
+        info = self.core.swap_index(index_dir, "")
+        self.bg_store.set_meta(INDEX_META_KEY, json.dumps(
+            {"index_dir": index_dir, "version": info["index_version"],
+             "user_config": index_dir}))
+
+    async def check_health(self) -> None:
+        if self.core.index is None or len(self.core.index) == 0:
+            raise RuntimeError("matcher has no index")

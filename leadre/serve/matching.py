@@ -30,7 +30,7 @@ import threading
 from leadre.index.ann import AdIndex
 from leadre.index.query import QueryBuilder
 from leadre.serve.config import ServePaths
-from leadre.serve.context import merge_events
+from leadre.index.context import merge_events
 from leadre.serve.store import StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)

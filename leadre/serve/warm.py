@@ -6,7 +6,7 @@ Two passes over the ingest tables:
    pushed-down filter (no shuffle) -> profile + long-term categories + the last
    ``max_events`` behaviours -> ``store.put_users``;
 2. generation: the ids of the active users stream through an actor pool of generators
-   (one model copy per actor, ``num_gpus`` each on a GPU cluster) that write candidates with
+   (``generation.num_replicas`` model copies, ``num_gpus`` each on a GPU cluster) that write candidates with
    the TTL and versions, exactly as the serving Generator does.
 
 "Active users" = users with at least one event in the last ``active_days`` days of the log
@@ -24,7 +24,8 @@ import pandas as pd
 
 from leadre.config import ConfigError
 from leadre.runtime import RayConfig
-from leadre.serve.config import GeneratorConfig, ServePaths
+from leadre.model.config import GenerationConfig
+from leadre.serve.config import GeneratorConfig, ServePaths, serving_generation
 from leadre.serve.store import DEFAULT_URL
 
 log = logging.getLogger(__name__)
@@ -48,27 +49,23 @@ class WarmConfig:
         "help": "output of `leadre sft`/`leadre dpo`; unset: embedding baseline"})
     store_url: str = field(default=DEFAULT_URL, metadata={
         "help": "candidate store URL (redis://... when workers run on several nodes)"})
-    # Candidates as the serving generator writes them, so its defaults.
+    # Candidates as the serving generator writes them, so its defaults (but its own pool).
     ttl_s: float = field(default=GeneratorConfig.ttl_s, metadata={
         "help": "lifetime of the candidates"})
-    top_k: int = field(default=GeneratorConfig.top_k, metadata={"help": "candidates per user"})
-    beam_size: int = field(default=GeneratorConfig.beam_size, metadata={"help": "beams per user"})
+    generation: GenerationConfig = field(
+        default_factory=lambda: replace(serving_generation(), batch_size=64, num_cpus=1.0),
+        metadata={"help": "decoding (top_k, beam_size, batch_size users per batch, ...) and "
+                          "the actor pool (num_replicas, num_cpus, num_gpus)"})
     max_events: int = field(default=50, metadata={"help": "behaviours kept per user context"})
     active_days: int | None = field(default=None, metadata={
         "help": "warm users active in the last N days of the log (unset: all with events)"})
     context_batch_size: int = field(default=20_000, metadata={
         "help": "users per context-building task"})
-    batch_size: int = field(default=64, metadata={"help": "users per generation batch"})
-    workers: int = field(default=1, metadata={"help": "generator actors (model copies)"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per generator actor"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per generator actor"})
     contexts_only: bool = field(default=False, metadata={
         "help": "write user contexts only (serving then generates on demand)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.batch_size < 1:
-            raise ConfigError("workers and batch_size must be >= 1")
         if self.active_days is not None and self.active_days < 1:
             raise ConfigError("active_days must be >= 1 when set")
 
@@ -80,7 +77,7 @@ def _contexts_fn(batch: pd.DataFrame, events_path: str, ads_category, store_url:
     import ray
 
     from leadre.artifacts import resolve
-    from leadre.serve.context import contexts_from_frames
+    from leadre.index.context import contexts_from_frames
     from leadre.serve.store import open_store
 
     cats = ray.get(ads_category) if isinstance(ads_category, ray.ObjectRef) else ads_category
@@ -119,8 +116,7 @@ def run(cfg: WarmConfig) -> dict:
     read_manifest(cfg.ingest_dir, stage="ingest")
     # The LLM generator does not read the index.
     (replace(paths, index_dir=None) if cfg.model_dir else paths).check()
-    gen_cfg = GeneratorConfig(ttl_s=cfg.ttl_s, top_k=cfg.top_k, beam_size=cfg.beam_size,
-                              batch_size=cfg.batch_size)
+    gen_cfg = GeneratorConfig(ttl_s=cfg.ttl_s, generation=cfg.generation)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     timings = {}
@@ -144,9 +140,8 @@ def run(cfg: WarmConfig) -> dict:
         ds = ray.data.from_items([{"user_id": u} for u in active])
         generated = ds.map_batches(
             _GenerateWorker, fn_constructor_kwargs={"cfg": gen_cfg, "paths": paths},
-            batch_size=cfg.batch_size,
-            concurrency=cfg.workers, num_gpus=cfg.gpus_per_worker,
-            num_cpus=cfg.cpus_per_worker).sum("written") or 0
+            batch_size=cfg.generation.batch_size, concurrency=cfg.generation.num_replicas,
+            **cfg.generation.ray_resources()).sum("written") or 0
         timings["generate_s"] = round(time.perf_counter() - t1, 2)
         timings["users_per_s"] = round(generated / max(timings["generate_s"], 1e-9), 1)
     summary = {"store_url": paths.store_url, "contexts": int(written_ctx),

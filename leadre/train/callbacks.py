@@ -22,12 +22,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray.train
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+
+from leadre.model.config import GenerationConfig
 
 HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME  # "checkpoint/" inside a Ray checkpoint
 
@@ -79,15 +82,17 @@ class GenerationMetric(TrainerCallback):
 
     Each rank decodes its own slice of the rows and the hit counts are summed over the worker
     group, so every rank sees the same value (ranks that disagreed on stopping would hang).
-    The decoder is the evaluation stage's (``leadre.eval.generate``), imported here only, in
-    the workers."""
+    The decoder is the model layer's (``leadre.model.decode``), imported here only, in the
+    workers; ``generation.top_k`` is the K of the metric."""
 
-    def __init__(self, rows: list[tuple[str, str]], sids_dir: str, *, k: int, beam_size: int,
-                 rank: int, world: int):
+    def __init__(self, rows: list[tuple[str, str]], sids_dir: str,
+                 generation: GenerationConfig, *, rank: int, world: int):
         self.rows = rows[rank::world]
         self.n_total = len(rows)
-        self.sids_dir, self.k, self.beam_size = sids_dir, k, beam_size
-        self.key = f"eval_hr@{k}"
+        self.sids_dir = sids_dir
+        # the trainer's model is decoded where it lives, its adapter unmerged
+        self.generation = replace(generation, merge_adapter=False)
+        self.key = f"eval_hr@{generation.top_k}"
         self.table = None
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None,
@@ -95,7 +100,7 @@ class GenerationMetric(TrainerCallback):
         import torch
         import torch.distributed as dist
 
-        from leadre.eval.generate import GenerateConfig, SidGenerator
+        from leadre.model.decode import SidGenerator
         from leadre.sids import load_table
 
         if self.table is None:
@@ -103,9 +108,8 @@ class GenerationMetric(TrainerCallback):
         tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
         was_training = model.training
         model.eval()
-        gen = SidGenerator(model, tokenizer, self.table, GenerateConfig(
-            beam_size=self.beam_size, top_k=self.k, batch_size=16, merge_adapter=False,
-            device=str(next(model.parameters()).device)))
+        gen = SidGenerator(model, tokenizer, self.table, replace(
+            self.generation, device=next(model.parameters()).device.type))
         hits = 0
         if self.rows:
             out = gen.generate([p for p, _ in self.rows])

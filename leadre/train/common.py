@@ -34,10 +34,11 @@ import pyarrow as pa
 
 from leadre import artifacts
 from leadre.config import ConfigError
+from leadre.model.config import GenerationConfig
+from leadre.model.factory import RAY_DIR
 from leadre.prompts import contract
-from leadre.train.export import export
-from leadre.train.model import RAY_DIR
 from leadre.runtime import RayConfig
+from leadre.train.export import export
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ class TrainArgs:
             selection metric (``None`` = never); the best checkpoint is exported either way.
         selection_metric: what "better" means for checkpoint choice and early stopping:
             ``eval_loss`` (lower), or ``hr@10`` (higher; SFT only: the validation users' next
-            ads decoded with the trie-constrained beam search, ``selection_rows`` of them,
-            ``selection_beam`` beams).
+            ads decoded with the trie-constrained beam search, ``selection_rows`` of them).
+        generation: how the hr@10 selection metric decodes
+            (:class:`~leadre.model.config.GenerationConfig`; default 10 beams, top 10). Its
+            pool fields are unused: each Ray Train worker decodes its own slice.
         max_failures / resume: Ray Train restarts a failed worker group this many times
             from the last checkpoint; ``resume=true`` continues a previous run from ``<out>/ray``.
         fail_at_step: fault injection for tests: rank 0 raises at this step of a run that did
@@ -131,8 +134,9 @@ class TrainArgs:
         "help": "checkpoint choice and early stopping: eval_loss (lower) or hr@10 (higher)"})
     selection_rows: int = field(default=256, metadata={
         "help": "hr@10: validation users decoded at each evaluation"})
-    selection_beam: int = field(default=10, metadata={
-        "help": "hr@10: beams of the constrained decoder at each evaluation"})
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(beam_size=10, top_k=10, batch_size=16),
+        metadata={"help": "hr@10: decoding at each evaluation (beam_size, batch_size, ...)"})
     max_failures: int = field(default=2, metadata={
         "help": "worker-group restarts from the last checkpoint before the run fails"})
     resume: bool = field(default=False, metadata={
@@ -171,8 +175,8 @@ class TrainArgs:
             raise ConfigError("keep_checkpoints must be >= 1 or null (keep all)")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ConfigError("early_stopping_patience must be >= 1 or null")
-        if self.selection_rows < 1 or self.selection_beam < 10:
-            raise ConfigError("selection_rows must be >= 1 and selection_beam >= 10 (hr@10)")
+        if self.selection_rows < 1 or self.generation.top_k != 10:
+            raise ConfigError("selection_rows must be >= 1 and generation.top_k 10 (hr@10)")
         if self.max_failures < 0 or self.report_every < 0:
             raise ConfigError("max_failures and report_every must be >= 0")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -267,7 +271,7 @@ def lora_config(cfg: TrainArgs, model) -> Any:
     never used: TRL's fused LM-head loss rejects it."""
     from peft import LoraConfig
 
-    from leadre.train.model import embedding_module_names
+    from leadre.model.factory import embedding_module_names
 
     emb, head, tied = embedding_module_names(model)
     modules_to_save = [emb] + ([head] if head and not tied else [])
@@ -334,8 +338,8 @@ def train_loop(config: dict[str, Any]) -> None:
                      train_callbacks.ReportCallback(rank=rank, report_every=cfg.report_every)]
         if ctx["has_eval"] and ctx.get("selection_rows"):
             callbacks.append(train_callbacks.GenerationMetric(
-                ctx["selection_rows"], ctx["sids_dir"], k=10, beam_size=cfg.selection_beam,
-                rank=rank, world=world))
+                ctx["selection_rows"], ctx["sids_dir"], cfg.generation, rank=rank,
+                world=world))
         if ctx["has_eval"] and cfg.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
         args = hf_args(cfg, work, has_eval=ctx["has_eval"], use_gpu=config["use_gpu"])

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
-from leadre.train.model import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer,
+from leadre.model.factory import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer,
                           read_training_manifest, render_prompts, with_rendered_prompts)
 from leadre.prompts.contract import PAIR_TYPES
 from leadre.runtime import init_ray

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from leadre.train.model import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer
+from leadre.model.factory import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer
 
 
 def _hf_dir(checkpoint_dir: str | Path) -> Path:

@@ -5,7 +5,7 @@ group running TRL's ``SFTTrainer`` with a PEFT LoRA adapter.
 Reads ``<prompts_dir>/sft/{train,valid}/part-*.parquet`` (columns ``prompt``, ``completion``, ``task``,
 ...) and the S-ID table of the ``leadre sids`` directory the prompts were built from. The loss
 covers the completion tokens only (``completion_only_loss``); TRL appends EOS to each
-completion. Writes (see :mod:`leadre.train.model`)::
+completion. Writes (see :mod:`leadre.model.factory`)::
 
     <out>/model/    base model + S-ID tokens + tokenizer     <out>/adapter/  LoRA adapter
     <out>/merged/   merged model + tokenizer                 <out>/ray/sft/  Ray Train checkpoints
@@ -23,7 +23,7 @@ import numpy as np
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
-from leadre.train.model import (MODEL_DIR, PresetName, load_model, load_tokenizer,
+from leadre.model.factory import (MODEL_DIR, PresetName, load_model, load_tokenizer,
                                  prepare_base_model, with_rendered_prompts)
 from leadre.prompts.contract import TASKS, read_split
 from leadre.runtime import init_ray

@@ -8,7 +8,7 @@ import pytest
 from leadre.eval.baselines import (EmbeddingANN, MostPopular, RandomRec, SASRec, SasrecConfig,
                               tune_sasrec)
 from leadre.eval.metrics import ranking_metrics
-from leadre.index import IndexConfig
+from leadre.sids.ann import AnnConfig
 from leadre.data.synth import SynthConfig, generate
 
 
@@ -64,7 +64,7 @@ def test_scann_path_agrees_with_exact(world):
     the index stage's searcher, tuned to the index config's recall target."""
     hist, _ = world["test"]
     exact = EmbeddingANN(world["emb"], world["active"]).fit(world["train"])
-    ann = EmbeddingANN(world["emb"], world["active"], IndexConfig(mode="ah")).fit(world["train"])
+    ann = EmbeddingANN(world["emb"], world["active"], AnnConfig(mode="ah")).fit(world["train"])
     assert ann.searcher is not None and exact.searcher is None
     assert ann.query_params.get("pre_reorder_num_neighbors", 0) >= 10
     a, b = exact.recommend(hist[:100], 10), ann.recommend(hist[:100], 10)

@@ -13,6 +13,7 @@ from _tiny_lm import tiny_model, tiny_tokenizer
 from leadre.artifacts import read_manifest, read_table, write_manifest, write_table
 from leadre.config import ConfigError
 from leadre.eval.evaluate import EvalConfig, generate_all, run, run_baselines
+from leadre.model.config import GenerationConfig
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
 from leadre.sids.table import SidTable
@@ -77,7 +78,7 @@ def test_eval_stage_end_to_end(dirs, ray_local):
     out = root / "out"
     manifest = run(EvalConfig(
         prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
-        beam_size=10, batch_size=16, actors=1, device="cpu",
+        generation=GenerationConfig(beam_size=10, batch_size=16, num_replicas=1, device="cpu"),
         baselines=["most_popular", "sasrec", "embedding_ann", "random"],
         sasrec={"epochs": 3, "dim": 16}))
     assert manifest["stage"] == "eval" == read_manifest(out, "eval")["stage"]
@@ -125,7 +126,8 @@ def test_eval_channel_report_merges_leadre_into_sasrec(dirs, ray_local):
     root, *_ = dirs
     out = root / "out_channel"
     run(EvalConfig(prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
-                   beam_size=8, ks=[1, 5], batch_size=16, device="cpu", generate_on="local",
+                   generation=GenerationConfig(beam_size=8, batch_size=16, device="cpu"),
+                   ks=[1, 5], generate_on="local",
                    baselines=["sasrec"], sasrec={"epochs": 2, "dim": 16}, channel_k=8,
                    ci_resamples=0))
     report = json.loads((out / "metrics.json").read_text())
@@ -146,7 +148,8 @@ def test_valid_split_with_filtered_history(dirs):
     out = root / "out_valid"
     manifest = run(EvalConfig(
         prompts_dir=str(root / "prompts"), model_dir=str(root / "sft"), out=str(out),
-        split="valid", filter_history=True, beam_size=20, batch_size=16, device="cpu",
+        split="valid", filter_history=True,
+        generation=GenerationConfig(beam_size=20, batch_size=16, device="cpu"),
         generate_on="local", max_rows=40, baselines=["sasrec"],
         sasrec={"epochs": 2, "dim": 16}))
     report = json.loads((out / "metrics.json").read_text())
@@ -170,11 +173,13 @@ def test_ray_and_local_generation_agree_even_with_an_actor_on_every_cpu(dirs, ra
     pipeline may wait for a free CPU (a repartition used to, forever)."""
     root, *_ = dirs
     prompts = read_table(root / "prompts", "eval/test").column("prompt").to_pylist()[:40]
-    base = dict(prompts_dir=str(root / "prompts"), beam_size=5, ks=[1, 5], batch_size=8,
-                device="cpu")
-    a = generate_all(EvalConfig(**base, generate_on="ray", cpus_per_actor=2.0),
+    gen = dict(beam_size=5, batch_size=8, device="cpu")
+    base = dict(prompts_dir=str(root / "prompts"), ks=[1, 5])
+    a = generate_all(EvalConfig(**base, generate_on="ray",
+                                generation=GenerationConfig(**gen, num_cpus=2.0)),
                      str(root / "sft"), str(root / "sids"), prompts)
-    b = generate_all(EvalConfig(**base, generate_on="local"), str(root / "sft"),
+    b = generate_all(EvalConfig(**base, generate_on="local",
+                                generation=GenerationConfig(**gen)), str(root / "sft"),
                      str(root / "sids"), prompts)
     assert a.rec_ad_ids.map(list).tolist() == b.rec_ad_ids.map(list).tolist()
 
@@ -281,8 +286,9 @@ def test_config_rejects_bad_values():
         EvalConfig(sasrec={"dims": 3})
     with pytest.raises(ConfigError, match="ci_resamples"):
         EvalConfig(ci_resamples=-1)
-    assert EvalConfig(filter_history=True, beam_size=20).generate_config().top_k == 20
-    assert EvalConfig(beam_size=20).generate_config().top_k == 10
+    beam20 = GenerationConfig(beam_size=20)
+    assert EvalConfig(filter_history=True, generation=beam20).generation.top_k == 20
+    assert EvalConfig(generation=GenerationConfig(beam_size=20)).generation.top_k == 10
 
 
 def test_ablation_plan(tmp_path):

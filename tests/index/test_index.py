@@ -13,9 +13,8 @@ import pytest
 from leadre.artifacts import ArtifactError, read_manifest, read_table, write_table
 from leadre.cli import main
 from leadre.config import ConfigError
-from leadre.index import AdIndex, IndexConfig, load_embeddings, run
-from leadre.index.ann import choose_mode, exact_topk, recall_at
-from leadre.index.build import build
+from leadre.index import AdIndex, IndexConfig, run
+from leadre.sids.ann import build, choose_mode, exact_topk, load_embeddings, recall_at
 from leadre.sids import load_table
 
 from serving_world import make_world

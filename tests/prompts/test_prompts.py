@@ -30,6 +30,7 @@ from leadre.data.ingest import run as ingest_run
 from leadre.prompts import (DPO, EVAL, SFT, SKIPPED, Catalog, PromptConfig, approx_tokens,
                             build_local, build_user_prompt, pick_template, read_split, run)
 from leadre.prompts.examples import Rows
+from leadre.prompts.tables import GROUP_SCHEMA
 from leadre.prompts import pipeline
 from leadre.runtime import RayConfig
 from leadre.sids.table import SidTable, parse_sid
@@ -587,7 +588,7 @@ def test_user_level_error_becomes_a_skipped_row(world, monkeypatch):
 
     monkeypatch.setattr(pipeline, "build_user", boom)
     group = pa.table({"user_id": ["u1"], "ts": [0], "domain": ["video"], "action": ["play"],
-                      "ad_id": [None], "title": ["x"]}, schema=pipeline.GROUP_SCHEMA)
+                      "ad_id": [None], "title": ["x"]}, schema=GROUP_SCHEMA)
     rows = Rows()
     pipeline.build_group_rows(group, Catalog([], [], [], [], [], [], []), cfg_for(world, "x"),
                               pipeline.SplitPlan("leave_one_out"), rows)

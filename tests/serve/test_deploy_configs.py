@@ -30,7 +30,7 @@ def test_serve_configs_validate(name):
     (app,) = schema.applications
     assert app.import_path == "leadre.serve:build_app"
     cfg = from_dict(ServeConfig, app.args)  # the builder's args are a valid ServeConfig
-    assert cfg.generator.num_gpus == deps_gpus(raw)  # the tier section matches its deployment
+    assert cfg.generator.generation.num_gpus == deps_gpus(raw)  # the tier section matches its deployment
     deps = {d["name"]: d for d in raw["applications"][0]["deployments"]}
     assert set(deps) == {"Matcher", "Generator"}  # two tiers; the Matcher is the HTTP ingress
     for d in deps.values():  # overload sheds instead of queueing forever
@@ -60,7 +60,7 @@ def test_builder_rejects_unknown_args():
     with pytest.raises(ConfigError, match="unknown GeneratorConfig option"):
         build_app({"generator.ttl": "5"})
     with pytest.raises(ConfigError, match="top_k"):
-        build_app({"generator": {"top_k": 30, "beam_size": 20}})
+        build_app({"generator": {"generation": {"top_k": 30, "beam_size": 20}}})
     with pytest.raises(ConfigError, match="unknown ServeConfig option"):
         build_app({"ingress.k_max": "5"})  # the HTTP limits are the matcher's now
 
@@ -73,10 +73,12 @@ def test_tier_sections_are_the_deployment_options():
     from leadre.serve.matcher import Matcher
 
     cfg = from_dict(ServeConfig, {"matcher": {"num_replicas": 3, "num_cpus": 0.5},
-                                  "generator": {"num_gpus": 0, "batch_size": 8}})
+                                  "generator": {"generation": {"num_replicas": 2, "num_gpus": 0,
+                                                               "batch_size": 8}}})
     opts = cfg.matcher.deployment_options()
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 0.5}
-    assert cfg.generator.deployment_options()["ray_actor_options"]["num_gpus"] == 0
+    gen_opts = cfg.generator.deployment_options()
+    assert gen_opts["ray_actor_options"]["num_gpus"] == 0 and gen_opts["num_replicas"] == 2
     assert MatcherConfig().max_queued_requests > 0 and GeneratorConfig().max_queued_requests > 0
     with pytest.raises(ConfigError, match="max_drain_bytes"):
         MatcherConfig(max_body_bytes=1024, max_drain_bytes=512)

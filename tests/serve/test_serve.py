@@ -25,7 +25,7 @@ import pytest
 from leadre.artifacts import read_table, write_table
 from leadre.index import AdIndex, IndexConfig, run as run_index
 from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
-from leadre.serve.context import user_contexts
+from leadre.index.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
 
 from conftest import free_port

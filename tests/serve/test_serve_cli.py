@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from leadre.serve.context import user_contexts
+from leadre.index.context import user_contexts
 from leadre.serve.store import open_store
 
 from conftest import free_port
@@ -45,8 +45,8 @@ def served(tmp_path_factory):
         [str(Path(sys.executable).parent / "leadre"), "serve", "--index-dir", w["index"],
          "--sids-dir", w["sids"], "--store-url", store, "--port", str(port),
          "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=200",
-         "--set", "matcher.num_cpus=0.1", "--set", "generator.num_cpus=0.1",
-         "--set", "generator.num_gpus=0"],
+         "--set", "matcher.num_cpus=0.1", "--set", "generator.generation.num_cpus=0.1",
+         "--set", "generator.generation.num_gpus=0"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         # A suite started in the background (`pytest &` from a script) ignores SIGINT, and a
         # child inherits that: give `leadre serve` the Ctrl-C a terminal user has.

@@ -12,7 +12,7 @@ import pytest
 
 from leadre.artifacts import read_table
 from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
-from leadre.serve.context import user_contexts
+from leadre.index.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
 from leadre.sids import load_table
 

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from leadre.artifacts import write_manifest
+from leadre.model.config import GenerationConfig
 from leadre.serve import GeneratorConfig, ServePaths
-from leadre.serve.context import build_prompt, user_contexts
+from leadre.index.context import build_prompt, user_contexts
 from leadre.serve.generator import GeneratorCore
 from leadre.sids import load_table
 from leadre.serve.store import open_store
@@ -19,8 +20,8 @@ from serving_world import make_world
 
 @pytest.fixture(scope="module")
 def llm_world(tmp_path_factory):
-    pytest.importorskip("leadre.train.model")
-    from leadre.train.model import prepare_base_model
+    pytest.importorskip("leadre.model.factory")
+    from leadre.model.factory import prepare_base_model
 
     root = tmp_path_factory.mktemp("llm")
     w = make_world(root, ads=300, users=40)
@@ -59,7 +60,8 @@ def test_llm_generator_writes_active_sids_with_versions(llm_world, tmp_path):
     store.put_users(llm_world["contexts"])
     users = list(llm_world["contexts"])[:8]
     store.enqueue(users)
-    core = GeneratorCore(GeneratorConfig(ttl_s=300, top_k=5, beam_size=8, batch_size=4),
+    core = GeneratorCore(GeneratorConfig(ttl_s=300, generation=GenerationConfig(
+        top_k=5, beam_size=8, batch_size=4)),
                          ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
     assert core.engine == "llm" and core.model_version.startswith("sft-")
     t0 = time.perf_counter()

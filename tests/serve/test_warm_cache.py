@@ -16,7 +16,7 @@ def test_warm_cache_job(ray_local, tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     rc = main(["warm", "--ingest-dir", w["ingest"], "--sids-dir", w["sids"],
                           "--index-dir", w["index"], "--store-url", url, "--batch-size", "32",
-                          "--cpus-per-worker", "0.5", "--ttl-s", "600"])
+                          "--generation.num-cpus", "0.5", "--ttl-s", "600"])
     assert rc == 0
     store = open_store(url)
     from leadre.artifacts import read_table
@@ -36,4 +36,4 @@ def test_warm_cache_job(ray_local, tmp_path):
     assert all(r.sid_version == version and r.model_version == "embedding-baseline"
                and len(r.sids) == 20 and time.time() + 500 < r.expires_at < time.time() + 700
                for r in recs.values())
-    assert main(["warm", "--workers", "0"]) == 2
+    assert main(["warm", "--generation.num-replicas", "0"]) == 2

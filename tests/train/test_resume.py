@@ -79,7 +79,7 @@ def _wait_job_dead(address: str, driver_pid: int, timeout: float = 60) -> str:
 def test_killed_driver_resubmitted_with_resume_continues_from_its_checkpoint(ray_local, tmp_path):
     """Also the full fine-tune path end to end: no adapter, the merged model loads."""
     from leadre.cli import main
-    from leadre.train.model import load_for_inference
+    from leadre.model.factory import load_for_inference
 
     world = write_prompts(tmp_path / "w", n_users=60, seed=1)
     out = tmp_path / "sft"

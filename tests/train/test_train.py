@@ -94,7 +94,7 @@ def test_merged_model_loads_with_plain_transformers_and_generates(sft_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from leadre.train.model import load_for_inference, load_model
+    from leadre.model.factory import load_for_inference, load_model
     from leadre.sids import parse_sid
 
     out, _ = sft_run
@@ -134,7 +134,7 @@ def test_dpo_raises_the_reward_margin_on_heldout_pairs(dpo_run):
 
 
 def test_dpo_starts_from_the_sft_adapter_and_exports_the_same_layout(dpo_run, sft_run):
-    from leadre.train.model import load_for_inference
+    from leadre.model.factory import load_for_inference
 
     out, m = dpo_run
     assert read_manifest(out, stage="dpo")["inputs"]["start"] == "sft adapter"

@@ -7,7 +7,7 @@ import pytest
 
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
-from leadre.train.model import (PRESETS, add_sid_tokens, embedding_module_names, load_model,
+from leadre.model.factory import (PRESETS, add_sid_tokens, embedding_module_names, load_model,
                           load_tokenizer, prepare_base_model, train_tokenizer)
 
 SID_TOKENS = [f"<{p}_{i}>" for p in "abcd" for i in range(8)]

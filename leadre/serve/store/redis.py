@@ -13,7 +13,7 @@ import functools
 import json
 import time
 
-from leadre.serve.store import CandidateRecord, CandidateStore, StoreUnavailable, _expiry
+from leadre.serve.store.base import CandidateRecord, CandidateStore, StoreUnavailable, _expiry
 
 # Atomically take up to ARGV[2] members available at ARGV[1] and push them to ARGV[3].
 _CLAIM_LUA = """

@@ -9,8 +9,8 @@ import torch
 
 from _tiny_lm import tiny_model, tiny_table, tiny_tokenizer
 from leadre.config import ConfigError
-from leadre.eval.generate import (Candidate, GenerateConfig, SidGenerator, hf_constrained_generate,
-                             invalid_rate)
+from leadre.model.config import GenerationConfig
+from leadre.model.decode import Candidate, SidGenerator, hf_constrained_generate, invalid_rate
 
 PROMPTS = ["click on ad <a_1><b_2><c_0> what ad will the user be interested in next time?",
            "play short video badminton",
@@ -44,7 +44,7 @@ def exhaustive(model, tok, table, prompt: str) -> list[tuple[str, float]]:
 def test_equals_exhaustive_reference(world):
     table, tok, model = world
     n_active = int(table.active.sum())
-    gen = SidGenerator(model, tok, table, GenerateConfig(beam_size=n_active, top_k=n_active,
+    gen = SidGenerator(model, tok, table, GenerationConfig(beam_size=n_active, top_k=n_active,
                                                          batch_size=3, device="cpu"))
     got = gen.generate(PROMPTS)  # batched, left-padded, two batches
     for prompt, cands in zip(PROMPTS, got):
@@ -56,7 +56,7 @@ def test_equals_exhaustive_reference(world):
 
 def test_top_k_of_narrow_beam_matches_hf_generate(world):
     table, tok, model = world
-    gen = SidGenerator(model, tok, table, GenerateConfig(beam_size=4, top_k=4, device="cpu"))
+    gen = SidGenerator(model, tok, table, GenerationConfig(beam_size=4, top_k=4, device="cpu"))
     rows, scores = gen.generate_rows(PROMPTS)
     ref_rows, ref_scores = hf_constrained_generate(model, tok, gen.trie, PROMPTS, 4)
     np.testing.assert_array_equal(rows, ref_rows)
@@ -67,7 +67,7 @@ def test_zero_invalid_and_never_inactive():
     table = tiny_table(n_ads=60, sizes=(4, 4, 3), seed=3, inactive=20)
     tok = tiny_tokenizer(table.tokens())
     model = tiny_model(len(tok), seed=5)
-    gen = SidGenerator(model, tok, table, GenerateConfig(beam_size=10, top_k=10, device="cpu"))
+    gen = SidGenerator(model, tok, table, GenerationConfig(beam_size=10, top_k=10, device="cpu"))
     prompts = [f"user {i} click on ad {table.sid(table.ad_id_array[i])}" for i in range(30)]
     out = gen.generate(prompts)
     sids = [c.sid for cands in out for c in cands]
@@ -95,7 +95,7 @@ def test_zero_invalid_and_never_inactive():
 def test_fewer_active_ads_than_beams_and_none(world):
     table, tok, model = world
     small = tiny_table(n_ads=14, sizes=(3, 4), seed=1, inactive=12)  # 2 active
-    gen = SidGenerator(model, tok, small, GenerateConfig(beam_size=8, top_k=5, device="cpu"))
+    gen = SidGenerator(model, tok, small, GenerationConfig(beam_size=8, top_k=5, device="cpu"))
     out = gen.generate(PROMPTS[:2])
     assert [len(c) for c in out] == [2, 2]
     small.set_active(small.ad_id_array[small.active].tolist(), False)
@@ -116,7 +116,7 @@ def test_lora_adapter_model(world):
     assert [a for a, _ in ref] != [a for a, _ in exhaustive(model, tok, table, PROMPTS[0])]
     for merge in (False, True):
         gen = SidGenerator(copy.deepcopy(peft_model), tok, table,
-                           GenerateConfig(beam_size=n_active, top_k=n_active, device="cpu",
+                           GenerationConfig(beam_size=n_active, top_k=n_active, device="cpu",
                                           merge_adapter=merge))
         got = gen.generate(PROMPTS[:1])[0]
         assert [c.ad_id for c in got] == [a for a, _ in ref]
@@ -132,17 +132,17 @@ def test_from_stage_dir(world, tmp_path):
     table.save(str(tmp_path / "sids"))
     write_manifest(tmp_path / "sids", "sids", inputs={}, config={}, counts={}, timings={})
     gen = SidGenerator.from_stage_dir(str(tmp_path / "sft"), str(tmp_path / "sids"),
-                                      GenerateConfig(beam_size=5, top_k=3, device="cpu"))
-    direct = SidGenerator(model, tok, table, GenerateConfig(beam_size=5, top_k=3, device="cpu"))
+                                      GenerationConfig(beam_size=5, top_k=3, device="cpu"))
+    direct = SidGenerator(model, tok, table, GenerationConfig(beam_size=5, top_k=3, device="cpu"))
     assert ([[c.ad_id for c in x] for x in gen.generate(PROMPTS)]
             == [[c.ad_id for c in x] for x in direct.generate(PROMPTS)])
 
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="beam_size"):
-        GenerateConfig(beam_size=5, top_k=10)
+        GenerationConfig(beam_size=5, top_k=10)
     with pytest.raises(ConfigError):
-        GenerateConfig(batch_size=0)
+        GenerationConfig(batch_size=0)
 
 
 def test_from_plain_model_dir(world, tmp_path):
@@ -154,7 +154,7 @@ def test_from_plain_model_dir(world, tmp_path):
     from leadre.artifacts import write_manifest
 
     write_manifest(tmp_path / "sids", "sids", inputs={}, config={}, counts={}, timings={})
-    cfg = GenerateConfig(beam_size=5, top_k=3, device="cpu")
+    cfg = GenerationConfig(beam_size=5, top_k=3, device="cpu")
     gen = SidGenerator.from_stage_dir(str(tmp_path / "hf"), str(tmp_path / "sids"), cfg)
     direct = SidGenerator(model, tok, table, cfg)
     assert ([[c.ad_id for c in x] for x in gen.generate(PROMPTS)]

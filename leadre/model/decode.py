@@ -25,76 +25,19 @@ is impossible by construction (:func:`invalid_rate` measures it anyway).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from leadre.config import ConfigError
-from leadre.eval.batching import length_buckets, reorder_generated, reserve
+from leadre.model.batching import length_buckets, reorder_generated, reserve
 from leadre.sids.table import SidTable, format_sid
 from leadre.sids.trie import SidTrie
+from leadre.model.config import GenerationConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateConfig:
-    """How S-IDs are decoded.
-
-    beam_size: beams per prompt (paper/serving default 20); beam search is exact when it is at
-        least the number of active ads.
-    top_k: candidates returned per prompt (<= beam_size).
-    max_prompt_tokens: prompts longer than this keep their last tokens (the recent behaviour
-        and the question) and lose the start.
-    batch_size: prompts decoded together (each holds ``beam_size`` rows of KV cache).
-    device: ``auto`` = CUDA when available, else CPU.
-    dtype: model weights' dtype for inference; ``auto`` keeps CPU models as loaded and uses
-        bfloat16 on GPUs that support it.
-    merge_adapter: merge a PEFT LoRA adapter into the base weights before decoding (same
-        outputs, faster).
-    sort_by_length: group prompts of similar length into a batch (less padding); results come
-        back in input order either way.
-    bucket_slack: with ``sort_by_length``, a batch also ends where adding the next (longer)
-        prompt would make its padding exceed this share of its real tokens, so a batch of
-        short and long prompts is decoded as a few batches of similar lengths instead of one
-        padded to the longest (on CPU the padding costs more than the batching saves);
-        ``None``: batches of ``batch_size`` whatever their lengths.
-    max_batch_tokens: a batch also ends where prompts x beams x its longest prompt would pass
-        this many cached tokens (the beam-expanded KV cache: on a CPU, one that outgrows the
-        processor's caches makes a larger batch slower per prompt, not faster); 0: no limit;
-        unset: 32768 on CPU, no limit on CUDA.
-    """
-
-    beam_size: int = field(default=20, metadata={"help": "beams per prompt"})
-    top_k: int = field(default=10, metadata={"help": "candidates returned per prompt (<= beam_size)"})
-    max_prompt_tokens: int = field(default=1024, metadata={
-        "help": "longer prompts keep their last tokens"})
-    batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: CUDA when available, else CPU"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "inference dtype; auto: bfloat16 on capable GPUs, as loaded on CPU"})
-    merge_adapter: bool = field(default=True, metadata={
-        "help": "merge a PEFT adapter into the weights before decoding"})
-    sort_by_length: bool = field(default=True, metadata={
-        "help": "batch prompts of similar length together"})
-    bucket_slack: float | None = field(default=0.25, metadata={
-        "help": "end a batch where its padding would exceed this share of its tokens"})
-    max_batch_tokens: int | None = field(default=None, metadata={
-        "help": "end a batch at prompts x beams x length cached tokens (unset: 32768 on CPU)"})
-
-    def __post_init__(self) -> None:
-        if self.bucket_slack is not None and self.bucket_slack < 0:
-            raise ConfigError("bucket_slack must be >= 0 (or unset)")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
-            raise ConfigError("max_batch_tokens must be >= 0 (or unset)")
-        if self.beam_size < 1 or self.top_k < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
-            raise ConfigError("beam_size, top_k, batch_size and max_prompt_tokens must be >= 1")
-        if self.top_k > self.beam_size:
-            raise ConfigError(f"top_k={self.top_k} > beam_size={self.beam_size}: beam search "
-                              "returns at most beam_size distinct ads; raise beam_size")
 
 
 @dataclass
@@ -239,8 +182,8 @@ class SidGenerator:
     call :meth:`set_active` or :meth:`refresh_active` when ads switch on or off.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, table: SidTable, cfg: GenerateConfig | None = None):
-        self.cfg = cfg or GenerateConfig()
+    def __init__(self, model: Any, tokenizer: Any, table: SidTable, cfg: GenerationConfig | None = None):
+        self.cfg = cfg or GenerationConfig()
         self.device = resolve_device(self.cfg.device)
         if self.cfg.merge_adapter and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
@@ -273,7 +216,7 @@ class SidGenerator:
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The left-padded batch of ``prompts`` rendered as in training (chat template)."""
-        from leadre.train.model import render_prompts
+        from leadre.model.factory import render_prompts
 
         enc = self.tokenizer(render_prompts(self.tokenizer, prompts), padding=True,
                              truncation=True, max_length=self.cfg.max_prompt_tokens,
@@ -334,12 +277,12 @@ class SidGenerator:
 
     @classmethod
     def from_stage_dir(cls, model_dir: str, sids_dir: str,
-                       cfg: GenerateConfig | None = None) -> "SidGenerator":
+                       cfg: GenerationConfig | None = None) -> "SidGenerator":
         """Load a trained model (an ``sft``/``dpo`` stage dir, or any HF model dir) and the
         S-ID table of a ``sids`` stage dir."""
         from leadre.artifacts import check_model
         from leadre.sids.build import load_table
-        from leadre.train.model import load_trained
+        from leadre.model.factory import load_trained
 
         table = load_table(sids_dir)
         check_model(model_dir, table.version, sids_dir)
@@ -358,7 +301,7 @@ def hf_constrained_generate(model: Any, tokenizer: Any, trie: SidTrie, prompts: 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    from leadre.train.model import render_prompts
+    from leadre.model.factory import render_prompts
 
     enc = tokenizer(render_prompts(tokenizer, prompts), padding=True, truncation=True,
                     max_length=max_prompt_tokens, return_tensors="pt").to(device)

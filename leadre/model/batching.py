@@ -1,4 +1,4 @@
-"""Batching for the constrained decoder (:mod:`leadre.eval.generate`) that makes larger
+"""Batching for the constrained decoder (:mod:`leadre.model.decode`) that makes larger
 batches pay on a CPU, where moving the beam-expanded KV cache around costs more than the
 model's arithmetic:
 
