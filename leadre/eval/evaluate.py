@@ -163,14 +163,6 @@ class EvalConfig:
 
 # --- inputs -------------------------------------------------------------------------------
 
-def _input_dir(manifest: dict, key: str) -> str | None:
-    for section in ("inputs", "config"):
-        value = (manifest.get(section) or {}).get(key)
-        if isinstance(value, str):
-            return value
-    return None
-
-
 def load_catalog_stats(ingest_dir: str | None, table, popularity: dict[str, int]):
     """The :class:`~leadre.eval.metrics.CatalogStats` of the ingest ads (empty maps without
     them), the S-ID table's active count and ``popularity``."""
@@ -313,12 +305,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from leadre.eval.metrics import CI_LEVEL, all_metrics
     from leadre.sids.build import load_table
 
+    from leadre.stages import resolve_inputs
+
     timings: dict[str, float] = {}
     pm = read_manifest(cfg.prompts_dir, stage="prompts")
-    sids_dir = cfg.sids_dir or _input_dir(pm, "sids_dir")
-    ingest_dir = cfg.ingest_dir or _input_dir(pm, "ingest_dir")
-    if not sids_dir:
-        raise ConfigError("eval: sids_dir is not set and the prompts manifest does not name one")
+    resolve_inputs(STAGE, cfg)
+    sids_dir, ingest_dir = cfg.sids_dir, cfg.ingest_dir
     with timed(timings, "read"):
         table = load_table(sids_dir)
         check_sid_version(cfg.prompts_dir, pm, table.version, sids_dir)

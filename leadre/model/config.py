@@ -18,8 +18,8 @@ class GenerationConfig:
     Decoding:
         beam_size: beams per prompt (paper/serving default 20); beam search is exact when it
             is at least the number of active ads.
-        top_k: candidates returned per prompt (<= beam_size). ``eval`` sets it from its
-            cut-offs; the training selection metric uses 10.
+        top_k: candidates returned per prompt (<= beam_size); unset: one per beam. ``eval``
+            sets it from its cut-offs; the training selection metric uses 10.
         max_prompt_tokens: prompts longer than this keep their last tokens (the recent
             behaviour and the question) and lose the start.
         batch_size: prompts decoded together (each holds ``beam_size`` rows of KV cache); in
@@ -48,7 +48,8 @@ class GenerationConfig:
     """
 
     beam_size: int = field(default=20, metadata={"help": "beams per prompt"})
-    top_k: int = field(default=10, metadata={"help": "candidates returned per prompt (<= beam_size)"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "candidates returned per prompt (<= beam_size; unset: one per beam)"})
     max_prompt_tokens: int = field(default=1024, metadata={
         "help": "longer prompts keep their last tokens"})
     batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
@@ -75,6 +76,8 @@ class GenerationConfig:
             raise ConfigError("generation.bucket_slack must be >= 0 (or unset)")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
             raise ConfigError("generation.max_batch_tokens must be >= 0 (or unset)")
+        if self.top_k is None:
+            self.top_k = self.beam_size
         if min(self.beam_size, self.top_k, self.batch_size, self.max_prompt_tokens) < 1:
             raise ConfigError("generation: beam_size, top_k, batch_size and max_prompt_tokens "
                               "must be >= 1")

