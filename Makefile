@@ -33,7 +33,9 @@ test: $(STAMP)
 	@bash scripts/install_redis.sh || echo "WARNING: no redis-server: the Redis store tests will be skipped"
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
 
-# Long checks excluded from the default suite (autoscaling on a fake multi-node cluster, ...).
+# Tests marked `slow`, which the default suite leaves out (pyproject addopts: -m 'not slow'):
+# converting the whole 30-layer SmolLM2 base model. The fake multi-node autoscaling check is
+# marked `cluster`, not `slow`: `make test` runs it.
 test-slow: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m slow
 

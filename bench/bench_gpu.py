@@ -126,11 +126,13 @@ def run_dataset(name: str, root: Path, out: Path, a: argparse.Namespace) -> dict
     import torch
 
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    from leadre.eval.evaluate import EvalConfig, load_eval_rows
+    from leadre.eval.config import EvalConfig
+    from leadre.eval.evaluate import load_eval_rows
     from leadre.eval.evaluate import run as run_eval
     from leadre.model.config import GenerationConfig
     from leadre.model.factory import load_tokenizer, prepare_base_model
-    from leadre.train.sft import COLUMNS, SftConfig, build_trainer
+    from leadre.train.config import SftConfig
+    from leadre.train.sft import COLUMNS, build_trainer
     from leadre.sids.build import load_table
     from leadre.train.common import hf_args, load_split
 

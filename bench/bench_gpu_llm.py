@@ -50,7 +50,7 @@ VARIANTS = {"scratch": (False, "full"), "smol-full": (True, "full"), "smol-lora"
 
 
 def _cfg(a, root: Path, run_dir: Path, variant: str, tasks, steps: int):
-    from leadre.train.sft import SftConfig
+    from leadre.train.config import SftConfig
 
     pretrained, finetune = VARIANTS[variant.removesuffix("-main")]
     lr = a.lr_lora if finetune == "lora" else a.lr_full if pretrained else a.lr_scratch
@@ -140,7 +140,8 @@ def train_variant(name: str, root: Path, variant: str, a) -> dict[str, Any]:
 
 def evaluate(name: str, root: Path, runs: list[dict[str, Any]], a) -> dict[str, Any]:
     """One ``leadre eval`` of every variant of ``name`` + SASRec-CE on the same test rows."""
-    from leadre.eval.evaluate import EvalConfig, run
+    from leadre.eval.config import EvalConfig
+    from leadre.eval.evaluate import run
 
     dirs = [r["model_dir"] for r in runs]
     run(EvalConfig(prompts_dir=str(root / "prompts"), model_dir=dirs[0], compare_dirs=dirs[1:],

@@ -37,8 +37,9 @@ from leadre.prompts import PromptConfig, build_local, run  # noqa: E402
 from leadre.runtime import RayConfig, init_ray  # noqa: E402
 from leadre.sids.table import SidTable  # noqa: E402
 from leadre.data import shards  # noqa: E402
-from leadre.data.ingest import IngestConfig  # noqa: E402
-from leadre.data.synth import SynthConfig, generate, write_world  # noqa: E402
+from leadre.data.config import IngestConfig  # noqa: E402
+from leadre.data.config import SynthConfig  # noqa: E402
+from leadre.data.synth import generate, write_world  # noqa: E402
 
 
 def make_inputs(root: str, users: int, ads: int, seed: int) -> tuple[str, str, int]:

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import append  # noqa: E402
 
-from leadre.data.synth import SynthConfig, generate, write_world  # noqa: E402
+from leadre.data.config import SynthConfig  # noqa: E402
+from leadre.data.synth import generate, write_world  # noqa: E402
 
 
 def signal(world) -> dict[str, float]:

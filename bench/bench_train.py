@@ -41,7 +41,8 @@ def main() -> None:
     from train_data import write_prompts
 
     from leadre.runtime import RayConfig, init_ray
-    from leadre.train.sft import SftConfig, run
+    from leadre.train.config import SftConfig
+    from leadre.train.sft import run
 
     init_ray(RayConfig())
     load_before = os.getloadavg()[0]

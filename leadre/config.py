@@ -1,8 +1,8 @@
-"""Typed configuration: one dataclass per stage (declared next to the stage's code), filled
-from one section of a YAML file plus command-line overrides, and type-checked on load so a
-typo fails before an hour of work, not during it.
+"""Typed configuration: one dataclass per stage (in ``<package>/config.py`` beside the
+stage), filled from one section of a YAML file plus command-line overrides, and type-checked
+on load so a typo fails before an hour of work, not during it.
 
-    cfg = load_config(SynthConfig, "configs/demo.yaml", section="synth", overrides=["users=500"])
+    cfg = load_config(SidConfig, "configs/sids.yaml", section="sids", overrides=["levels=3"])
 
 Every option that names another stage's artifact directory is spelled ``<stage>_dir``
 (``ingest_dir``, ``sids_dir``, ``prompts_dir``, ``sft_dir``, ``model_dir`` for the output of

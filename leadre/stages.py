@@ -33,8 +33,8 @@ class Input:
 @dataclass(frozen=True)
 class Stage:
     name: str  # the sub-command
-    module: str  # exports the config class and ``run(cfg) -> dict``
-    config: str  # the config class's name in ``module``
+    module: str  # exports ``run(cfg) -> dict``
+    config: str  # ``module:Class`` of the config: ``<package>.config`` beside the stage
     help: str
     section: str  # the YAML section this stage reads
     inputs: tuple[Input, ...] = ()
@@ -56,54 +56,54 @@ def _recorded(option: str, by: str, *sources: str, required: bool = True) -> Inp
 
 # Pipeline order.
 STAGES: tuple[Stage, ...] = (
-    Stage("generate", "leadre.data.synth", "SynthConfig",
+    Stage("generate", "leadre.data.synth", "leadre.data.config:SynthConfig",
           "generate the synthetic ad world (ads, users, events as parquet)", "synth",
           artifact="world"),
-    Stage("ingest", "leadre.data.ingest", "IngestConfig",
+    Stage("ingest", "leadre.data.ingest", "leadre.data.config:IngestConfig",
           "validate raw logs with Ray Data; write clean tables, quarantine and manifest", "ingest",
           inputs=(_in("input_dir", "generate"),)),
-    Stage("sids", "leadre.sids", "SidConfig",
+    Stage("sids", "leadre.sids", "leadre.sids.config:SidConfig",
           "embed ads, train RQ-VAE/RQ-KMeans, write the unique S-ID table, codebooks and trie",
           "sids", inputs=(_in("ingest_dir", "ingest"),)),
-    Stage("prompts", "leadre.prompts", "PromptConfig",
+    Stage("prompts", "leadre.prompts", "leadre.prompts.config:PromptConfig",
           "build intent-aware prompts, auxiliary tasks and DPO pairs (leak-free splits) "
           "with Ray Data", "prompts",
           inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
     # Not wired into sft: a pipeline builds its model from scratch unless base_model is set.
-    Stage("base-model", "leadre.train.base_models", "BaseModelConfig",
+    Stage("base-model", "leadre.train.base_models", "leadre.train.config:BaseModelConfig",
           "prepare a pretrained base model from the GGUF of an installed model package (sha256 "
           "check, dequantise, safetensors + tokenizer) for `leadre sft --base-model DIR`",
           "base_model", artifact="base_model"),
     # sft's own sids_dir defaults to the one the prompts stage recorded, so it is not wired.
-    Stage("sft", "leadre.train.sft", "SftConfig",
+    Stage("sft", "leadre.train.sft", "leadre.train.config:SftConfig",
           "LoRA SFT of a causal LM on the prompts (Ray Train + TRL SFTTrainer + PEFT): "
           "checkpoints, resume, adapter and merged model", "sft",
           inputs=(_in("prompts_dir", "prompts"), _recorded("sids_dir", "prompts_dir"))),
-    Stage("dpo", "leadre.train.dpo", "DpoConfig",
+    Stage("dpo", "leadre.train.dpo", "leadre.train.config:DpoConfig",
           "DPO from the SFT adapter on eCPM preference pairs (Ray Train + TRL DPOTrainer)", "dpo",
           inputs=(_in("prompts_dir", "prompts"), _in("sft_dir", "sft"))),
-    Stage("eval", "leadre.eval.evaluate", "EvalConfig",
+    Stage("eval", "leadre.eval.evaluate", "leadre.eval.config:EvalConfig",
           "trie-constrained beam search for every eval user (Ray Data), metrics, baselines, "
           "report (JSON, Markdown, PNG)", "eval",
           inputs=(_in("prompts_dir", "prompts"), _in("model_dir", "dpo", "sft"),
                   _recorded("sids_dir", "prompts_dir", "sids"),
                   _recorded("ingest_dir", "prompts_dir", "ingest", required=False))),
-    Stage("ablation", "leadre.eval.ablation", "AblationConfig",
+    Stage("ablation", "leadre.eval.ablation", "leadre.eval.config:AblationConfig",
           "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
           "(drives prompts -> sft -> dpo -> eval)", "ablation",
           inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
-    Stage("index", "leadre.index", "IndexConfig",
+    Stage("index", "leadre.index", "leadre.index.config:IndexConfig",
           "build the ScaNN index over the active ads' embeddings (recall@10 vs exact search)",
           "index", inputs=(_in("sids_dir", "sids"), _in("ingest_dir", "ingest"))),
-    Stage("warm", "leadre.serve.warm", "WarmConfig",
+    Stage("warm", "leadre.serve.warm", "leadre.serve.config:WarmConfig",
           "fill the candidate store for all active users in bulk (Ray Data + generator actors)",
           "warm", inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"),
                           _in("index_dir", "index"), _in("model_dir", "dpo", "sft"))),
-    Stage("serve", "leadre.serve", "ServeConfig",
+    Stage("serve", "leadre.serve", "leadre.serve.config:ServeConfig",
           "run the two-tier Ray Serve graph (ScaNN matcher as the HTTP ingress, LLM generator)",
           "serve", inputs=(_in("index_dir", "index"), _in("sids_dir", "sids"),
                            _in("model_dir", "dpo", "sft"))),
-    Stage("demo", "leadre.demo", "DemoConfig",
+    Stage("demo", "leadre.demo", "leadre.demo:DemoConfig",
           "run the whole pipeline on the embedded synthetic world and print a summary", "demo",
           json_result=False),
 )
@@ -134,8 +134,8 @@ def stage(name: str) -> Stage:
 
 def config_class(name: str) -> type:
     """The config dataclass of stage ``name`` (imports the stage's module)."""
-    s = stage(name)
-    return getattr(importlib.import_module(s.module), s.config)
+    module, cls = stage(name).config.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def run_stage(name: str, cfg: Any) -> dict[str, Any]:

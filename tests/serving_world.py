@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from leadre.artifacts import write_manifest, write_table
-from leadre.data.synth import SynthConfig, generate
+from leadre.data.config import SynthConfig
+from leadre.data.synth import generate
 
 
 def make_world(root: Path, ads: int = 600, users: int = 200, seed: int = 0,

@@ -12,7 +12,7 @@ import pytest
 from leadre import artifacts
 from leadre.cli import STAGES, main
 from leadre.config import ConfigError, load_config
-from leadre.data.synth import SynthConfig
+from leadre.data.config import SynthConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """The package layout is the pipeline: no module imports one that imports it back (directly or
 through others), and no stage package imports a later one (``leadre.stages.LAYERS``). Both
-are read from the code's own import statements, lazy ones inside functions included."""
+are read from the code's own import statements, lazy ones inside functions included (only
+``if TYPE_CHECKING:`` imports, which never run, are left out)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ast
 from pathlib import Path
 
 import leadre
-from leadre.stages import LAYERS, layer_of
+from leadre.stages import LAYERS, STAGES, layer_of
 
 ROOT = Path(leadre.__file__).parent
 
@@ -18,6 +19,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    for node in ast.iter_child_nodes(tree):
+        test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+        if test is not None and "TYPE_CHECKING" in ast.unparse(test):
+            yield from (n for child in node.orelse for n in _runtime_nodes_of(child))
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def _runtime_nodes_of(node: ast.AST):
+    yield node
+    yield from _runtime_nodes(node)
+
+
 def import_graph() -> dict[str, set[str]]:
     """``{module: the leadre modules it imports}`` (``from pkg import name`` counts as an
     import of ``pkg.name`` where that is a module, else of ``pkg``)."""
@@ -25,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -98,3 +115,17 @@ def test_the_checks_catch_a_cycle_and_a_backward_import():
     assert cycles(graph) == [["leadre.a.x", "leadre.a.y"]]
     assert layer_of("leadre.train.sft") > layer_of("leadre.model.decode") > layer_of("leadre.sids")
     assert layer_of("leadre.cli") is None and layer_of("leadre.config") is None
+    code = ("if TYPE_CHECKING:\n    import typed_only\n"
+            "def f():\n    import lazy\n")
+    names = {a.name for n in _runtime_nodes(ast.parse(code)) if isinstance(n, ast.Import)
+             for a in n.names}
+    assert names == {"lazy"}  # lazy imports count, typing-only ones do not
+
+
+def test_every_stage_config_lives_beside_its_stage():
+    """A stage of package ``leadre.<pkg>`` is configured by a class in ``leadre.<pkg>.config``
+    (the demo, a top-level module, keeps its own)."""
+    for s in STAGES:
+        module = s.config.split(":")[0]
+        if layer_of(s.module) is not None:
+            assert module == f"leadre.{s.module.split('.')[1]}.config", s.name

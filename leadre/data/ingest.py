@@ -15,10 +15,8 @@ both holds the same users, no user is split across files, and events are sorted 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -26,84 +24,14 @@ import pyarrow.parquet as pq
 import ray
 
 from leadre import artifacts
-
-from leadre.data import lcrec
-
-from leadre.data import schema, shards
-from leadre.config import ConfigError
-from leadre.runtime import RayConfig, init_ray
+from leadre.data import lcrec, schema, shards
+from leadre.data.config import IngestConfig
+from leadre.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
 # Columns appended to a table's own columns while a batch carries clean and rejected rows.
 _Q = ("_reason", "_detail", "_row")
-
-
-@dataclass
-class IngestConfig:
-    """Where raw logs come from, what counts as valid, and where the tables go."""
-
-    input_dir: str = field(default="runs/world", metadata={
-        "help": "for source=parquet a directory with ads/, users/, events/ parquet "
-                "(e.g. the output of `leadre generate`); for source=lcrec a directory with "
-                "<Name>.inter.json [+ .item.json, .index.json]"})
-    out: str = field(default="runs/ingest", metadata={"help": "output directory (or URI)"})
-    source: Literal["parquet", "lcrec"] = field(default="parquet", metadata={
-        "help": "input format"})
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "lcrec: the <Name> of <Name>.inter.json when the directory holds several"})
-    category_level: int = field(default=1, metadata={
-        "help": "lcrec: which entry of the category path becomes the ad category (0 = root)"})
-    ecpm: float | None = field(default=None, metadata={
-        "help": "lcrec: eCPM given to every item (real datasets have none; null keeps it unknown)"})
-    ts_start: str = field(default="2000-01-01", metadata={
-        "help": "earliest accepted event time (UTC); older events are quarantined"})
-    ts_end: str = field(default="2100-01-01", metadata={
-        "help": "latest accepted event time (UTC); newer events are quarantined"})
-    max_age: int = field(default=120, metadata={"help": "largest plausible user age"})
-    max_id_chars: int = field(default=schema.TextLimits.ids, metadata={
-        "help": "longest accepted id (ad_id, user_id); longer rows are quarantined"})
-    max_title_chars: int = field(default=schema.TextLimits.titles, metadata={
-        "help": "longest accepted ad or content title; longer rows are quarantined"})
-    max_description_chars: int = field(default=schema.TextLimits.descriptions, metadata={
-        "help": "longest accepted ad description; longer rows are quarantined"})
-    max_field_chars: int = field(default=schema.TextLimits.fields, metadata={
-        "help": "longest accepted other text (category, advertiser, profile, domain, action)"})
-    max_quarantine_share: float = field(default=0.2, metadata={
-        "help": "fail the job when more than this share of any table is quarantined (a broken "
-                "upstream, not dirty data); the quarantine table is still written"})
-    batch_size: int = field(default=100_000, metadata={"help": "rows per validation batch"})
-    ray: RayConfig = field(default_factory=RayConfig, metadata={
-        "help": "Ray connection (address, num_cpus, object_store_mb)"})
-
-    def __post_init__(self) -> None:
-        try:
-            start, end = pd.Timestamp(self.ts_start, tz="UTC"), pd.Timestamp(self.ts_end, tz="UTC")
-        except ValueError as e:
-            raise ConfigError(f"ts_start/ts_end must be dates: {e}") from None
-        if start >= end:
-            raise ConfigError(f"ts_start {self.ts_start} must be before ts_end {self.ts_end}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
-        if self.category_level < 0:
-            raise ConfigError("category_level must be >= 0")
-        for name in ("max_id_chars", "max_title_chars", "max_description_chars",
-                     "max_field_chars"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.max_quarantine_share <= 1.0:
-            raise ConfigError(f"max_quarantine_share is a share in [0, 1], got "
-                              f"{self.max_quarantine_share}")
-
-    @property
-    def text_limits(self) -> schema.TextLimits:
-        return schema.TextLimits(self.max_id_chars, self.max_title_chars,
-                                 self.max_description_chars, self.max_field_chars)
-
-    @property
-    def time_range(self) -> schema.TimeRange:
-        return schema.TimeRange(pd.Timestamp(self.ts_start, tz="UTC").to_pydatetime(),
-                                pd.Timestamp(self.ts_end, tz="UTC").to_pydatetime())
 
 
 # --------------------------------------------------------------------------- batch functions

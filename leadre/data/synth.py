@@ -16,7 +16,7 @@ written next to the tables (``latent/``) so tests and benchmarks can measure the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,73 +24,13 @@ import pandas as pd
 import pyarrow as pa
 
 from leadre import artifacts
-
 from leadre.data import schema
-from leadre.config import ConfigError
+from leadre.data.config import SynthConfig
 from leadre.data.vocab import (AD_DESCRIPTION_TEMPLATES, AD_TITLE_TEMPLATES, AGE_BUCKETS,
                                 CATEGORIES, CITIES, CONTENT_TITLE_TEMPLATES, EDUCATIONS,
                                 GENDERS, INDUSTRIES)
 
 DOMAINS = ("ad", "video", "news")
-
-
-@dataclass
-class SynthConfig:
-    """Size, seed and the strength of each latent effect of the synthetic world."""
-
-    out: str = field(default="runs/world", metadata={"help": "output directory (or URI)"})
-    users: int = field(default=2000, metadata={"help": "number of users"})
-    ads: int = field(default=1000, metadata={"help": "number of ads"})
-    seed: int = field(default=0, metadata={"help": "random seed; same seed, same world"})
-    mean_events: float = field(default=40.0, metadata={
-        "help": "mean number of impressions + content events per user (clicks and conversions "
-                "come on top)"})
-    min_events: int = field(default=8, metadata={"help": "minimum events per user"})
-    start: str = field(default="2025-01-01", metadata={"help": "first day of the log (UTC)"})
-    days: int = field(default=60, metadata={"help": "length of the log in days"})
-    ad_share: float = field(default=0.6, metadata={"help": "share of events that are ad impressions"})
-    video_share: float = field(default=0.25, metadata={"help": "share of events that are video plays"})
-    interest_alpha: float = field(default=0.25, metadata={
-        "help": "Dirichlet concentration per category of user interests; lower = more focused users"})
-    profile_strength: float = field(default=1.5, metadata={
-        "help": "how strongly the profile shifts the interest prior (0 = profiles carry no signal)"})
-    content_on_interest: float = field(default=0.85, metadata={
-        "help": "probability that a video/news event comes from the user's interests"})
-    impression_on_interest: float = field(default=0.5, metadata={
-        "help": "probability that an ad impression is targeted at the user's interests"})
-    click_base: float = field(default=0.02, metadata={"help": "click probability at zero interest"})
-    click_slope: float = field(default=1.2, metadata={
-        "help": "added click probability per unit of interest in the ad's category"})
-    conversion_rate: float = field(default=0.2, metadata={
-        "help": "conversion probability of a click in a category the user is fully into"})
-    popularity_skew: float = field(default=0.8, metadata={
-        "help": "Zipf exponent of ad popularity within a category"})
-    inactive_share: float = field(default=0.1, metadata={"help": "share of ads switched off"})
-    profile_missing: float = field(default=0.1, metadata={
-        "help": "probability that each profile attribute is unknown (null)"})
-    corrupt_share: float = field(default=0.0, metadata={
-        "help": "share of extra malformed event rows (duplicates, unknown ads, bad actions, "
-                "missing users, out-of-range times) to exercise the ingest quarantine"})
-    rows_per_file: int = field(default=1_000_000, metadata={"help": "rows per parquet shard"})
-
-    def __post_init__(self) -> None:
-        if self.users < 1 or self.ads < len(CATEGORIES):
-            raise ConfigError(f"need users >= 1 and ads >= {len(CATEGORIES)} (one per category); "
-                              f"got users={self.users}, ads={self.ads}")
-        if self.min_events < 2 or self.mean_events < self.min_events:
-            raise ConfigError("need 2 <= min_events <= mean_events")
-        for name in ("ad_share", "video_share", "content_on_interest", "impression_on_interest",
-                     "inactive_share", "profile_missing", "conversion_rate", "corrupt_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.ad_share + self.video_share > 1.0:
-            raise ConfigError("ad_share + video_share must be <= 1 (news takes the rest)")
-        if self.days < 1:
-            raise ConfigError("days must be >= 1")
-        try:
-            np.datetime64(self.start, "D")
-        except ValueError:
-            raise ConfigError(f"start {self.start!r} is not a date like 2025-01-01") from None
 
 
 @dataclass

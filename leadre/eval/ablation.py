@@ -37,69 +37,18 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from leadre.artifacts import (exists, join, read_json, read_manifest, write_json, write_manifest,
                               write_text)
 from leadre.config import ConfigError, from_dict, merge, read_yaml
+from leadre.eval.config import VARIANTS, AblationConfig
 from leadre.stages import run_stage, wire, wired_options
 
 log = logging.getLogger(__name__)
 STAGE = "ablation"
-VARIANTS = ("main_only", "aux", "cross_domain", "dpo")
 CONTENT_ACTIONS = ("play", "read")
-
-
-@dataclass
-class AblationConfig:
-    """Configuration of ``leadre ablation`` (see the module docstring for the variants).
-
-    ingest_dir / sids_dir: inputs of the prompts stage (override the YAML's prompts section).
-    base_config: YAML file with ``prompts``, ``sft``, ``dpo``, ``eval`` sections (optional).
-    prompts / sft / dpo / eval: override mappings applied on top of the YAML sections.
-    variants: which rows to produce (a prefix of the cumulative chain is cheapest).
-    reuse: skip any step whose output directory already holds a manifest.
-    dry_run: build and validate every stage config, write the plan, run nothing.
-    """
-
-    ingest_dir: str | None = field(default=None, metadata={"help": "output of `leadre ingest`"})
-    sids_dir: str | None = field(default=None, metadata={"help": "output of `leadre sids`"})
-    out: str = field(default="runs/ablation", metadata={
-        "help": "directory for every variant's stage outputs and the ablation table"})
-    base_config: str | None = field(default=None, metadata={
-        "help": "YAML whose prompts/sft/dpo/eval sections are the base stage configs"})
-    prompts: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "PromptConfig overrides for every variant"})
-    sft: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "SftConfig overrides for every variant"})
-    dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "DpoConfig overrides"})
-    eval: dict[str, Any] = field(default_factory=dict, metadata={"help": "EvalConfig overrides"})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={
-        "help": f"rows of the table, any of {list(VARIANTS)}"})
-    reuse: bool = field(default=True, metadata={
-        "help": "reuse step outputs that already have a manifest (resume)"})
-    dry_run: bool = field(default=False, metadata={
-        "help": "validate and write the plan without running any stage"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={
-        "help": "training seeds; each variant is trained once per seed (mean ± std)"})
-    dpo_grid: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "DPO override sets swept from the cross_domain SFT model, picked on valid"})
-    max_hr_loss: float = field(default=0.05, metadata={
-        "help": "DPO operating point: largest relative HR@10 loss vs SFT allowed (on valid)"})
-
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.variants) - set(VARIANTS))
-        if bad or not self.variants:
-            raise ConfigError(f"ablation: variants must be a non-empty subset of {list(VARIANTS)}"
-                              f", got {self.variants}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"ablation: seeds must be distinct and non-empty, got {self.seeds}")
-        if self.dpo_grid and "cross_domain" not in self.variants:
-            raise ConfigError("ablation: dpo_grid sweeps from the cross_domain model: keep that "
-                              "variant")
-        if not 0 <= self.max_hr_loss < 1:
-            raise ConfigError("ablation: max_hr_loss is a relative loss in [0, 1)")
 
 
 @dataclass

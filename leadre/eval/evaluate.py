@@ -40,8 +40,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,115 +49,15 @@ import pyarrow as pa
 from leadre.artifacts import (ArtifactError, check_model, check_sid_version, exists, join,
                               read_manifest, read_table, timed, write_json, write_manifest,
                               write_table, write_text)
-from leadre.config import ConfigError
 from leadre.eval import report
 from leadre.eval.channel import channel_report, history_groups
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
+from leadre.eval.config import EvalConfig
 from leadre.model.config import GenerationConfig
-from leadre.runtime import RayConfig
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
-
-
-@dataclass
-class EvalConfig:
-    """Configuration of stage 6, ``leadre eval``.
-
-    Inputs:
-        prompts_dir: output of ``leadre prompts`` (its ``eval/<split>`` rows are scored).
-        model_dir: a ``leadre sft`` / ``leadre dpo`` output to evaluate; null = baselines only.
-        compare_dirs: more training outputs scored on the same rows (e.g. the SFT model next
-            to the DPO one) for the per-stage comparison.
-        sids_dir / ingest_dir: default to the ones recorded in the prompts manifest.
-    Rows:
-        split: ``test`` (report) or ``valid`` (tuning). max_rows: that many users, picked by
-        a stable hash of (seed, user id) (null = all).
-    Fairness: filter_history drops each row's earlier ads from every ranking;
-        ci_resamples: bootstrap resamples over users for the 95% intervals (0 = none).
-    Decoding: generation (:class:`leadre.model.config.GenerationConfig`): beam_size,
-        batch_size, max_prompt_tokens, device, ...; its top_k is set here (the largest K;
-        all beams with filter_history).
-    Execution: generate_on ``ray`` (Ray Data actor pool of ``generation.num_replicas`` model
-        copies, ``generation.num_cpus`` / ``num_gpus`` each) or ``local`` (this process).
-    Baselines: any of most_popular, sasrec, embedding_ann, random. ``sasrec`` overrides
-        fields of :class:`leadre.eval.baselines.SasrecConfig`; ``sasrec_grid`` lists override sets
-        tried on the valid rows (the best by NDCG@10 is reported).
-    """
-
-    prompts_dir: str = field(default="runs/prompts", metadata={
-        "help": "output directory of `leadre prompts`"})
-    model_dir: str | None = field(default="runs/sft", metadata={
-        "help": "output of `leadre sft` or `leadre dpo` to evaluate (null: baselines only)"})
-    compare_dirs: list[str] = field(default_factory=list, metadata={
-        "help": "more sft/dpo outputs scored on the same rows (per-stage comparison)"})
-    sids_dir: str | None = field(default=None, metadata={
-        "help": "output of `leadre sids` (default: the one the prompts were built with)"})
-    ingest_dir: str | None = field(default=None, metadata={
-        "help": "output of `leadre ingest` for categories/eCPM (default: from the prompts manifest)"})
-    out: str = field(default="runs/eval", metadata={"help": "report directory to write"})
-    split: Literal["valid", "test"] = field(default="test", metadata={"help": "eval rows to score"})
-    max_rows: int | None = field(default=None, metadata={
-        "help": "score this many users, picked by a stable hash of (seed, user id) (null: all)"})
-    filter_history: bool = field(default=False, metadata={
-        "help": "drop the ads of each row's history from every method's ranking before "
-                "the cut to K"})
-    ci_resamples: int = field(default=1000, metadata={
-        "help": "bootstrap resamples over users for the 95 percent interval of every "
-                "HR/NDCG (0: none)"})
-    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10], metadata={
-        "help": "cut-offs K of every @K metric"})
-    history_groups: list[int] = field(default_factory=lambda: [3], metadata={
-        "help": "also report HR/NDCG@10 for users with <= N ad engagements before the target "
-                "and for the rest, per N"})
-    channel_k: int | None = field(default=None, metadata={
-        "help": "channel report: SASRec top-K merged with LEADRE top-K vs SASRec top-2K "
-                "(needs beam_size >= K and the sasrec baseline)"})
-    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={
-        "help": "decoding (beam_size, batch_size, device, ...) and the actor pool "
-                "(num_replicas, num_cpus, num_gpus); top_k is set from ks"})
-    generate_on: Literal["ray", "local"] = field(default="ray", metadata={
-        "help": "ray: Ray Data map_batches with an actor pool; local: in this process"})
-    baselines: list[str] = field(default_factory=lambda: ["most_popular", "sasrec", "embedding_ann"],
-                                 metadata={"help": "baselines to run: names of leadre.eval.baselines.BASELINES"})
-    sasrec: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "SasrecConfig overrides, e.g. {dim: 64, dropout: 0.3}"})
-    sasrec_grid: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "SasrecConfig override sets tried on the valid rows; the best is reported"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling rows and baselines"})
-    ray: RayConfig = field(default_factory=RayConfig, metadata={
-        "help": "how to reach Ray (set ray.address=auto under `ray job submit`)"})
-
-    def __post_init__(self) -> None:
-        from leadre.eval.baselines import BASELINES, SasrecConfig
-
-        bad = sorted(set(self.baselines) - set(BASELINES))
-        if bad:
-            raise ConfigError(f"eval: unknown baseline(s) {bad}; valid: {list(BASELINES)}")
-        if not self.ks or min(self.ks) < 1:
-            raise ConfigError("eval: ks must be a non-empty list of positive cut-offs")
-        beam = self.generation.beam_size
-        if max(self.ks) > beam:
-            raise ConfigError(f"eval: the largest K ({max(self.ks)}) exceeds "
-                              f"generation.beam_size ({beam}); raise generation.beam_size")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError("eval: max_rows must be >= 1 (or null for all rows)")
-        if self.channel_k is not None and (self.channel_k > beam
-                                           or "sasrec" not in self.baselines):
-            raise ConfigError(f"eval: channel_k={self.channel_k} needs generation.beam_size >= "
-                              f"channel_k (got {beam}) and the sasrec baseline")
-        if self.ci_resamples < 0:
-            raise ConfigError("eval: ci_resamples must be >= 0 (0: no confidence intervals)")
-        known = {f.name for f in dataclasses.fields(SasrecConfig)}
-        for overrides in [self.sasrec, *self.sasrec_grid]:
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise ConfigError(f"eval: unknown SASRec option(s) {unknown}; valid: {sorted(known)}")
-
-        # Filtering needs every beam: the history's ads are removed before the cut to K.
-        self.generation.top_k = beam if self.filter_history else max(*self.ks,
-                                                                     self.channel_k or 0)
 
 
 # --- inputs -------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 its defaults are written. Each tier (``matcher``: the latency-sensitive HTTP ingress;
 ``generator``: the latency-tolerant LLM) has its own typed section: what the tier does plus
 its Ray Serve deployment options, which ``app.build`` applies with ``.options(...)``; the
-deployment classes themselves carry no sizes."""
+deployment classes themselves carry no sizes. ``WarmConfig`` (``leadre warm``) fills the same
+store in bulk with the generator's defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,3 +336,49 @@ class ServeConfig:
         return ServePaths(sids_dir=self.sids_dir, store_url=self.store_url,
                           index_dir=self.index_dir, model_dir=self.model_dir,
                           index_root=self.index_root).absolute()
+
+
+@dataclass
+class WarmConfig:
+    """Configuration of the store warm-up job.
+
+    Parameters:
+        ingest_dir: output of ``leadre ingest`` (users, events, ads).
+        sids_dir / index_dir / model_dir: as in ``ServeConfig``; ``model_dir`` unset uses the
+            embedding baseline generator.
+        store_url: the serving store (``sqlite:///...`` on one node, ``redis://`` on a cluster).
+        ttl_s / generation: the candidates' lifetime and how they are decoded, as the serving
+            generator does (its defaults), with its own pool of ``generation.num_replicas``
+            Ray Data actors (``num_cpus`` / ``num_gpus`` each) and ``batch_size`` users per
+            batch.
+        max_events / active_days / context_batch_size / contexts_only: which users and how
+            much of their history are stored, and whether to generate at all.
+    """
+
+    ingest_dir: str = field(default="runs/ingest", metadata={"help": "output of `leadre ingest`"})
+    sids_dir: str = field(default="runs/sids", metadata={"help": "output of `leadre sids`"})
+    index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
+    model_dir: str | None = field(default=None, metadata={
+        "help": "output of `leadre sft`/`leadre dpo`; unset: embedding baseline"})
+    store_url: str = field(default=DEFAULT_URL, metadata={
+        "help": "candidate store URL (redis://... when workers run on several nodes)"})
+    # Candidates as the serving generator writes them, so its defaults (but its own pool).
+    ttl_s: float = field(default=GeneratorConfig.ttl_s, metadata={
+        "help": "lifetime of the candidates"})
+    generation: GenerationConfig = field(
+        default_factory=lambda: dataclasses.replace(serving_generation(), batch_size=64,
+                                                     num_cpus=1.0),
+        metadata={"help": "decoding (top_k, beam_size, batch_size users per batch, ...) and "
+                          "the actor pool (num_replicas, num_cpus, num_gpus)"})
+    max_events: int = field(default=50, metadata={"help": "behaviours kept per user context"})
+    active_days: int | None = field(default=None, metadata={
+        "help": "warm users active in the last N days of the log (unset: all with events)"})
+    context_batch_size: int = field(default=20_000, metadata={
+        "help": "users per context-building task"})
+    contexts_only: bool = field(default=False, metadata={
+        "help": "write user contexts only (serving then generates on demand)"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
+
+    def __post_init__(self) -> None:
+        if self.active_days is not None and self.active_days < 1:
+            raise ConfigError("active_days must be >= 1 when set")

@@ -17,57 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
 
-from leadre.config import ConfigError
-from leadre.runtime import RayConfig
-from leadre.model.config import GenerationConfig
-from leadre.serve.config import GeneratorConfig, ServePaths, serving_generation
-from leadre.serve.store import DEFAULT_URL
+from leadre.serve.config import GeneratorConfig, ServePaths, WarmConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WarmConfig:
-    """Configuration of the store warm-up job.
-
-    Parameters:
-        ingest_dir: output of ``leadre ingest`` (users, events, ads).
-        sids_dir / index_dir / model_dir: as in ``ServeConfig``; ``model_dir`` unset uses the
-            embedding baseline generator.
-        store_url: the serving store (``sqlite:///...`` on one node, ``redis://`` on a cluster).
-    """
-
-    ingest_dir: str = field(default="runs/ingest", metadata={"help": "output of `leadre ingest`"})
-    sids_dir: str = field(default="runs/sids", metadata={"help": "output of `leadre sids`"})
-    index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
-    model_dir: str | None = field(default=None, metadata={
-        "help": "output of `leadre sft`/`leadre dpo`; unset: embedding baseline"})
-    store_url: str = field(default=DEFAULT_URL, metadata={
-        "help": "candidate store URL (redis://... when workers run on several nodes)"})
-    # Candidates as the serving generator writes them, so its defaults (but its own pool).
-    ttl_s: float = field(default=GeneratorConfig.ttl_s, metadata={
-        "help": "lifetime of the candidates"})
-    generation: GenerationConfig = field(
-        default_factory=lambda: replace(serving_generation(), batch_size=64, num_cpus=1.0),
-        metadata={"help": "decoding (top_k, beam_size, batch_size users per batch, ...) and "
-                          "the actor pool (num_replicas, num_cpus, num_gpus)"})
-    max_events: int = field(default=50, metadata={"help": "behaviours kept per user context"})
-    active_days: int | None = field(default=None, metadata={
-        "help": "warm users active in the last N days of the log (unset: all with events)"})
-    context_batch_size: int = field(default=20_000, metadata={
-        "help": "users per context-building task"})
-    contexts_only: bool = field(default=False, metadata={
-        "help": "write user contexts only (serving then generates on demand)"})
-    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "how to reach Ray"})
-
-    def __post_init__(self) -> None:
-        if self.active_days is not None and self.active_days < 1:
-            raise ConfigError("active_days must be >= 1 when set")
 
 
 def _contexts_fn(batch: pd.DataFrame, events_path: str, ads_category, store_url: str,

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError
-from leadre.config import ConfigError
 from leadre.packaged import PinnedPackage, installed_file
+
+if TYPE_CHECKING:  # the config validates names against BASE_MODELS, so it imports this module
+    from leadre.train.config import BaseModelConfig
 
 log = logging.getLogger(__name__)
 STAGE = "base_model"
@@ -56,34 +58,6 @@ BASE_MODELS: dict[str, PackagedModel] = {
                      "(3 KV), vocab 49,152, tied embeddings, 134.5 M parameters, ChatML chat "
                      "template; Q4_1 weights dequantised to float32"),
 }
-
-
-@dataclass
-class BaseModelConfig:
-    """Configuration of ``leadre base-model``.
-
-    Parameters:
-        name: a :data:`BASE_MODELS` entry.
-        out: the model directory written (``config.json``, safetensors, tokenizer, manifest).
-            The GGUF is read from the installed model package (``make install``).
-        layers: keep only the first N decoder layers (tests and smoke runs of the real
-            tokenizer and weights); ``None`` = the whole model.
-    """
-
-    name: str = field(default="smollm2-135m", metadata={
-        "help": f"packaged model to prepare ({', '.join(BASE_MODELS)})"})
-    out: str = field(default="runs/base_model", metadata={
-        "help": "output model directory (safetensors + tokenizer + manifest)"})
-    layers: int | None = field(default=None, metadata={
-        "help": "keep only the first N decoder layers (tests, smoke runs); unset = all"})
-
-    def __post_init__(self) -> None:
-        if self.name not in BASE_MODELS:
-            raise ConfigError(f"unknown base model {self.name!r}; known: "
-                              f"{', '.join(sorted(BASE_MODELS))}")
-        if self.layers is not None and self.layers < 1:
-            raise ConfigError(f"layers must be >= 1 or null, got {self.layers}")
-        self.out = str(Path(self.out).expanduser().resolve())
 
 
 def gguf_path(entry: PackagedModel, path: list[str] | None = None) -> Path:

@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -34,10 +33,9 @@ import pyarrow as pa
 
 from leadre import artifacts
 from leadre.config import ConfigError
-from leadre.model.config import GenerationConfig
 from leadre.model.factory import RAY_DIR
 from leadre.prompts import contract
-from leadre.runtime import RayConfig
+from leadre.train.config import TrainArgs
 from leadre.train.export import export
 
 log = logging.getLogger(__name__)
@@ -45,144 +43,6 @@ log = logging.getLogger(__name__)
 # Nothing in a training job may reach for a hub (no internet here; reproducibility elsewhere).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@dataclass
-class TrainArgs:
-    """Knobs shared by ``SftConfig`` and ``DpoConfig`` (see those for the stage-specific ones).
-
-    Parameters:
-        num_workers / cpus_per_worker / device: the Ray Train worker group. ``device=auto``
-            trains on GPUs when the cluster has them (one per worker, bf16 when supported).
-        finetune: ``lora`` (PEFT LoRA on the linear layers; the token embeddings and the LM
-            head are trained in full, since the S-ID rows are new) or ``full``.
-        batch_size / grad_accum: per-worker micro-batch and gradient accumulation; one
-            optimiser step sees ``batch_size * grad_accum * num_workers`` examples.
-        epochs / max_steps: ``max_steps`` > 0 overrides ``epochs``.
-        logging_steps: a point of the metrics history (loss, learning rate, samples/s) every N
-            optimiser steps. ``report_every``: also send metrics to Ray Train every N steps
-            (each report costs ~2 s on a small machine; 0 = only with checkpoints).
-        save_steps: a checkpoint (and, with validation data, an evaluation) every N steps; the
-            last step is always saved. ``keep_checkpoints``: how many Ray Train keeps.
-        early_stopping_patience: stop after this many evaluations without a better
-            selection metric (``None`` = never); the best checkpoint is exported either way.
-        selection_metric: what "better" means for checkpoint choice and early stopping:
-            ``eval_loss`` (lower), or ``hr@10`` (higher; SFT only: the validation users' next
-            ads decoded with the trie-constrained beam search, ``selection_rows`` of them).
-        generation: how the hr@10 selection metric decodes
-            (:class:`~leadre.model.config.GenerationConfig`; default 10 beams, top 10). Its
-            pool fields are unused: each Ray Train worker decodes its own slice.
-        max_failures / resume: Ray Train restarts a failed worker group this many times
-            from the last checkpoint; ``resume=true`` continues a previous run from ``<out>/ray``.
-        fail_at_step: fault injection for tests: rank 0 raises at this step of a run that did
-            not start from a checkpoint.
-    """
-
-    out: str = field(default="runs/train", metadata={
-        "help": "output directory (local or mounted path: model/, adapter/, merged/, ray/)"})
-    prompts_dir: str = field(default="runs/prompts", metadata={
-        "help": "output directory of `leadre prompts` (sharded parquet, local path or URI)"})
-    # --- Ray Train worker group
-    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (data parallel)"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "help": "CPUs reserved per worker; torch uses max(1, int(this)) threads on CPU"})
-    device: Literal["auto", "cpu", "gpu"] = field(default="auto", metadata={
-        "help": "auto: one GPU per worker when the cluster has GPUs, else CPU (gloo)"})
-    bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 mixed precision; default: on when every worker's GPU supports it"})
-    # --- adapter
-    finetune: Literal["lora", "full"] = field(default="lora", metadata={
-        "help": "lora: PEFT LoRA + trainable embeddings/LM head; full: train every weight"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
-        "help": "modules that get LoRA (names or ['all-linear']; the LM head never does)"})
-    # --- optimisation
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
-        default="cosine", metadata={"help": "learning-rate schedule"})
-    warmup_ratio: float = field(default=0.03, metadata={
-        "help": "fraction of the steps spent warming the learning rate up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    batch_size: int = field(default=8, metadata={"help": "examples per worker per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training split"})
-    max_steps: int = field(default=-1, metadata={
-        "help": "optimiser steps to run; > 0 overrides epochs"})
-    max_length: int = field(default=512, metadata={
-        "help": "tokens per example (prompt + response); longer examples are cut at the end"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass (less memory, about 20 percent slower)"})
-    seed: int = field(default=0, metadata={"help": "seed for init, sampling and shuffling"})
-    max_train_samples: int | None = field(default=None, metadata={
-        "help": "train on a seeded random subset of this many examples (time budgets)"})
-    max_eval_samples: int | None = field(default=512, metadata={
-        "help": "evaluate on at most this many validation examples (None = all)"})
-    # --- metrics, checkpoints, fault tolerance
-    logging_steps: int = field(default=10, metadata={
-        "help": "optimiser steps between metrics-history points"})
-    report_every: int = field(default=0, metadata={
-        "help": "also report metrics to Ray Train every N steps (0 = only with checkpoints)"})
-    save_steps: int = field(default=200, metadata={
-        "help": "optimiser steps between checkpoints (and validation runs)"})
-    keep_checkpoints: int | None = field(default=3, metadata={
-        "help": "checkpoints Ray Train keeps (best by validation loss + the latest)"})
-    early_stopping_patience: int | None = field(default=None, metadata={
-        "help": "stop after N evaluations without a better selection metric (None = off)"})
-    selection_metric: Literal["eval_loss", "hr@10"] = field(default="eval_loss", metadata={
-        "help": "checkpoint choice and early stopping: eval_loss (lower) or hr@10 (higher)"})
-    selection_rows: int = field(default=256, metadata={
-        "help": "hr@10: validation users decoded at each evaluation"})
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(beam_size=10, top_k=10, batch_size=16),
-        metadata={"help": "hr@10: decoding at each evaluation (beam_size, batch_size, ...)"})
-    max_failures: int = field(default=2, metadata={
-        "help": "worker-group restarts from the last checkpoint before the run fails"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue a previous run from the checkpoints under <out>/ray"})
-    fail_at_step: int | None = field(default=None, metadata={
-        "help": "testing: rank 0 raises at this step unless the run started from a checkpoint"})
-    ray: RayConfig = field(default_factory=RayConfig, metadata={
-        "help": "Ray connection (address, num_cpus, object_store_mb)"})
-
-    def __post_init__(self) -> None:
-        if "://" in self.out:
-            raise ConfigError(f"out={self.out}: model directories are written with "
-                              "save_pretrained, so `out` must be a local or mounted path")
-        # Ray Train workers run in their own working directory: a relative local path given
-        # to the driver must reach them absolute.
-        for name in ("out", "prompts_dir", "sids_dir", "sft_dir", "base_model"):
-            value = getattr(self, name, None)
-            if isinstance(value, str) and value and "://" not in value:
-                setattr(self, name, str(Path(value).expanduser().resolve()))
-        positive = ("num_workers", "batch_size", "grad_accum", "logging_steps", "save_steps",
-                    "lora_r", "lora_alpha", "max_length")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError("cpus_per_worker must be > 0 (e.g. 0.5 to fit 2 workers on 2 cores)")
-        if self.max_steps < 1 and self.epochs <= 0:
-            raise ConfigError("train for something: set epochs > 0 or max_steps > 0")
-        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("lora_dropout and warmup_ratio must be in [0, 1)")
-        if self.learning_rate <= 0:
-            raise ConfigError("learning_rate must be > 0")
-        if not self.lora_target_modules:
-            raise ConfigError("lora_target_modules is empty: name modules or use ['all-linear']")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ConfigError("keep_checkpoints must be >= 1 or null (keep all)")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError("early_stopping_patience must be >= 1 or null")
-        if self.selection_rows < 1 or self.generation.top_k != 10:
-            raise ConfigError("selection_rows must be >= 1 and generation.top_k 10 (hr@10)")
-        if self.max_failures < 0 or self.report_every < 0:
-            raise ConfigError("max_failures and report_every must be >= 0")
-        for name in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 or null")
 
 
 # --------------------------------------------------------------------------- data

@@ -23,75 +23,21 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError, check_sid_version
-from leadre.config import ConfigError
 from leadre.model.factory import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer,
-                          read_training_manifest, render_prompts, with_rendered_prompts)
-from leadre.prompts.contract import PAIR_TYPES, read_manifest
+                                  read_training_manifest, render_prompts, with_rendered_prompts)
+from leadre.prompts.contract import read_manifest
 from leadre.runtime import init_ray
-from leadre.train.common import (TrainArgs, lora_config, read_splits, summary, to_hf,
-                                 train_and_export)
+from leadre.train.common import lora_config, read_splits, summary, to_hf, train_and_export
+from leadre.train.config import DpoConfig
 
 log = logging.getLogger(__name__)
 STAGE = "dpo"
 COLUMNS = ["prompt", "chosen", "rejected"]
-LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-                   "sigmoid_norm"]
-
-
-@dataclass
-class DpoConfig(TrainArgs):
-    """Configuration of stage 5, ``leadre dpo`` (fields of :class:`TrainArgs` apply too).
-
-    Parameters:
-        sft_dir: output directory of ``leadre sft`` (policy start and reference, see the module).
-        prompts_dir: output of ``leadre prompts``; its ``dpo/train`` pairs are trained on.
-        beta: DPO temperature: higher stays closer to the reference (paper/TRL default 0.1).
-        loss_type: TRL loss(es): ``sigmoid`` = DPO, ``ipo``, ``hinge``, ``robust``, ...; several
-            are summed with ``loss_weights``.
-        heldout_split: pairs the before/after preference margin is measured on.
-        pair_types: train (and measure) only on these pair types: ``value`` (the paper's
-            business-value pairs, same category, chosen eCPM higher), ``interest_random`` /
-            ``interest_hard`` (engaged ad vs a random / same-first-level negative); ``None`` =
-            all of them.
-    """
-
-    out: str = field(default="runs/dpo", metadata={
-        "help": "output directory (local or mounted path: model/, adapter/, merged/, ray/)"})
-    sft_dir: str = field(default="runs/sft", metadata={"help": "output directory of `leadre sft`"})
-    beta: float = field(default=0.1, metadata={
-        "help": "DPO beta: deviation penalty from the reference (SFT) model"})
-    loss_type: list[LossType] = field(default_factory=lambda: ["sigmoid"], metadata={
-        "help": "TRL DPO loss type(s): sigmoid (DPO), ipo, hinge, robust, apo_zero, ..."})
-    loss_weights: list[float] | None = field(default=None, metadata={
-        "help": "weights of several loss types (default: 1 each)"})
-    pair_types: list[str] | None = field(default=None, metadata={
-        "help": "train only on these pair types (value, interest_random, interest_hard)"})
-    heldout_split: Literal["valid", "test"] = field(default="test", metadata={
-        "help": "split of DPO pairs the before/after preference margin is measured on"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    save_steps: int = field(default=100, metadata={
-        "help": "optimiser steps between checkpoints (and validation runs)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        unknown = sorted(set(self.pair_types or ()) - set(PAIR_TYPES))
-        if unknown or (self.pair_types is not None and not self.pair_types):
-            raise ConfigError(f"pair_types: {self.pair_types!r}; list some of {list(PAIR_TYPES)}"
-                              " or leave it null for all")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not self.loss_type:
-            raise ConfigError("loss_type is empty; the DPO loss is ['sigmoid']")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ConfigError(f"loss_weights has {len(self.loss_weights)} entries for "
-                              f"{len(self.loss_type)} loss types")
 
 
 def build_trainer(cfg: DpoConfig, ctx: dict[str, Any], args: dict[str, Any], callbacks: list):

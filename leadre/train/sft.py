@@ -15,88 +15,23 @@ completion. Writes (see :mod:`leadre.model.factory`)::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError, check_sid_version
-from leadre.model.factory import (MODEL_DIR, PresetName, load_model, load_tokenizer,
-                                 prepare_base_model, with_rendered_prompts)
-from leadre.prompts.contract import TASKS, read_manifest, read_split
+from leadre.model.factory import (MODEL_DIR, load_model, load_tokenizer, prepare_base_model,
+                                  with_rendered_prompts)
+from leadre.prompts.contract import read_manifest, read_split
 from leadre.runtime import init_ray
-from leadre.train.common import (TrainArgs, lora_config, read_splits, summary, to_hf,
-                                 train_and_export)
+from leadre.train.common import lora_config, read_splits, summary, to_hf, train_and_export
+from leadre.train.config import SftConfig
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
 COLUMNS = ["prompt", "completion"]
-
-
-@dataclass
-class SftConfig(TrainArgs):
-    """Configuration of stage 4, ``leadre sft`` (fields of :class:`TrainArgs` apply too).
-
-    Parameters:
-        prompts_dir: output of ``leadre prompts``; its ``sft/train`` split is trained on and its
-            ``sft/valid`` split (if any) drives evaluation, checkpoint choice, early stopping.
-        sids_dir: the ``leadre sids`` directory; default: the one recorded by the prompts stage.
-        base_model: a local causal-LM directory (Llama, Qwen2, ..., or the output of ``leadre
-            base-model``) to fine-tune, prompts rendered through its chat template if it has
-            one; ``None`` builds ``preset`` from scratch with a tokenizer trained on the prompts.
-        preset: size of a model built from scratch: ``tiny`` (tests, the demo), ``base`` (a
-            real catalog on a few CPU cores) or ``small`` (real runs on a GPU).
-        tasks: train only on these tasks (``main``, ``aux_text2sid``, ``aux_sid2text``,
-            ``aux_titles``); ``None`` = all (the paper's mix).
-        tokenizer_corpus_rows: examples the from-scratch tokenizer is trained on.
-        finetune: ``auto`` = ``full`` for a model built from scratch (LoRA on random weights
-            has nothing to adapt) and ``lora`` for a pretrained ``base_model``.
-        max_length: raised (with a warning, recorded in the manifest's ``token_lengths``) to
-            the longest example when shorter: TRL cuts an example at its end, the answer.
-        selection_metric: ``hr@10`` by default here: checkpoints are chosen (and training
-            stopped early, with ``early_stopping_patience``) by the validation users' HR@10
-            under constrained decoding; ``eval_loss`` when the prompts have no ``eval/valid``.
-    """
-
-    out: str = field(default="runs/sft", metadata={
-        "help": "output directory (local or mounted path: model/, adapter/, merged/, ray/)"})
-    sids_dir: str | None = field(default=None, metadata={
-        "help": "`leadre sids` output; default: the one the prompts stage recorded"})
-    base_model: str | None = field(default=None, metadata={
-        "help": "local causal-LM directory to fine-tune; unset = build `preset` from scratch"})
-    preset: PresetName = field(default="small", metadata={
-        "help": "size of a model built from scratch (tiny: tests and the demo, base: a real "
-                "catalog on a few CPU cores, small: real runs on a GPU)"})
-    tasks: list[str] | None = field(default=None, metadata={
-        "help": "train only on these tasks (main, aux_text2sid, aux_sid2text, aux_titles)"})
-    tokenizer_corpus_rows: int = field(default=200_000, metadata={
-        "help": "training examples the from-scratch BPE tokenizer learns from"})
-    learning_rate: float = field(default=1e-3, metadata={
-        "help": "peak learning rate (AdamW); LoRA on a small model likes ~1e-3"})
-    finetune: Literal["auto", "lora", "full"] = field(default="auto", metadata={
-        "help": "auto: full for a model built from scratch, lora for a pretrained base_model"})
-    max_length: int = field(default=512, metadata={
-        "help": "tokens per example; raised to the longest example (rendered prompt + S-ID + "
-                "EOS) when shorter, so no answer is ever cut"})
-    selection_metric: Literal["eval_loss", "hr@10"] = field(default="hr@10", metadata={
-        "help": "checkpoint choice / early stopping: hr@10 (validation users, constrained "
-                "decoding) or eval_loss"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from leadre.config import ConfigError
-
-        unknown = sorted(set(self.tasks or ()) - set(TASKS))
-        if unknown:
-            raise ConfigError(f"tasks: unknown task(s) {unknown}; valid: {list(TASKS)}")
-        if self.tasks is not None and not self.tasks:
-            raise ConfigError("tasks is empty: list tasks or leave it null for all")
-        if self.tokenizer_corpus_rows < 1:
-            raise ConfigError("tokenizer_corpus_rows must be >= 1")
-        if self.finetune == "auto":
-            self.finetune = "full" if self.base_model is None else "lora"
 
 
 def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], callbacks: list):

@@ -12,9 +12,10 @@ from leadre import artifacts
 
 from leadre.data import schema
 from leadre.artifacts import ArtifactError
-from leadre.data.ingest import IngestConfig, run
+from leadre.data.config import IngestConfig
+from leadre.data.ingest import run
 from leadre.runtime import RayConfig
-from leadre.data.synth import SynthConfig
+from leadre.data.config import SynthConfig
 from leadre.data.synth import run as synth_run
 
 RAY = RayConfig(num_cpus=2)

@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 import pytest
 
 from leadre import artifacts
-from leadre.data.ingest import IngestConfig, run
-from leadre.data.synth import SynthConfig
+from leadre.data.config import IngestConfig
+from leadre.data.ingest import run
+from leadre.data.config import SynthConfig
 from leadre.data.synth import run as synth_run
 from leadre.runtime import RayConfig
 

@@ -6,7 +6,8 @@ import pytest
 
 from leadre.data import schema
 from leadre.config import ConfigError
-from leadre.data.synth import SynthConfig, generate, load_latent, run
+from leadre.data.config import SynthConfig
+from leadre.data.synth import generate, load_latent, run
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from leadre.eval.baselines import (EmbeddingANN, MostPopular, RandomRec, SASRec,
                               tune_sasrec)
 from leadre.eval.metrics import ranking_metrics
 from leadre.sids.ann import AnnConfig
-from leadre.data.synth import SynthConfig, generate
+from leadre.data.config import SynthConfig
+from leadre.data.synth import generate
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,14 @@ import pytest
 from _tiny_lm import tiny_model, tiny_tokenizer
 from leadre.artifacts import read_manifest, read_table, write_manifest, write_table
 from leadre.config import ConfigError
-from leadre.eval.evaluate import EvalConfig, generate_all, run, run_baselines
+from leadre.eval.config import EvalConfig
+from leadre.eval.evaluate import generate_all, run, run_baselines
 from leadre.model.config import GenerationConfig
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
 from leadre.sids.table import SidTable
-from leadre.data.synth import SynthConfig, generate
+from leadre.data.config import SynthConfig
+from leadre.data.synth import generate
 
 QUESTION = " What ad will the user be interested in next time?"
 WINDOW = 5  # the prompts' max_events here: shorter than most sequences
@@ -292,7 +294,8 @@ def test_config_rejects_bad_values():
 
 
 def test_ablation_plan(tmp_path):
-    from leadre.eval.ablation import AblationConfig, markdown, plan, run as run_ablation
+    from leadre.eval.ablation import markdown, plan, run as run_ablation
+    from leadre.eval.config import AblationConfig
 
     cfg = AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
                          sft={"preset": "tiny", "max_steps": 5}, dry_run=True)
@@ -318,7 +321,8 @@ def test_ablation_plan(tmp_path):
 
 
 def test_ablation_plan_with_seeds_and_a_dpo_sweep(tmp_path):
-    from leadre.eval.ablation import AblationConfig, pick_operating_point, plan
+    from leadre.eval.ablation import pick_operating_point, plan
+    from leadre.eval.config import AblationConfig
 
     cfg = AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
                          seeds=[0, 1], variants=["cross_domain", "dpo"],

@@ -81,7 +81,7 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
 
 
 def test_lora_trains_new_sid_rows_untied_and_tied(tmp_path):
-    from leadre.train.sft import SftConfig
+    from leadre.train.config import SftConfig
     from leadre.train.common import lora_config
 
     prepare_base_model(tmp_path / "m", sid_tokens=SID_TOKENS, base_model=None, preset="tiny",
@@ -108,10 +108,8 @@ def test_lora_trains_new_sid_rows_untied_and_tied(tmp_path):
     ("DpoConfig", {"loss_type": ["simpo"]}, "not one of"),
 ])
 def test_training_configs_reject_impossible_values(cls, overrides, message):
-    import importlib
-
     from leadre.config import load_config
+    from leadre.train import config
 
-    module = importlib.import_module("leadre.train.sft" if cls == "SftConfig" else "leadre.train.dpo")
     with pytest.raises(ConfigError, match=message):
-        load_config(getattr(module, cls), overrides=overrides)
+        load_config(getattr(config, cls), overrides=overrides)

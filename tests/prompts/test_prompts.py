@@ -25,7 +25,7 @@ from leadre.prompts import templates as T
 from leadre.data import schema
 from leadre.cli import main
 from leadre.config import ConfigError, from_dict
-from leadre.data.ingest import IngestConfig
+from leadre.data.config import IngestConfig
 from leadre.data.ingest import run as ingest_run
 from leadre.prompts import (DPO, EVAL, SFT, SKIPPED, Catalog, PromptConfig, approx_tokens,
                             build_local, build_user_prompt, pick_template, read_split, run)
@@ -34,7 +34,7 @@ from leadre.prompts.tables import GROUP_SCHEMA
 from leadre.prompts import pipeline
 from leadre.runtime import RayConfig
 from leadre.sids.table import SidTable, parse_sid
-from leadre.data.synth import SynthConfig
+from leadre.data.config import SynthConfig
 from leadre.data.synth import run as synth_run
 
 RAY = RayConfig(num_cpus=2, object_store_mb=300)

@@ -1,9 +1,10 @@
 """Autoscaling shown, not assumed (scripts/autoscale_check.py): on a local fake multi-node
 Ray cluster, the Matcher's replicas and the fake worker nodes scale up under load and back down
-when idle. The fast tests check the config it deploys; the slow one runs the whole check
-(~2 minutes on 2 cores, its own `ray start --head`):
+when idle. The two fast tests check the config it deploys; test_fake_multinode_autoscaling runs
+the whole check (a few minutes on 2 cores, its own `ray start --head`). It is marked `cluster`,
+not `slow`, so the default suite (`make test`) runs it; alone:
 
-    .venv/bin/pytest -m "slow and cluster" tests/test_autoscale.py
+    .venv/bin/pytest tests/serve/test_autoscale.py::test_fake_multinode_autoscaling
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def test_warm_cache_job(ray_local, tmp_path):
     w = make_world(tmp_path, ads=300, users=80)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     rc = main(["warm", "--ingest-dir", w["ingest"], "--sids-dir", w["sids"],
-                          "--index-dir", w["index"], "--store-url", url, "--batch-size", "32",
+                          "--index-dir", w["index"], "--store-url", url, "--generation.batch-size", "32",
                           "--generation.num-cpus", "0.5", "--ttl-s", "600"])
     assert rc == 0
     store = open_store(url)

@@ -24,7 +24,8 @@ from packaged_models import (copy_install, flip_byte, pinned_requirements,  # no
 from leadre.artifacts import ArtifactError, read_manifest, write_table  # noqa: E402
 from leadre.config import ConfigError  # noqa: E402
 from leadre.packaged import INSTALL_COMMAND  # noqa: E402
-from leadre.train.base_models import BASE_MODELS, BaseModelConfig, gguf_path  # noqa: E402
+from leadre.train.base_models import BASE_MODELS, gguf_path  # noqa: E402
+from leadre.train.config import BaseModelConfig  # noqa: E402
 from leadre.model.factory import (load_model, load_tokenizer, prepare_base_model,  # noqa: E402
                                 render_prompts)
 
@@ -298,7 +299,8 @@ def test_full_fine_tune_raises_a_short_max_length_instead_of_cutting_answers(
         ray_local, smol2, world, tmp_path):
     import torch
 
-    from leadre.train.sft import SftConfig, run
+    from leadre.train.config import SftConfig
+    from leadre.train.sft import run
 
     cfg = SftConfig(prompts_dir=str(world["prompts"]), base_model=str(smol2), out=str(tmp_path),
                     finetune="full", selection_metric="eval_loss", learning_rate=1e-4,

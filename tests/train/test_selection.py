@@ -50,8 +50,8 @@ def test_a_rank_decodes_only_its_slice():
 
 def test_sft_defaults_follow_the_base_model():
     from leadre.config import ConfigError
-    from leadre.train.dpo import DpoConfig
-    from leadre.train.sft import SftConfig
+    from leadre.train.config import DpoConfig
+    from leadre.train.config import SftConfig
 
     scratch = SftConfig(prompts_dir="p")
     assert scratch.finetune == "full" and scratch.selection_metric == "hr@10"

@@ -29,7 +29,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(ray_local, world, tmp_path_factory):
-    from leadre.train.sft import SftConfig, run
+    from leadre.train.config import SftConfig
+    from leadre.train.sft import run
 
     out = tmp_path_factory.mktemp("sft")
     cfg = SftConfig(prompts_dir=str(world["prompts"]), out=str(out), preset="tiny",
@@ -41,7 +42,8 @@ def sft_run(ray_local, world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, world, tmp_path_factory):
-    from leadre.train.dpo import DpoConfig, run
+    from leadre.train.config import DpoConfig
+    from leadre.train.dpo import run
 
     out = tmp_path_factory.mktemp("dpo")
     cfg = DpoConfig(prompts_dir=str(world["prompts"]), sft_dir=str(sft_run[0]), out=str(out),
@@ -150,8 +152,8 @@ def test_dpo_starts_from_the_sft_adapter_and_exports_the_same_layout(dpo_run, sf
 
 def test_relative_paths_reach_workers_absolute(tmp_path, monkeypatch):
     """Ray Train workers run in their own working directory (the demo failed on this)."""
-    from leadre.train.dpo import DpoConfig
-    from leadre.train.sft import SftConfig
+    from leadre.train.config import DpoConfig
+    from leadre.train.config import SftConfig
 
     monkeypatch.chdir(tmp_path)
     sft = SftConfig(prompts_dir="runs/prompts", out="runs/sft")
@@ -163,7 +165,8 @@ def test_relative_paths_reach_workers_absolute(tmp_path, monkeypatch):
 
 def test_dpo_pair_types_select_the_pairs_trained_on(tmp_path):
     from leadre.config import ConfigError
-    from leadre.train.dpo import COLUMNS, DpoConfig
+    from leadre.train.config import DpoConfig
+    from leadre.train.dpo import COLUMNS
     from leadre.train.common import load_split
 
     prompts = str(write_prompts(tmp_path, n_users=20)["prompts"])
