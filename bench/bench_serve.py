@@ -253,6 +253,7 @@ def start_server(mode: str, w: dict, store_url: str, matcher_replicas: int,
     init_ray(RayConfig(num_cpus=2, object_store_mb=300))
     from ray import serve
 
+    from leadre.model.config import GenerationConfig
     from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
     from leadre.serve.app import build, wait_ready
 
@@ -262,7 +263,8 @@ def start_server(mode: str, w: dict, store_url: str, matcher_replicas: int,
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(index_dir=w["index"], sids_dir=w["sids"], store_url=store_url,
                       matcher=MatcherConfig(num_cpus=matcher_cpus, num_replicas=matcher_replicas),
-                      generator=GeneratorConfig(num_gpus=0, num_cpus=0.1))
+                      generator=GeneratorConfig(
+                          generation=GenerationConfig(num_gpus=0, num_cpus=0.1)))
     serve.run(build(cfg), name="leadre-bench", route_prefix="/")
     wait_ready(f"http://127.0.0.1:{port}/healthz")
     return port

@@ -73,6 +73,14 @@ class QueryBuilder:
                 self._titles.popitem(last=False)
         return [self._titles[t] for t in titles]
 
+    def needs_encoding(self, events: Sequence[dict]) -> bool:
+        """Whether :meth:`vector` of ``events`` would run the text encoder: a content title
+        that is not in the cache (milliseconds of CPU for MiniLM, so a caller on an event loop
+        moves that call to a thread)."""
+        return self.sids_dir is not None and any(
+            ev.get("title") and self._row.get(ev.get("ad_id")) is None
+            and ev["title"] not in self._titles for ev in events)
+
     def ad_vectors(self, ad_ids: Sequence[str]) -> np.ndarray:
         rows = [r for r in map(self._row.get, ad_ids) if r is not None]
         return self.emb[rows]

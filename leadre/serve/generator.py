@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import time
@@ -33,6 +34,10 @@ from leadre.serve.metrics import GENERATOR_BUCKETS_MS, counter, gauge, histogram
 from leadre.serve.store import CandidateRecord, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
+
+# Store meta key of the model rolled out: {"model_dir": ..., "version": ...}, written by the
+# admin call; every generator replica follows it, the matcher reads its version.
+MODEL_META_KEY = "model"
 
 
 @dataclass
@@ -51,7 +56,10 @@ class GeneratorCore:
         from leadre.sids import load_table
 
         self.store = open_store(paths.store_url)
+        self.cfg, self.paths = cfg, paths
         self.ttl_s = cfg.ttl_s
+        self.off: frozenset[str] = frozenset()  # ads switched off, applied to the trie
+        self.ad_status_version = 0
         self.top_k = cfg.generation.top_k
         self.table = load_table(paths.sids_dir)
         self.engine = "llm" if paths.model_dir else "embedding"
@@ -62,7 +70,7 @@ class GeneratorCore:
             self.llm = SidGenerator.from_stage_dir(
                 paths.model_dir, paths.sids_dir, cfg.generation)
             self.table = self.llm.table
-            self.model_version = _model_version(paths.model_dir)
+            self.model_version = model_version(paths.model_dir)
             self.prompt_cfg = trained_prompt_config(paths.model_dir)
         else:
             from leadre.index.ann import AdIndex
@@ -76,6 +84,39 @@ class GeneratorCore:
 
     def device(self) -> str:
         return str(self.llm.device) if self.engine == "llm" else "cpu"
+
+    def swap_model(self, model_dir: str) -> str:
+        """Load ``model_dir`` (an sft/dpo output for the same S-IDs) and generate with it from
+        now on; returns its version. The new decoder's trie gets the live ad status."""
+        from leadre.artifacts import check_model
+        from leadre.model.decode import SidGenerator
+        from leadre.prompts import trained_prompt_config
+
+        check_model(model_dir, self.table.version, self.paths.sids_dir)
+        llm = SidGenerator.from_stage_dir(model_dir, self.paths.sids_dir, self.cfg.generation)
+        if self.off:
+            llm.set_active(sorted(self.off), False)
+        self.llm, self.table, self.engine = llm, llm.table, "llm"
+        self.prompt_cfg = trained_prompt_config(model_dir)
+        self.model_version = model_version(model_dir)
+        log.info("generator: now generating with %s (%s)", model_dir, self.model_version)
+        return self.model_version
+
+    def follow_ad_status(self) -> bool:
+        """Apply the store's live ad status to the decoder's trie when its version moved:
+        switched-off ads take no beam slots. True when it changed."""
+        if self.store.ads_status_version() == self.ad_status_version:
+            return False
+        version, off = self.store.inactive_ads()
+        off = frozenset(off)
+        if self.engine == "llm":
+            back_on = sorted(self.off - off)
+            if back_on:
+                self.llm.set_active(back_on, True)
+            if off - self.off:
+                self.llm.set_active(sorted(off - self.off), False)
+        self.off, self.ad_status_version = off, version
+        return True
 
     def candidates(self, contexts: list[dict | None]) -> list[list[tuple[str, float]]]:
         """(S-ID, score) lists, best first, one per context."""
@@ -91,7 +132,8 @@ class GeneratorCore:
             if q is None:
                 ads = [(self.index.ad_ids[r], 0.0) for r in self.index.popular[:self.top_k]]
             else:
-                ads = self.index.search(q, self.top_k)
+                ads = self.index.search(q, self.top_k + len(self.off))
+            ads = [a for a in ads if a[0] not in self.off][:self.top_k]
             sids = self.table.sids([a for a, _ in ads])
             out.append([(s, sc) for s, (_, sc) in zip(sids, ads) if s is not None])
         return out
@@ -103,14 +145,21 @@ class GeneratorCore:
         cands = self.candidates([ctx.get(u) for u in users])
         now = time.time()
         recs = [CandidateRecord(u, [s for s, _ in c], [float(x) for _, x in c],
-                                self.model_version, self.table.version, now)
+                                self.model_version, self.table.version, now,
+                                basis_ts=_newest_event(ctx.get(u)))
                 for u, c in zip(users, cands)]
         written = self.store.put_many(recs, ttl_s=self.ttl_s)
         self.store.ack(users)
         return GeneratedBatch(len(users), written, time.perf_counter() - t0)
 
 
-def _model_version(model_dir: str) -> str:
+def _newest_event(context: dict | None) -> float | None:
+    """The time of the newest event a prompt was built from: the candidates' basis."""
+    times = [e["ts"] for e in (context or {}).get("events") or [] if e.get("ts") is not None]
+    return max(times) if times else None
+
+
+def model_version(model_dir: str) -> str:
     """The training manifest's identity (stage + creation time), hashed short."""
     from leadre.artifacts import read_manifest
 
@@ -143,14 +192,36 @@ class Generator:
         self.batch_sizes = histogram("leadre_generator_batch_size",
                                      "users per generation batch", [1, 2, 4, 8, 16, 32, 64])
         self._woken = asyncio.Event()
+        self._last_follow = 0.0
         self._drain = asyncio.get_running_loop().create_task(self._drain_queue())
         log.info("generator: engine=%s model=%s device=%s", self.core.engine,
                  self.core.model_version, self.core.device())
+
+    async def _follow_store(self) -> None:
+        """At most once per poll interval: the rolled-out model (swapped in, then the users
+        still holding the old model's candidates are queued ahead of the rest) and the live
+        ad status (applied to the trie)."""
+        if time.monotonic() - self._last_follow < self.poll:
+            return
+        self._last_follow = time.monotonic()
+        raw = await asyncio.to_thread(self.core.store.get_meta, MODEL_META_KEY)
+        target = json.loads(raw) if raw else None
+        if target and target["version"] != self.core.model_version:
+            try:
+                version = await asyncio.to_thread(self.core.swap_model, target["model_dir"])
+            except Exception:  # a bad rollout keeps the current model generating
+                log.exception("generator: cannot roll out %s", target["model_dir"])
+            else:
+                stale = await asyncio.to_thread(self.core.store.users_not_of_model, version)
+                await asyncio.to_thread(self.core.store.enqueue, stale, True)
+                log.info("generator: %d users queued first for the new model", len(stale))
+        await asyncio.to_thread(self.core.follow_ad_status)
 
     async def _drain_queue(self) -> None:
         store_down = False  # said once per outage, not at every poll
         while True:
             try:
+                await self._follow_store()
                 ids = await asyncio.to_thread(self.core.store.claim, self.batch_size,
                                               self.lease)
                 if store_down:

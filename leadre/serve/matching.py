@@ -1,18 +1,23 @@
 """What the latency-sensitive tier computes per request, in-process (the Matcher deployment
 wraps it; tests and the benchmark use it directly). It never waits for the LLM.
 
-``MatcherCore.recommend``:
+``MatcherCore.recommend`` = ``lookup`` (the store reads: blocking I/O, which the Matcher runs
+off its event loop under a deadline) + ``answer`` (no I/O):
 
 1. read the user's generated candidates from the store; if their S-ID version is the one in
-   use, map S-IDs -> ads and keep the servable ones (source ``generated``);
+   use, map S-IDs -> ads and keep the servable ones (source ``generated``). When the request
+   carries events newer than the candidates' basis (*fresh intent*), ``fresh_share`` of the
+   answer comes first from a real-time ANN query over those events (source ``fresh``) and the
+   user is queued again; candidates of a model other than the one rolled out are served and
+   the user is queued ahead of the rest (``priority``);
 2. fill up to k with the nearest servable ads around the generated ones (source ``ann``);
 3. on a miss (no record, expired, or an older S-ID version) answer from a real-time ScaNN
    query built from the request's ``recent_events`` plus the user's stored history (source
    ``fallback``), or from the popularity list when there is no signal at all, and mark users
    with a stored context for generation (``queued``; the caller writes the queue);
-4. when the store is unreachable (:class:`~leadre.serve.store.StoreUnavailable`), answer as
-   on a miss from the request's ``recent_events`` alone (cache ``unavailable``): a store
-   outage degrades answers, it fails none.
+4. when the store is unreachable (:class:`~leadre.serve.store.StoreUnavailable`) or slower
+   than the Matcher's deadline, answer as on a miss from the request's ``recent_events``
+   alone (cache ``unavailable``): a store outage degrades answers, it fails none.
 
 *Servable* = in the index (active when it was built) and not switched off since: the store's
 live ad status (:meth:`MatcherCore.refresh_ad_status`) is applied on top of the index, so a
@@ -26,18 +31,37 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import NamedTuple
 
 from leadre.index.ann import AdIndex
 from leadre.index.query import QueryBuilder
 from leadre.serve.config import ServePaths
 from leadre.index.context import merge_events
-from leadre.serve.store import StoreUnavailable, open_store
+from leadre.serve.store import CandidateRecord, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
 
+class Lookup(NamedTuple):
+    """The store's part of an answer: the user's candidate record, their context (read only
+    when there is no usable record) and whether the store answered at all."""
+
+    record: CandidateRecord | None
+    context: dict | None
+    reachable: bool
+
+
+UNAVAILABLE = Lookup(None, None, False)
+
+
+def newer_events(events: list[dict] | None, basis_ts: float) -> list[dict]:
+    """The request events newer than the candidates' basis (an event without a time counts
+    as new: a client that sends no ``ts`` sends what just happened)."""
+    return [e for e in events or [] if e.get("ts") is None or e["ts"] > basis_ts]
+
+
 class MatcherCore:
-    def __init__(self, paths: ServePaths, history_events: int = 20):
+    def __init__(self, paths: ServePaths, history_events: int = 20, fresh_share: float = 0.3):
         from leadre.sids import load_table
 
         if paths.index_dir is None:
@@ -49,6 +73,8 @@ class MatcherCore:
         self.queries = QueryBuilder.from_sids_dir(paths.sids_dir)
         self.store = open_store(paths.store_url)
         self.history_events = history_events
+        self.fresh_share = fresh_share
+        self.model_version: str | None = None  # the model rolled out (store meta); None: any
         self.index_root = paths.index_root
         self.index = self._load(paths.index_dir)
         self.off: frozenset[str] = frozenset()  # ads switched off after the index was built
@@ -102,13 +128,34 @@ class MatcherCore:
 
     # --- requests -----------------------------------------------------------------------
 
-    def recommend(self, user_id: str, k: int, recent_events: list[dict] | None = None) -> dict:
-        ix, off = self.index, self.off  # one snapshot for the whole request
+    def lookup(self, user_id: str) -> Lookup:
+        """What the store knows of ``user_id``: the candidate record and, when the answer
+        will need it (no usable record), the user's context. Blocking I/O: the Matcher runs
+        it off the event loop, under a deadline."""
         try:
             rec = self.store.get(user_id)
-            reachable = True
-        except StoreUnavailable:  # answer without the store: ANN on the request's events
-            rec, reachable = None, False
+            ctx = None
+            if rec is None or rec.sid_version != self.table.version:
+                ctx = self.store.get_user(user_id)
+            return Lookup(rec, ctx, True)
+        except StoreUnavailable:
+            return UNAVAILABLE
+
+    def needs_encoding(self, events: list[dict] | None) -> bool:
+        """Whether answering would run the text encoder (a title not in its cache): the
+        Matcher then answers off the event loop."""
+        return self.queries.needs_encoding(events or [])
+
+    def recommend(self, user_id: str, k: int, recent_events: list[dict] | None = None) -> dict:
+        """:meth:`lookup` + :meth:`answer`, in this thread (tests, benchmarks)."""
+        return self.answer(user_id, k, recent_events, self.lookup(user_id))
+
+    def answer(self, user_id: str, k: int, recent_events: list[dict] | None,
+               found: Lookup) -> dict:
+        """The answer from what :meth:`lookup` found (no I/O; the text encoder runs for
+        titles it has not seen)."""
+        ix, off = self.index, self.off  # one snapshot for the whole request
+        rec, ctx, reachable = found
         picked: list[dict] = []
         seen: set[str] = set()
 
@@ -118,11 +165,20 @@ class MatcherCore:
                 picked.append({"ad_id": ad_id, "score": round(float(score), 6), "source": source})
 
         cache = "miss" if reachable else "unavailable"
-        ctx = None
         model_version = None
+        fresh: list[dict] = []
+        stale_model = False
         if rec is not None and rec.sid_version == self.table.version:
             cache = "hit"
             model_version = rec.model_version
+            stale_model = self.model_version is not None and model_version != self.model_version
+            fresh = newer_events(recent_events, rec.created_at if rec.basis_ts is None
+                                 else rec.basis_ts)
+            q_fresh = self.queries.vector(fresh) if fresh and self.fresh_share > 0 else None
+            if q_fresh is not None:
+                # Fresh intent: a share of the answer from what the user just did.
+                n_fresh = max(1, round(k * self.fresh_share))
+                self._fill(ix, q_fresh, n_fresh, 0, lambda a, s: add(a, s, "fresh"), picked)
             for sid, score in zip(rec.sids, rec.scores):
                 ad_id = self._ad_of_sid.get(sid)
                 if ad_id is not None:
@@ -132,12 +188,12 @@ class MatcherCore:
 
         basis = "generated"
         if len(picked) < k:
-            if cache == "hit" and picked:
+            generated = [p["ad_id"] for p in picked if p["source"] == "generated"]
+            if cache == "hit" and generated:
                 # Expand around what the LLM chose: nearest servable ads to their centroid.
-                q = self.queries.ad_vectors([p["ad_id"] for p in picked]).mean(axis=0)
+                q = self.queries.ad_vectors(generated).mean(axis=0)
                 source = "ann"
             else:
-                ctx = self._context(user_id) if reachable else None
                 events = merge_events(recent_events, (ctx or {}).get("events"),
                                       self.history_events)
                 q = self.queries.vector(events) if events else None
@@ -152,18 +208,14 @@ class MatcherCore:
                     if len(picked) >= k:
                         break
         # Only users the store knows: the generator prompts from the stored context, and
-        # random ids must not fill the queue.
-        queued = cache != "hit" and ctx is not None
+        # random ids must not fill the queue. A hit is queued again when the request showed
+        # newer events (the Matcher adds them to the stored context first) or when its
+        # candidates came from a replaced model (ahead of the rest of the queue).
+        queued = (cache != "hit" and ctx is not None) or bool(fresh) or stale_model
         return {"user_id": user_id, "ads": picked, "cache": cache, "basis": basis,
-                "queued": queued,
+                "queued": queued, "priority": stale_model, "fresh_events": len(fresh),
                 "versions": {"index": ix.version, "sid": self.table.version,
                              "model": model_version}}
-
-    def _context(self, user_id: str) -> dict | None:
-        try:
-            return self.store.get_user(user_id)
-        except StoreUnavailable:
-            return None
 
     @staticmethod
     def _fill(ix: AdIndex, q, k: int, have: int, add, picked: list) -> None:

@@ -24,8 +24,9 @@ import pytest
 
 from leadre.artifacts import read_table, write_table
 from leadre.index import AdIndex, IndexConfig, run as run_index
-from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
 from leadre.index.context import user_contexts
+from leadre.model.config import GenerationConfig
+from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
 from leadre.serve.store import CandidateRecord, open_store
 
 from conftest import free_port
@@ -69,8 +70,9 @@ def server(ray_local, world):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"], store_url=world["store"],
                       matcher=MatcherConfig(admin_token=TOKEN, num_cpus=0.05, num_replicas=2),
-                      generator=GeneratorConfig(num_gpus=0, num_cpus=0.05, poll_interval_s=0.2,
-                                                lease_s=5.0))
+                      generator=GeneratorConfig(poll_interval_s=0.2, lease_s=5.0,
+                                                generation=GenerationConfig(num_gpus=0,
+                                                                            num_cpus=0.05)))
     serve.run(build(cfg), name=APP, route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/healthz")
@@ -427,7 +429,8 @@ def test_overload_sheds_with_503_not_a_hang(ray_local, world, server):
     one_slot = dict(num_cpus=0.05, max_ongoing_requests=1, max_queued_requests=1)
     cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"],
                       store_url=world["store"], matcher=MatcherConfig(**one_slot),
-                      generator=GeneratorConfig(num_gpus=0, num_cpus=0.05))
+                      generator=GeneratorConfig(
+                          generation=GenerationConfig(num_gpus=0, num_cpus=0.05)))
     serve.run(build(cfg), name="leadre-overload", route_prefix="/overload", blocking=False)
     wait_http(f"{server}/overload/healthz")
 

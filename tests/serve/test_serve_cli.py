@@ -1,7 +1,7 @@
 """`leadre serve` as a user runs it: a subprocess that starts its own Ray cluster in Serve's
 high-throughput mode (HAProxy in front of the Matcher replica's own HTTP server), then the HTTP
 contract over real sockets: answers, 422, a real 8 MB body's 413, the admin token, the live ad
-status, and a clean Ctrl-C. The other serving tests run on the session's cluster with Serve's
+status, and a graceful SIGTERM. The other serving tests run on the session's cluster with Serve's
 Python proxy, so both HTTP fronts are covered."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from leadre.index.context import user_contexts
 from leadre.serve.store import open_store
 
 from conftest import free_port
+from load_client import Load
 from serving_world import make_world
 
 TOKEN = "cli-test-token"
+SHUTDOWN_TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def served(tmp_path_factory):
          "--sids-dir", w["sids"], "--store-url", store, "--port", str(port),
          "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=200",
          "--set", "matcher.num_cpus=0.1", "--set", "generator.generation.num_cpus=0.1",
-         "--set", "generator.generation.num_gpus=0"],
+         "--set", "generator.generation.num_gpus=0",
+         "--shutdown-timeout-s", str(SHUTDOWN_TIMEOUT_S)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         # A suite started in the background (`pytest &` from a script) ignores SIGINT, and a
         # child inherits that: give `leadre serve` the Ctrl-C a terminal user has.
@@ -113,7 +116,19 @@ def test_high_throughput_mode_serves_the_http_contract(served):
         assert victim["ad_id"] not in {a["ad_id"] for a in after}
 
 
-def test_ctrl_c_stops_it(served):
-    proc = served["proc"]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(90) == 0
+def test_sigterm_drains_the_requests_in_flight_and_exits_0(served):
+    """What systemd or Kubernetes sends (Ctrl-C takes the same path): every request sent
+    before the signal is answered, and the command exits 0 within shutdown_timeout_s."""
+    proc, users = served["proc"], list(user_contexts(served["world"]["ingest"]))
+    with Load(served["base"], users, threads=3, pause_s=0.0, timeout_s=10.0) as load:
+        time.sleep(2)
+        t_term = time.time()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(SHUTDOWN_TIMEOUT_S + 15)
+        took = time.time() - t_term
+    before = [s for s in load.log if s.t < t_term]
+    print(f"[sigterm] {len(before)} requests sent before the signal, "
+          f"{sum(s.status == 200 for s in before)} answered 200; exit {code} after "
+          f"{took:.1f}s", flush=True)
+    assert len(before) > 20 and all(s.status == 200 for s in before), load.errors[:3]
+    assert code == 0 and took <= SHUTDOWN_TIMEOUT_S

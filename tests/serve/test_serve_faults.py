@@ -11,6 +11,7 @@ import time
 import pytest
 
 from leadre.artifacts import read_table
+from leadre.model.config import GenerationConfig
 from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
 from leadre.index.context import user_contexts
 from leadre.serve.store import CandidateRecord, open_store
@@ -43,9 +44,10 @@ def config(world, store_url: str, matchers: int = 2, **generator) -> ServeConfig
     return ServeConfig(
         index_dir=world["index"], sids_dir=world["sids"], store_url=store_url,
         matcher=MatcherConfig(num_cpus=0.05, num_replicas=matchers, health_check_period_s=1.0),
-        generator=GeneratorConfig(**{"num_gpus": 0, "num_cpus": 0.05, "poll_interval_s": 0.2,
-                                     "lease_s": 3.0, "health_check_period_s": 1.0,
-                                     "batch_size": 1, **generator}))
+        generator=GeneratorConfig(
+            generation=GenerationConfig(num_gpus=0, num_cpus=0.05, batch_size=1),
+            **{"poll_interval_s": 0.2, "lease_s": 3.0, "health_check_period_s": 1.0,
+               **generator}))
 
 
 def deploy(cfg: ServeConfig, name: str, prefix: str, base: str) -> str:
@@ -248,3 +250,55 @@ def test_redis_restart_degrades_to_fallback_and_reconnects(http, world, redis, r
         assert tail and set(tail) == {"hit"} and reconnect_s < 3
     finally:
         serve.delete("faults-redis")
+
+
+def test_frozen_redis_costs_a_request_no_more_than_its_deadline(http, world, redis, ray_local):
+    """redis-server frozen with SIGSTOP under load (its socket stays open and silent, the
+    worst case: without a deadline each read would wait the 2 s socket timeout): the store
+    reads run off the event loop under ``store_deadline_ms``, so requests are answered from
+    the ANN fallback within that budget plus the usual ANN time, and none fails; after
+    SIGCONT the hits come back."""
+    import os
+    import signal
+
+    from ray import serve
+
+    deadline_ms = 10.0
+    table = load_table(world["sids"])
+    hits = list(world["contexts"])[:40]
+    ads = world["active"]
+    with open_store(redis.url) as store:
+        store.clear()
+        store.put_users({u: world["contexts"][u] for u in hits})
+        store.put_many([CandidateRecord(u, table.sids(ads[i % 50:i % 50 + 5]), [0.0] * 5,
+                                        "test-model", table.version) for i, u in enumerate(hits)],
+                       ttl_s=3600)
+    cfg = config(world, redis.url, matchers=1)
+    cfg.matcher.store_deadline_ms = deadline_ms
+    url = deploy(cfg, "faults-freeze", "/freeze", http)
+    try:
+        with Load(url, hits, threads=3, timeout_s=5.0) as load:
+            time.sleep(3)
+            t_stop = time.time()
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            time.sleep(4)
+            t_cont = time.time()
+            os.kill(redis.proc.pid, signal.SIGCONT)
+            time.sleep(4)
+        before = load.report("before the freeze", t_stop - 2.5, t_stop)
+        during = load.report(f"redis-server frozen (SIGSTOP) for 4 s, deadline {deadline_ms} ms",
+                             t_stop, t_cont)
+        assert load.failed == 0 and during["fault_window_requests"] > 20, \
+            (load.codes, load.errors[:3])
+        bodies = [s.body for s in load.between(t_stop + 0.1, t_cont)]
+        assert {b["cache"] for b in bodies} == {"unavailable"}
+        assert during["p99_ms"] <= before["p99_ms"] + deadline_ms + 100, (before, during)
+        again = [s for s in load.log if s.t > t_cont and s.body["cache"] == "hit"]
+        assert again, "the store never came back"
+        print(f"[redis freeze] p99 {before['p99_ms']} ms before, {during['p99_ms']} ms frozen "
+              f"(max {during['max_ms']} ms); hits again "
+              f"{min(s.t for s in again) - t_cont:.2f}s after SIGCONT", flush=True)
+    finally:
+        if redis.proc is not None:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        serve.delete("faults-freeze")

@@ -104,3 +104,56 @@ def test_generator_builds_prompts_the_way_the_model_was_trained(llm_world, tmp_p
     assert served.count("<a_") <= 3 < default.count("<a_")
     # A plain model directory falls back to the defaults.
     assert trained_prompt_config(str(tmp_path)) == PromptConfig()
+
+
+def test_generator_trie_follows_the_live_ad_status(llm_world, tmp_path):
+    """Ads switched off through the store (the admin call) take no beam slot of the LLM's
+    decoder; switched back on, they can come back."""
+    url = f"sqlite:///{tmp_path / 'ads.db'}"
+    store = open_store(url)
+    store.put_users(llm_world["contexts"])
+    core = GeneratorCore(GeneratorConfig(generation=GenerationConfig(
+        top_k=8, beam_size=8, batch_size=8)),
+        ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
+    users = list(llm_world["contexts"])[:8]
+    core.generate_and_store(users)
+    table = load_table(llm_world["sids"])
+    before = {a for u in users for a in table.ad_ids(store.get(u).sids)}
+    assert not core.follow_ad_status()  # nothing switched off yet
+    off = sorted(before)[:len(before) // 2]
+    store.set_ads_active(off, False)
+    assert core.follow_ad_status() and core.off == frozenset(off)
+    core.generate_and_store(users)
+    after = {a for u in users for a in table.ad_ids(store.get(u).sids)}
+    assert after and not after & set(off)
+    store.set_ads_active(off, True)
+    assert core.follow_ad_status() and not core.off
+    assert int(core.llm.trie.active_count[0]) == int(table.active.sum())
+
+
+def test_generator_swaps_its_model_and_finds_the_users_left_to_regenerate(llm_world,
+                                                                          tmp_path):
+    import shutil
+
+    from leadre.artifacts import read_manifest
+
+    url = f"sqlite:///{tmp_path / 'roll.db'}"
+    store = open_store(url)
+    store.put_users(llm_world["contexts"])
+    core = GeneratorCore(GeneratorConfig(generation=GenerationConfig(
+        top_k=5, beam_size=5, batch_size=8)),
+        ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
+    users = list(llm_world["contexts"])[:6]
+    core.generate_and_store(users)
+    old = core.model_version
+    new_dir = tmp_path / "dpo"
+    shutil.copytree(llm_world["model"], new_dir)
+    m = read_manifest(llm_world["model"])
+    write_manifest(str(new_dir), "dpo", inputs={}, config=m.get("config", {}), counts={},
+                   timings={}, extra={"sid_version": m.get("sid_version")})
+    new = core.swap_model(str(new_dir))
+    assert new != old and new.startswith("dpo-") and core.model_version == new
+    assert sorted(store.users_not_of_model(new)) == sorted(users)
+    core.generate_and_store(users[:4])
+    assert sorted(store.users_not_of_model(new)) == sorted(users[4:])
+    assert {store.get(u).model_version for u in users[:4]} == {new}

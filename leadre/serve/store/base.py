@@ -15,7 +15,9 @@ _ADS_VERSION_KEY = "ads_status_version"  # SQLite meta row holding the ad-status
 @dataclass
 class CandidateRecord:
     """Generated candidates of one user. ``sids`` are best first, ``scores`` aligned (higher
-    is better, e.g. beam log-probabilities). ``expires_at``/``created_at`` are UNIX seconds."""
+    is better, e.g. beam log-probabilities). ``expires_at``/``created_at`` are UNIX seconds;
+    ``basis_ts`` is the time of the newest event the generator saw (None: unknown), so a
+    request carrying newer events can be told apart (fresh intent)."""
 
     user_id: str
     sids: list[str]
@@ -24,6 +26,7 @@ class CandidateRecord:
     sid_version: str
     created_at: float = field(default_factory=time.time)
     expires_at: float = 0.0
+    basis_ts: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -81,13 +84,15 @@ class CandidateStore(ABC):
 
     # --- pending-generation queue --------------------------------------------------------
     @abstractmethod
-    def enqueue(self, user_ids: Iterable[str]) -> int:
-        """Queue users for generation; returns how many were not queued already."""
+    def enqueue(self, user_ids: Iterable[str], priority: bool = False) -> int:
+        """Queue users for generation; returns how many were not queued already.
+        ``priority`` puts them before every ordinary entry (and moves them there when they
+        are queued already): users served candidates of a replaced model."""
 
     @abstractmethod
     def claim(self, n: int, lease_s: float = 60.0) -> list[str]:
-        """Take up to ``n`` queued users, oldest first; they become claimable again after
-        ``lease_s`` unless acked (a dead worker's claims come back)."""
+        """Take up to ``n`` queued users, priority ones first, then oldest first; they become
+        claimable again after ``lease_s`` unless acked (a dead worker's claims come back)."""
 
     @abstractmethod
     def ack(self, user_ids: Iterable[str]) -> int:
@@ -95,6 +100,11 @@ class CandidateStore(ABC):
 
     @abstractmethod
     def queue_depth(self) -> int: ...
+
+    @abstractmethod
+    def users_not_of_model(self, model_version: str) -> list[str]:
+        """Users holding unexpired candidates of another model than ``model_version`` (what a
+        model rollout has left to regenerate)."""
 
     # --- live ad status (ads switched off after the index was built) ----------------------
     @abstractmethod

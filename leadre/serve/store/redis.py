@@ -137,10 +137,14 @@ class RedisStore(CandidateStore):
         return {u: json.loads(raw) for u, raw in
                 zip(user_ids, self._r.mget([self._u(u) for u in user_ids])) if raw is not None}
 
-    def enqueue(self, user_ids):
+    def enqueue(self, user_ids, priority=False):
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return 0
+        if priority:  # score 0: claimable now, before every ordinary entry (scored by time)
+            new = sum(1 for u in ids if self._r.zscore(self._q, u) is None)
+            self._r.zadd(self._q, {u: 0.0 for u in ids})
+            return new
         now = time.time()
         return int(self._r.zadd(self._q, {u: now for u in ids}, nx=True))
 
@@ -155,6 +159,16 @@ class RedisStore(CandidateStore):
 
     def queue_depth(self):
         return int(self._r.zcard(self._q))
+
+    def users_not_of_model(self, model_version):
+        keys = list(self._r.scan_iter(match=f"{self.prefix}:cand:*", count=1000))
+        out, start = [], len(f"{self.prefix}:cand:")
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i:i + 1000]
+            for key, raw in zip(chunk, self._r.mget(chunk)):
+                if raw is not None and CandidateRecord.from_json(raw).model_version != model_version:
+                    out.append((key.decode() if isinstance(key, bytes) else key)[start:])
+        return out
 
     def set_ads_active(self, ad_ids, active):
         ids = list(dict.fromkeys(ad_ids))

@@ -101,11 +101,21 @@ class SqliteStore(CandidateStore):
                     out[uid] = json.loads(raw)
         return out
 
-    def enqueue(self, user_ids):
+    def enqueue(self, user_ids, priority=False):
         now = time.time()
-        rows = [(u, now, now) for u in dict.fromkeys(user_ids)]
-        return self._tx(lambda db: sum(
-            db.execute("INSERT OR IGNORE INTO queue VALUES (?, ?, ?)", r).rowcount for r in rows))
+        # priority: enqueued "at time 0", ahead of every ordinary entry, and claimable now
+        rows = [(u, 0.0 if priority else now, now) for u in dict.fromkeys(user_ids)]
+        if not priority:
+            return self._tx(lambda db: sum(db.execute(
+                "INSERT OR IGNORE INTO queue VALUES (?, ?, ?)", r).rowcount for r in rows))
+
+        def put(db):
+            new = sum(db.execute("INSERT OR IGNORE INTO queue VALUES (?, ?, ?)", r).rowcount
+                      for r in rows)
+            db.executemany("UPDATE queue SET enqueued_at = 0 WHERE user_id = ?",
+                           [(u,) for u, *_ in rows])
+            return new
+        return self._tx(put)
 
     def claim(self, n, lease_s=60.0):
         now = time.time()
@@ -127,6 +137,13 @@ class SqliteStore(CandidateStore):
     def queue_depth(self):
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+
+    def users_not_of_model(self, model_version):
+        with self._lock:
+            rows = self._db.execute("SELECT user_id, record FROM candidates WHERE expires_at > ?",
+                                    (time.time(),)).fetchall()
+        return [u for u, raw in rows
+                if CandidateRecord.from_json(raw).model_version != model_version]
 
     def set_ads_active(self, ad_ids, active):
         rows = [(a,) for a in dict.fromkeys(ad_ids)]
