@@ -40,10 +40,13 @@ def world(tmp_path_factory):
 
 def config(world, store_url: str, matchers: int = 2, **generator) -> ServeConfig:
     """Two matcher replicas, and a generator taking one user at a time: slow enough that the
-    queue still holds users when it dies or the app stops (what the faults are about)."""
+    queue still holds users when it dies or the app stops (what the faults are about). The
+    store deadline is generous: on 2 shared cores a healthy read can take 10 ms to be
+    scheduled, and these tests tell hits from fallbacks (the freeze test sets its own)."""
     return ServeConfig(
         index_dir=world["index"], sids_dir=world["sids"], store_url=store_url,
-        matcher=MatcherConfig(num_cpus=0.05, num_replicas=matchers, health_check_period_s=1.0),
+        matcher=MatcherConfig(num_cpus=0.05, num_replicas=matchers, health_check_period_s=1.0,
+                              store_deadline_ms=250.0),
         generator=GeneratorConfig(
             generation=GenerationConfig(num_gpus=0, num_cpus=0.05, batch_size=1),
             **{"poll_interval_s": 0.2, "lease_s": 3.0, "health_check_period_s": 1.0,
@@ -290,8 +293,9 @@ def test_frozen_redis_costs_a_request_no_more_than_its_deadline(http, world, red
                              t_stop, t_cont)
         assert load.failed == 0 and during["fault_window_requests"] > 20, \
             (load.codes, load.errors[:3])
-        bodies = [s.body for s in load.between(t_stop + 0.1, t_cont)]
-        assert {b["cache"] for b in bodies} == {"unavailable"}
+        # sent while frozen and answered before SIGCONT (a read may win the last 10 ms)
+        window = load.between(t_stop + 0.1, t_cont - 0.1)
+        assert {s.body["cache"] for s in window} == {"unavailable"}
         assert during["p99_ms"] <= before["p99_ms"] + deadline_ms + 100, (before, during)
         again = [s for s in load.log if s.t > t_cont and s.body["cache"] == "hit"]
         assert again, "the store never came back"
