@@ -103,6 +103,8 @@ def read_manifest(location: str | Path, stage: str | tuple[str, ...] | None = No
     expected = " or ".join(repr(s) for s in wanted)
     if not exists(join(location, MANIFEST)):
         what = f"the output of stage {expected}" if wanted else "a leadre stage output"
+        if not exists(location):
+            raise ArtifactError(f"{location} does not exist (expected {what})")
         raise ArtifactError(f"{location} has no {MANIFEST}: it is not {what}, or that run "
                             "did not finish")
     manifest = read_json(location, MANIFEST)
@@ -123,14 +125,32 @@ def check_sid_version(location: str | Path, manifest: dict[str, Any], sid_versio
                             f"holds version {sid_version}")
 
 
+# Where a model directory keeps a loadable model (``leadre.model.factory.load_trained`` looks
+# in this order; an ``sft`` / ``dpo`` output is loaded from ``merged/``).
+MODEL_SUBDIRS = ("merged", "model", ".")
+
+
 def check_model(model_dir: str | Path, sid_version: str | None,
                 sids_dir: str | Path) -> None:
-    """A model directory with a manifest must be a ``sft`` / ``dpo`` output trained on the
-    S-ID version ``sid_version`` (of ``sids_dir``): its tokens would name other ads otherwise.
-    A plain Hugging Face model directory has no manifest and nothing recorded to check."""
+    """A model directory with a manifest must be a finished ``sft`` / ``dpo`` output (its
+    ``merged/`` model written) trained on the S-ID version ``sid_version`` (of ``sids_dir``):
+    its tokens would name other ads otherwise. A plain Hugging Face model directory has no
+    manifest and nothing recorded to check, but must exist and hold a model: else this raises
+    the ``FileNotFoundError`` that loading it would (``load_trained``), before any loading."""
     if exists(join(model_dir, MANIFEST)):
         manifest = read_manifest(model_dir, stage=("sft", "dpo"))
         check_sid_version(f"the model in {model_dir}", manifest, sid_version, str(sids_dir))
+        if not exists(join(model_dir, MODEL_SUBDIRS[0], "config.json")):
+            raise ArtifactError(f"{join(model_dir, MODEL_SUBDIRS[0])} holds no model: did the "
+                                f"{manifest.get('stage')} run finish?")
+        return
+    if not exists(model_dir):
+        raise FileNotFoundError(f"{model_dir} does not exist (expected the output of stage "
+                                "'sft' or 'dpo', or a Hugging Face model directory)")
+    if not any(exists(join(model_dir, sub, "config.json")) for sub in MODEL_SUBDIRS):
+        raise FileNotFoundError(f"{model_dir} holds no model: neither the output of stage 'sft' "
+                                f"or 'dpo' (no {MANIFEST}) nor a Hugging Face model directory "
+                                "(no config.json in merged/, model/ or the directory itself)")
 
 
 def write_text(location: str | Path, name: str, data: str | bytes) -> str:

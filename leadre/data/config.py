@@ -96,8 +96,6 @@ class IngestConfig:
     ts_end: str = field(default="2100-01-01", metadata={
         "help": "latest accepted event time (UTC); newer events are quarantined"})
     max_age: int = field(default=120, metadata={"help": "largest plausible user age"})
-    max_id_chars: int = field(default=schema.TextLimits.ids, metadata={
-        "help": "longest accepted id (ad_id, user_id); longer rows are quarantined"})
     max_title_chars: int = field(default=schema.TextLimits.titles, metadata={
         "help": "longest accepted ad or content title; longer rows are quarantined"})
     max_description_chars: int = field(default=schema.TextLimits.descriptions, metadata={
@@ -122,8 +120,7 @@ class IngestConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.category_level < 0:
             raise ConfigError("category_level must be >= 0")
-        for name in ("max_id_chars", "max_title_chars", "max_description_chars",
-                     "max_field_chars"):
+        for name in ("max_title_chars", "max_description_chars", "max_field_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.max_quarantine_share <= 1.0:
@@ -132,8 +129,8 @@ class IngestConfig:
 
     @property
     def text_limits(self) -> schema.TextLimits:
-        return schema.TextLimits(self.max_id_chars, self.max_title_chars,
-                                 self.max_description_chars, self.max_field_chars)
+        return schema.TextLimits(self.max_title_chars, self.max_description_chars,
+                                 self.max_field_chars)
 
     @property
     def time_range(self) -> schema.TimeRange:

@@ -2,8 +2,13 @@
 ``ads`` / ``users`` / ``events`` tables, the ``quarantine`` table and a manifest.
 
 Nothing is dropped silently: every input row ends up either in a clean table or in
-quarantine with a reason (see :class:`leadre.data.schema.Reason`), and the manifest's counts add up
-(``rows_in == clean + quarantined`` per table). Checks that need the whole table run after
+quarantine with a reason (see :class:`leadre.data.schema.Reason`), and the manifest's counts add up:
+per table, ``rows_in`` (counted on the raw input, before any validation) equals ``clean`` (counted
+on the tables written) plus the sum of ``by_reason`` (counted on the quarantine written), or the
+job fails. Input with nothing usable in it (no ads or no events at all, a table whose every row
+is quarantined, events none of which names an ad of the ads table or a user of a non-empty users
+table) is an :class:`UnusableInputError` naming the table, with the quarantine written and no
+manifest. Checks that need the whole table run after
 the batch checks: duplicate ad/user ids on the (small) dimension tables in the driver,
 duplicate events per user shard with a Ray Data group-by, so events scale with the cluster.
 
@@ -101,42 +106,50 @@ def _quarantine_rows(batch: pa.Table, name: str) -> pa.Table:
 # --------------------------------------------------------------------------- stage
 
 
-def _read_raw(cfg: IngestConfig) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
+def _read_raw(cfg: IngestConfig) -> tuple[dict[str, ray.data.Dataset], dict[str, int],
+                                          dict[str, Any]]:
+    """The raw tables as datasets, their row counts (read from the input itself: parquet
+    footers, or the LC-Rec tables in memory) and notes for the manifest."""
     if cfg.source == "lcrec":
         tables, notes = lcrec.load(cfg.input_dir, cfg.dataset_name, cfg.category_level, cfg.ecpm)
-        return {k: ray.data.from_arrow(t) for k, t in tables.items()}, notes
-    datasets = {}
+        return ({k: ray.data.from_arrow(t) for k, t in tables.items()},
+                {k: t.num_rows for k, t in tables.items()}, notes)
+    datasets, rows_in = {}, {}
     for name in ("ads", "users", "events"):
         path = artifacts.join(cfg.input_dir, name)
         if not artifacts.exists(path):
             if name == "users":  # profiles are optional: every facet is nullable
                 datasets[name] = ray.data.from_arrow(schema.RAW_SCHEMAS["users"].empty_table())
+                rows_in[name] = 0
                 continue
             raise artifacts.ArtifactError(f"{path} does not exist: --input-dir must hold ads/ and "
                                           f"events/ parquet directories (users/ optional)")
         fs, p = artifacts.resolve(path)
-        files = _check_files(name, fs, p, path)
+        files, rows_in[name] = _check_files(name, fs, p, path)
         datasets[name] = ray.data.read_parquet(files, filesystem=fs)
-    return datasets, {}
+    return datasets, rows_in, {}
 
 
-def _check_files(name: str, fs: Any, path: str, location: str) -> list[str]:
+def _check_files(name: str, fs: Any, path: str, location: str) -> tuple[list[str], int]:
     """Every parquet file of one table, each checked before any work starts: readable (a
     truncated file is named, not a traceback from deep inside Ray Data) and holding the
-    table's required columns."""
+    table's required columns; and the table's row count, from the files' footers."""
     infos = fs.get_file_info(artifacts.pafs.FileSelector(path, recursive=True))
     files = sorted(i.path for i in infos if i.type == artifacts.pafs.FileType.File
                    and not i.base_name.startswith((".", "_")))
     if not files:
         raise schema.SchemaError(f"{name} table: {location} holds no parquet files")
+    rows = 0
     for f in files:
         try:
-            file_schema = pq.read_schema(f, filesystem=fs)
+            meta = pq.read_metadata(f, filesystem=fs)
+            file_schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as e:
             raise schema.SchemaError(f"{name} table: {f} is not a readable parquet file "
                                      f"({str(e).splitlines()[0]})") from None
         schema.check_columns(name, file_schema, f)
-    return files
+        rows += meta.num_rows
+    return files, rows
 
 
 def _reason_counts(q: pa.Table) -> dict[str, int]:
@@ -157,11 +170,97 @@ def _validate_dimension(ds: ray.data.Dataset, name: str, key: str, cfg: IngestCo
     clean = _clean_rows(both, name)
     dedup = schema.flag_duplicate_keys(clean, name, key)
     quarantine = pa.concat_tables([_quarantine_rows(both, name), dedup.quarantine])
-    return dedup.clean, quarantine, both.num_rows
+    return dedup.clean, quarantine
 
 
 class QuarantineError(artifacts.ArtifactError):
     """Too large a share of a table failed validation: the upstream is broken."""
+
+
+class UnusableInputError(artifacts.ArtifactError):
+    """The input has the right schema but nothing a later stage could use: no ads or no events
+    at all, a table whose every row is quarantined, or events that name no ad of the ads table
+    (or no user of a non-empty users table)."""
+
+
+def _source(cfg: IngestConfig, name: str) -> str:
+    """Where table ``name`` came from, for messages."""
+    if cfg.source == "lcrec":
+        return f"the {name} of the LC-Rec files in {cfg.input_dir}"
+    return artifacts.join(cfg.input_dir, name)
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{r}={n:,}" for r, n in sorted(counts.items()))
+
+
+def _refuse(cfg: IngestConfig, problems: list[str], quarantine: list[pa.Table],
+            written: bool = False) -> None:
+    """Raise :class:`UnusableInputError` for ``problems`` (if any). The quarantine gathered so
+    far is written first (unless it already is), so the rejected rows can be inspected."""
+    if not problems:
+        return
+    q = pa.concat_tables(quarantine) if quarantine else schema.QUARANTINE.empty_table()
+    if q.num_rows and not written:
+        artifacts.write_table(q, cfg.out, "quarantine")
+    where = (f" The rejected rows are in {artifacts.join(cfg.out, 'quarantine')}."
+             if q.num_rows else "")
+    raise UnusableInputError("; ".join(problems) + ". Nothing usable to ingest: no manifest "
+                             "was written." + where)
+
+
+def _empty_tables(cfg: IngestConfig, rows_in: dict[str, int]) -> list[str]:
+    """Ads and events are required to hold rows (users, the optional profiles, may not)."""
+    return [f"{name} table: {_source(cfg, name)} holds no rows"
+            for name in ("ads", "events") if rows_in[name] == 0]
+
+
+def _all_quarantined(cfg: IngestConfig, name: str, rows_in: int, clean: int,
+                     quarantine: pa.Table) -> list[str]:
+    if rows_in == 0 or clean > 0:
+        return []
+    q = quarantine.filter(pc.equal(quarantine.column("table"), name))
+    reasons = _by_reason(_reason_counts(q))
+    return [f"{name} table: all {rows_in:,} rows of {_source(cfg, name)} are quarantined "
+            f"({reasons})"]
+
+
+def _unreferenced(cfg: IngestConfig, users: pa.Table, counts: dict[str, Any]) -> list[str]:
+    """Clean events exist but none names an ad (every ad event's ad_id was unknown or bad), or
+    the users table holds users and no clean event is theirs (tables of different sources).
+    Each is one early-exit scan of the written events."""
+    fs, p = artifacts.resolve(artifacts.join(cfg.out, "events"))
+    events = pads.dataset(p, filesystem=fs, format="parquet")
+    n, source = counts["events"]["clean"], _source(cfg, "events")
+    problems = []
+    if events.head(1, columns=["domain"], filter=pc.field("domain") == "ad").num_rows == 0:
+        reasons = _by_reason(counts["events"]["by_reason"]) or "none"
+        problems.append(f"events table: none of the {n:,} clean events of {source} is an ad "
+                        f"event naming an ad of the ads table (events quarantined: {reasons})")
+    if users.num_rows and events.head(1, columns=["user_id"], filter=pc.field("user_id").isin(
+            users.column("user_id"))).num_rows == 0:
+        problems.append(f"events table: none of the {n:,} clean events of {source} is by one "
+                        f"of the {users.num_rows:,} users of {_source(cfg, 'users')}: the "
+                        f"tables are not from the same source")
+    return problems
+
+
+def _check_accounting(rows_in: dict[str, int], clean: dict[str, int],
+                      quarantine: pa.Table) -> dict[str, Any]:
+    """The manifest's counts of every table, each counted on its own: ``rows_in`` on the raw
+    input, ``clean`` on the tables written, ``by_reason`` on the quarantine written. Raises
+    when they do not add up (a row lost or counted twice is a bug, never bad input)."""
+    counts: dict[str, Any] = {}
+    for name in ("ads", "users", "events"):
+        q = quarantine.filter(pc.equal(quarantine.column("table"), name))
+        by_reason = _reason_counts(q)
+        counts[name] = {"rows_in": rows_in[name], "clean": clean[name],
+                        "quarantined": q.num_rows, "by_reason": by_reason}
+        if rows_in[name] != clean[name] + sum(by_reason.values()):  # nothing vanishes
+            raise RuntimeError(f"ingest lost or duplicated rows of {name}: {rows_in[name]:,} "
+                               f"in, {clean[name]:,} clean + {q.num_rows:,} quarantined "
+                               f"({_by_reason(by_reason)})")
+    return counts
 
 
 def _check_quarantine_share(cfg: IngestConfig, counts: dict[str, Any]) -> None:
@@ -187,14 +286,17 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
         fs.delete_file(p)
     init_ray(cfg.ray)
     timings: dict[str, float] = {}
-    counts: dict[str, Any] = {}
     with artifacts.timed(timings, "read"):
-        raw, notes = _read_raw(cfg)
+        raw, rows_in, notes = _read_raw(cfg)
+    _refuse(cfg, _empty_tables(cfg, rows_in), [])
 
     with artifacts.timed(timings, "ads"):
-        ads, q_ads, n_ads = _validate_dimension(raw["ads"], "ads", "ad_id", cfg)
+        ads, q_ads = _validate_dimension(raw["ads"], "ads", "ad_id", cfg)
+    _refuse(cfg, _all_quarantined(cfg, "ads", rows_in["ads"], ads.num_rows, q_ads), [q_ads])
     with artifacts.timed(timings, "users"):
-        users, q_users, n_users = _validate_dimension(raw["users"], "users", "user_id", cfg)
+        users, q_users = _validate_dimension(raw["users"], "users", "user_id", cfg)
+    _refuse(cfg, _all_quarantined(cfg, "users", rows_in["users"], users.num_rows, q_users),
+            [q_ads, q_users])
 
     with artifacts.timed(timings, "events"):
         known = ray.put(frozenset(ads.column("ad_id").to_pylist()))
@@ -204,6 +306,15 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
                        "limits": cfg.text_limits},
         ).materialize()
         n_events = checked.count()
+        # The rejected rows go to the driver anyway (the quarantine table); fetched first, they
+        # say whether any event is clean before the shuffle (which cannot group zero rows).
+        q_events = ray.get(checked.map_batches(_quarantine_rows, batch_format="pyarrow",
+                                               fn_kwargs={"name": "events"}).to_arrow_refs())
+        n_valid = n_events - sum(q.num_rows for q in q_events)
+        _refuse(cfg, _all_quarantined(cfg, "events", rows_in["events"], n_valid,
+                                      pa.concat_tables([schema.QUARANTINE.empty_table(),
+                                                        *q_events])),
+                [q_ads, q_users, *q_events])
         clean = checked.map_batches(_clean_rows, batch_format="pyarrow",
                                     fn_kwargs={"name": "events"})
         # About batch_size events per user shard; each shard is deduplicated and written by
@@ -217,29 +328,19 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
                       .map_groups(_dedupe_and_write_shard, batch_format="pyarrow",
                                   fn_kwargs={"out": cfg.out})
                       .materialize())
-        if not shards.shard_ids(cfg.out):  # no clean event at all: still an events table
-            shards.write_file(schema.EVENTS.empty_table(), cfg.out, "events", 0)
-        q_events = checked.map_batches(_quarantine_rows, batch_format="pyarrow",
-                                       fn_kwargs={"name": "events"})
 
     with artifacts.timed(timings, "write"):
         artifacts.write_table(ads, cfg.out, "ads")
         shards.write_users(users, cfg.out, n_shards)
-        q_all = pa.concat_tables([q_ads, q_users, *ray.get(q_events.to_arrow_refs()),
+        q_all = pa.concat_tables([q_ads, q_users, *q_events,
                                   *ray.get(duplicates.to_arrow_refs())])
         artifacts.write_table(q_all, cfg.out, "quarantine")
 
     fs, p = artifacts.resolve(artifacts.join(cfg.out, "events"))
     n_events_clean = pads.dataset(p, filesystem=fs, format="parquet").count_rows()
-    for name, rows_in, clean_rows in (("ads", n_ads, ads.num_rows),
-                                      ("users", n_users, users.num_rows),
-                                      ("events", n_events, n_events_clean)):
-        q = q_all.filter(pc.equal(q_all.column("table"), name))
-        counts[name] = {"rows_in": rows_in, "clean": clean_rows, "quarantined": q.num_rows,
-                        "by_reason": _reason_counts(q)}
-        if rows_in != clean_rows + q.num_rows:  # the accounting invariant: nothing vanishes
-            raise RuntimeError(f"ingest lost rows of {name}: {rows_in} in, {clean_rows} clean, "
-                               f"{q.num_rows} quarantined")
+    counts = _check_accounting(rows_in, {"ads": ads.num_rows, "users": users.num_rows,
+                                         "events": n_events_clean}, q_all)
+    _refuse(cfg, _unreferenced(cfg, users, counts), [q_all], written=True)
     _check_quarantine_share(cfg, counts)
     manifest = artifacts.write_manifest(cfg.out, "ingest", inputs={"input_dir": cfg.input_dir,
                                         "source": cfg.source, **notes}, config=cfg,

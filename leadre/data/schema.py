@@ -9,6 +9,7 @@ machine-readable reason and the original row as JSON.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -84,6 +85,29 @@ ENGAGEMENTS: frozenset[str] = frozenset(ENGAGE)
 PROFILE_FIELDS: tuple[str, ...] = tuple(f.name for f in USERS if f.name != "user_id")
 MS_PER_DAY = 86_400_000  # timestamps inside the stages are epoch milliseconds
 
+# The id rule, owned here and nowhere else: the serving API refuses a user_id outside it
+# (:mod:`leadre.serve.api` imports it), so ingest quarantines any user_id / ad_id outside it
+# (``bad_id``): a row serving could never answer must not reach a clean table. The real
+# datasets' ids (Amazon ASINs, LC-Rec's numeric ids) and the synthetic world's fit it.
+ID_MAX_CHARS = 128
+ID_PATTERN = rf"[A-Za-z0-9_.:@-]{{1,{ID_MAX_CHARS}}}"
+ID_RE = re.compile(ID_PATTERN)
+# The columns the rule applies to (every key column of the three tables).
+ID_COLUMNS: frozenset[str] = frozenset({"user_id", "ad_id"})
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether ``value`` is an id serving accepts: a string matching :data:`ID_PATTERN`."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def bad_id_detail(column: str, value: object) -> str:
+    """The quarantine detail of an id outside the rule: the column, the value (cut at 40
+    characters, with its length when longer) and the rule itself."""
+    text = str(value)
+    shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text):,} characters)"
+    return f"{column} {shown} is not {ID_PATTERN} (the id rule of the serving API)"
+
 
 class Reason(str, Enum):
     """Why a row went to quarantine. The value is what the quarantine table stores."""
@@ -99,6 +123,7 @@ class Reason(str, Enum):
     DUPLICATE_ID = "duplicate_id"
     DUPLICATE_EVENT = "duplicate_event"
     TEXT_TOO_LONG = "text_too_long"
+    BAD_ID = "bad_id"  # outside ID_PATTERN, the id rule serving enforces
 
 
 class SchemaError(ArtifactError):
@@ -120,16 +145,17 @@ class TextLimits:
     quarantined (``text_too_long``), not truncated: a 200k-character title is a broken record
     (concatenated rows, binary junk), and cutting it would silently give the ad a made-up text
     and S-ID; the quarantine keeps the row for inspection. The defaults sit well above real
-    catalogs (Amazon Scientific: longest title 496, description 1,996 characters)."""
+    catalogs (Amazon Scientific: longest title 496, description 1,996 characters). Ids have
+    no limit here: their length is part of the id rule (:data:`ID_PATTERN`, ``bad_id``)."""
 
-    ids: int = 256
     titles: int = 1_000
     descriptions: int = 20_000
     fields: int = 256  # category, advertiser, profile attributes, domain, action
 
-    def limit(self, column: str) -> int:
-        if column.endswith("_id"):
-            return self.ids
+    def limit(self, column: str) -> int | None:
+        """The limit of ``column``; None for the id columns."""
+        if column in ID_COLUMNS:
+            return None
         return {"title": self.titles, "description": self.descriptions}.get(column, self.fields)
 
 
@@ -226,9 +252,9 @@ def _typed_columns(name: str, df: pd.DataFrame, rej: _Rejects, limits: TextLimit
         rej.add(bad, Reason.WRONG_TYPE, lambda i, f=field, r=raw: (
             f"{f.name}: expected {f.type}, got {type(r.iloc[i]).__name__} {r.iloc[i]!r:.60}"))
         cols[field.name] = typed
-        if field.type == pa.string():
+        limit = limits.limit(field.name) if field.type == pa.string() else None
+        if limit is not None:
             n_chars = typed.str.len().fillna(0).to_numpy()
-            limit = limits.limit(field.name)
             rej.add(n_chars > limit, Reason.TEXT_TOO_LONG, lambda i, f=field.name, c=n_chars, k=limit: (
                 f"{f} has {int(c[i]):,} characters (limit {k:,})"))
     for col in REQUIRED[name]:
@@ -236,6 +262,11 @@ def _typed_columns(name: str, df: pd.DataFrame, rej: _Rejects, limits: TextLimit
         if schema.field(col).type == pa.string():
             missing |= (cols[col].fillna("").astype(str).str.strip() == "").to_numpy()
         rej.add(missing, Reason.MISSING_FIELD, f"{col} is required")
+    for col in sorted(ID_COLUMNS & set(cols)):  # after missing: a blank id is missing, not bad
+        ids = cols[col]
+        bad = (ids.notna() & ~ids.astype(object).fillna("").astype(str).str.fullmatch(ID_PATTERN)
+               ).to_numpy(dtype=bool)
+        rej.add(bad, Reason.BAD_ID, lambda i, c=col, v=ids: bad_id_detail(c, v.iloc[i]))
     return cols
 
 

@@ -13,16 +13,14 @@ Bad input gets a 4xx saying what is wrong: 400 not JSON, 413 too large, 415 not
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class.
 import hmac
 import json
-import re
 from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from leadre.data.schema import DOMAIN_ACTIONS
-
-USER_ID = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+# The id rule is ingest's (leadre.data.schema owns it): an id ingest keeps, serving accepts.
+from leadre.data.schema import DOMAIN_ACTIONS, ID_MAX_CHARS, ID_PATTERN
 
 
 class RecentEvent(BaseModel):
@@ -31,7 +29,7 @@ class RecentEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     domain: Literal["ad", "video", "news"]
     action: Literal["impression", "click", "conversion", "play", "read"]
-    ad_id: str | None = Field(default=None, max_length=128)
+    ad_id: str | None = Field(default=None, max_length=ID_MAX_CHARS)
     title: str | None = Field(default=None, max_length=512)
     ts: float | None = Field(default=None, description="UNIX seconds (optional)")
 
@@ -50,7 +48,7 @@ class RecentEvent(BaseModel):
 def request_model(k_default: int, k_max: int, max_events: int) -> type[BaseModel]:
     class RecommendRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        user_id: str = Field(min_length=1, max_length=128, pattern=USER_ID.pattern)
+        user_id: str = Field(min_length=1, max_length=ID_MAX_CHARS, pattern=f"^{ID_PATTERN}$")
         k: int = Field(default=k_default, ge=1, le=k_max)
         recent_events: list[RecentEvent] = Field(default_factory=list, max_length=max_events)
 

@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -257,3 +258,168 @@ def test_events_and_users_are_written_as_user_shards_recorded_in_the_manifest(ra
     # a reader of the whole tables sees no difference
     assert artifacts.read_table(out, "users").num_rows == _counts(out)["users"]["clean"]
     assert shards.read_layout({}) is None
+
+
+# --- ids: the serving API's rule, applied at ingest -------------------------------------------
+
+def _append(world, name, rows):
+    """Add ``rows`` (dicts of raw values) to table ``name`` of a generated world."""
+    def add(t):
+        extra = pa.Table.from_pylist(rows, schema=schema.RAW_SCHEMAS[name])
+        return pa.concat_tables([t.cast(schema.RAW_SCHEMAS[name]), extra])
+    _rewrite(world, name, add)
+
+
+def _raw_rows(world) -> dict[str, int]:
+    return {name: pq.ParquetDataset(world / name).read().num_rows
+            for name in ("ads", "users", "events")}
+
+
+def _assert_every_row_counted(out, raw_rows):
+    """The manifest counts each input row once: kept, or under its quarantine reason; and the
+    counts agree with the raw files and with the tables written."""
+    counts = _counts(out)
+    q = artifacts.read_table(out, "quarantine").to_pandas()
+    for name, n in raw_rows.items():
+        c = counts[name]
+        assert c["rows_in"] == n == c["clean"] + sum(c["by_reason"].values()), (name, c)
+        assert c["quarantined"] == sum(c["by_reason"].values())
+        assert c["clean"] == artifacts.read_table(out, name).num_rows
+        assert q[q.table == name].reason.value_counts().to_dict() == c["by_reason"]
+
+
+def test_ids_outside_the_serving_rule_are_quarantined_as_bad_id(ray_local, tmp_path):
+    """An id with a space or over 128 characters (user_id or ad_id, in any table) is
+    quarantined as ``bad_id`` with the rule named; 128 characters still pass; and every id of
+    the clean tables is one the serving API accepts, every quarantined one one it refuses."""
+    from pydantic import ValidationError
+
+    from leadre.cli import main
+    from leadre.serve.api import request_model
+
+    world = _small_world(tmp_path)
+    ad = artifacts.read_table(world, "ads").slice(0, 1).to_pylist()[0]
+    ev = artifacts.read_table(world, "events")
+    ad_event = ev.filter(pc.equal(ev.column("domain"), "ad")).slice(0, 1).to_pylist()[0]
+    longest, too_long = "v" * schema.ID_MAX_CHARS, "w" * (schema.ID_MAX_CHARS + 1)
+    _append(world, "ads", [{**ad, "ad_id": "ad 7"}, {**ad, "ad_id": "a" * 300}])
+    _append(world, "users", [{"user_id": "u 1"}, {"user_id": too_long}, {"user_id": longest}])
+    _append(world, "events", [{**ad_event, "user_id": "bad user"},
+                              {**ad_event, "user_id": too_long},
+                              {**ad_event, "user_id": longest},
+                              {**ad_event, "ad_id": "ad 7"}])
+    raw = _raw_rows(world)
+    out = tmp_path / "ingest"
+    assert main(["ingest", "--input-dir", str(world), "--out", str(out)]) == 0
+
+    counts = _counts(out)
+    assert counts["ads"]["by_reason"] == {"bad_id": 2}
+    assert counts["users"]["by_reason"] == {"bad_id": 2}
+    assert counts["events"]["by_reason"]["bad_id"] == 3
+    _assert_every_row_counted(out, raw)
+    q = artifacts.read_table(out, "quarantine").to_pandas()
+    bad = q[q.reason == "bad_id"]
+    assert len(bad) == 7
+    assert all(f"is not {schema.ID_PATTERN}" in d for d in bad.detail)
+    assert "[A-Za-z0-9_.:@-]{1,128}" in bad.detail.iloc[0]
+    assert any("'u 1'" in d for d in bad.detail)
+    assert any(f"({schema.ID_MAX_CHARS + 1} characters)" in d for d in bad.detail)
+    # the clean tables hold only ids serving can answer; the quarantined ones it would refuse
+    request = request_model(10, 100, 50)
+    users = artifacts.read_table(out, "users").column("user_id").to_pylist()
+    assert longest in users and too_long not in users
+    events = artifacts.read_table(out, "events")
+    assert longest in events.column("user_id").to_pylist()
+    ids = set(users) | set(events.column("user_id").to_pylist()) | set(
+        artifacts.read_table(out, "ads").column("ad_id").to_pylist()) | {
+        a for a in events.column("ad_id").to_pylist() if a is not None}
+    assert all(schema.is_valid_id(i) for i in ids)
+    for u in users[:50] + [longest]:
+        request(user_id=u)
+    for row in bad.row:
+        rec = json.loads(row)
+        for col in ("user_id", "ad_id"):
+            if rec.get(col) is not None and not schema.is_valid_id(rec[col]):
+                with pytest.raises(ValidationError):
+                    request(user_id=rec[col])
+
+
+def test_the_real_datasets_ids_pass_the_id_rule(scientific_dir, beauty_dir):
+    """LC-Rec's ids (numeric user and item ids; Amazon ASINs in other releases) fit the rule:
+    applying it at ingest quarantines nothing of the real data."""
+    from leadre.data import lcrec
+
+    for d in (scientific_dir, beauty_dir):
+        tables, _ = lcrec.load(d)
+        for name, col in (("ads", "ad_id"), ("users", "user_id"), ("events", "user_id"),
+                          ("events", "ad_id")):
+            ids = [i for i in tables[name].column(col).to_pylist() if i is not None]
+            assert ids and all(schema.is_valid_id(i) for i in ids), (d, name, col)
+    assert all(schema.is_valid_id(i) for i in ("B000052YAN", "0972683275", "A1Z54EM24Y40LL"))
+
+
+# --- input with nothing usable in it: one line, exit 2, no manifest ---------------------------
+
+def _set(world, name, column, values):
+    _rewrite(world, name, lambda t: t.set_column(t.schema.get_field_index(column), column,
+                                                 pa.array(values(t), pa.string())))
+
+
+def _all_ads_bad(world):
+    _set(world, "ads", "ad_id", lambda t: [f"ad #{i}" for i in range(t.num_rows)])
+
+
+def _no_ads(world):
+    _rewrite(world, "ads", lambda t: t.slice(0, 0))
+
+
+def _no_events(world):
+    _rewrite(world, "events", lambda t: t.slice(0, 0))
+
+
+def _all_events_bad(world):
+    _set(world, "events", "action", lambda t: ["share"] * t.num_rows)
+
+
+def _events_name_no_known_ad(world):
+    _set(world, "events", "ad_id",
+         lambda t: [None if a is None else "ad_gone" for a in t.column("ad_id").to_pylist()])
+
+
+def _users_of_another_world(world):
+    _set(world, "users", "user_id", lambda t: [f"other{i}" for i in range(t.num_rows)])
+
+
+UNUSABLE = [
+    (_all_ads_bad, ["ads table: all 30 rows of", "are quarantined (bad_id=30)"]),
+    (_no_ads, ["ads table:", "/ads holds no rows"]),
+    (_no_events, ["events table:", "/events holds no rows"]),
+    (_all_events_bad, ["events table: all", "are quarantined (unknown_action="]),
+    (_events_name_no_known_ad, ["is an ad event naming an ad of the ads table",
+                                "(events quarantined: unknown_ad_id="]),
+    (_users_of_another_world, ["is by one of the 60 users of", "not from the same source"]),
+]
+
+
+@pytest.mark.parametrize("damage,names", UNUSABLE, ids=[f.__name__[1:] for f, _ in UNUSABLE])
+def test_input_with_nothing_usable_exits_2_with_one_line(ray_local, tmp_path, capsys, damage,
+                                                         names):
+    """Tables with the right schema and nothing usable: no ads or events at all, a table
+    whose every row is quarantined, events that name no ad of the ads table or no user of the
+    users table. ``leadre ingest`` says which, in one line, exit 2; no manifest is written."""
+    from leadre.cli import main
+
+    world = _small_world(tmp_path)
+    damage(world)
+    out = tmp_path / "ingest"
+    rc = main(["ingest", "--input-dir", str(world), "--out", str(out)])  # raises on a traceback
+    # Ray Data's progress logs share stderr: the error is its last line, and the only one
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("leadre ingest: error: ")]
+    print(f"\n{damage.__name__[1:]}: rc {rc}: {errors}")
+    assert rc == 2 and len(errors) == 1
+    err = errors[0]
+    assert "no manifest was written" in err
+    for name in names:
+        assert name in err
+    assert not (out / "manifest.json").exists()
