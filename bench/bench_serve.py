@@ -17,9 +17,17 @@ distributed; ``--events-share`` of the requests carry recent events. Cache hits 
     .venv/bin/python bench/bench_serve.py                      # 200 req/s for 60 s, then a sweep
     .venv/bin/python bench/bench_serve.py --rate 200 --sweep 300 500 750 1000 --quiet-wait 600
     .venv/bin/python bench/bench_serve.py --profile            # where a request's time goes
+    .venv/bin/python bench/bench_serve.py --shipped --rate 400 --seconds 60
+
+``--shipped`` measures what ``leadre serve`` ships instead of a tuned setup: Ray's own worker
+niceness (no ``RAY_worker_niceness=0``), the LLM generator (a ``tiny`` model for this world's
+S-IDs) draining a queue of every cold user during the whole run, and ``--unseen-share`` (20%)
+of the requests carrying a content title never seen before, so the matcher's text encoder
+runs (off its event loop) instead of its cache answering. Its target: p99 <= 15 ms, 0 errors.
 
 Appends to bench/RESULTS.md (with the load average), writes bench/serve_latency_cdf.png, and
-prints last: ``RESULT rate=<offered> achieved=<req/s> p50_ms=<x> p99_ms=<x> errors=<n>``.
+prints last: ``RESULT rate=<offered> achieved=<req/s> p50_ms=<x> p99_ms=<x> errors=<n>``
+(``RESULT config=shipped ...`` with ``--shipped``).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class on the
@@ -44,6 +52,7 @@ sys.path.insert(0, str(HERE))
 from _results import append  # noqa: E402
 
 HIT_TARGET_MS, MISS_TARGET_MS = 15.0, 25.0
+SHIPPED_TARGET_MS = 15.0  # --shipped: p99 of every answer
 
 
 # ------------------------------------------------------------------------------ the client
@@ -187,6 +196,25 @@ def ensure_world(ads: int, users: int) -> dict[str, str]:
     return w
 
 
+def ensure_model(w: dict, ads: int, users: int) -> str:
+    """A ``tiny`` LM for this world's S-IDs (built from its config, as the demo's is before
+    training: decoding costs the same trained or not), with an sft manifest."""
+    from leadre.artifacts import write_manifest
+    from leadre.index.context import build_prompt, user_contexts
+    from leadre.model.factory import prepare_base_model
+    from leadre.sids import load_table
+
+    model = world_dir(ads, users) / "model"
+    if not (model / "manifest.json").exists():
+        table = load_table(w["sids"])
+        prompts = [build_prompt(c, table) for c in list(user_contexts(w["ingest"]).values())[:500]]
+        prepare_base_model(model / "merged", sid_tokens=table.tokens(), base_model=None,
+                           preset="tiny", corpus=prompts)
+        write_manifest(str(model), "sft", inputs={"sids_dir": w["sids"]}, config={}, counts={},
+                       timings={}, extra={"sid_version": table.version})
+    return str(model)
+
+
 def prepare_store(w: dict, store_url: str, warm_share: float, seed: int) -> list[str]:
     """Contexts for every user, generated candidates for ``warm_share`` of them (the embedding
     generator, as the serving Generator writes them); returns the user ids."""
@@ -205,13 +233,17 @@ def prepare_store(w: dict, store_url: str, warm_share: float, seed: int) -> list
     core = GeneratorCore(GeneratorConfig(), ServePaths(w["sids"], store_url, w["index"]))
     for i in range(0, len(warm), 256):
         core.generate_and_store(warm[i:i + 256])
+    with open_store(store_url) as s:
+        s.enqueue(sorted(set(users) - set(warm)))  # the generator drains during the run
     return users
 
 
 def request_bodies(w: dict, users: list[str], n: int, events_share: float, zipf_s: float,
-                   seed: int) -> list[str]:
+                   seed: int, unseen_share: float = 0.0) -> list[str]:
     """Zipf-distributed users (a seeded random popularity order); ``events_share`` of the
-    requests carry one or two recent events (a content title or an ad click)."""
+    requests carry one or two recent events (a content title or an ad click), and
+    ``unseen_share`` one content title never seen before (its words are real, the title
+    unique: the matcher's encoder cache cannot answer it)."""
     from leadre.artifacts import read_table
 
     rng = np.random.default_rng(seed)
@@ -221,10 +253,14 @@ def request_bodies(w: dict, users: list[str], n: int, events_share: float, zipf_
     ev = read_table(w["ingest"], "events").select(["domain", "ad_id", "title"]).to_pandas()
     titles = ev[ev.domain != "ad"].title.dropna().unique().tolist()[:2000]
     ads = read_table(w["ingest"], "ads").column("ad_id").to_pylist()
+    words = sorted({wd for t in titles for wd in t.split()})
     out = []
     for i, u in enumerate(picks):
         body = {"user_id": users[u], "k": 10}
-        if rng.random() < events_share:
+        if rng.random() < unseen_share:
+            title = " ".join(rng.choice(words, 4)) + f" {seed}-{i}"
+            body["recent_events"] = [{"domain": "video", "action": "play", "title": title}]
+        elif rng.random() < events_share:
             body["recent_events"] = [
                 {"domain": "video", "action": "play", "title": titles[rng.integers(len(titles))]}
                 if rng.random() < 0.5 else
@@ -238,12 +274,15 @@ def request_bodies(w: dict, users: list[str], n: int, events_share: float, zipf_
 
 
 def start_server(mode: str, w: dict, store_url: str, matcher_replicas: int,
-                 matcher_cpus: float) -> int:
+                 matcher_cpus: float, model_dir: str | None = None) -> int:
     """A private 2-CPU Ray cluster on 127.0.0.1 serving the graph; returns the HTTP port.
-    Replicas run at the client's CPU priority (``RAY_worker_niceness=0``; Ray's default 15
-    would let every other process on this shared machine preempt them), the generator 10
-    lower (``GeneratorConfig.niceness``)."""
-    os.environ["RAY_worker_niceness"] = "0"
+    Without ``model_dir`` (the tuned setup) replicas run at the client's CPU priority
+    (``RAY_worker_niceness=0``; Ray's default 15 would let every other process on this shared
+    machine preempt them) and the generator is the embedding baseline; with it (shipped),
+    Ray's own niceness and that LLM, as ``leadre serve`` runs them. The generator runs 10
+    lower either way (``GeneratorConfig.niceness``)."""
+    if model_dir is None:
+        os.environ["RAY_worker_niceness"] = "0"
     if mode == "fast":
         from leadre.serve.app import HIGH_THROUGHPUT_ENV
 
@@ -262,6 +301,7 @@ def start_server(mode: str, w: dict, store_url: str, matcher_replicas: int,
         port = sk.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(index_dir=w["index"], sids_dir=w["sids"], store_url=store_url,
+                      model_dir=model_dir,
                       matcher=MatcherConfig(num_cpus=matcher_cpus, num_replicas=matcher_replicas),
                       generator=GeneratorConfig(
                           generation=GenerationConfig(num_gpus=0, num_cpus=0.1)))
@@ -286,7 +326,7 @@ def wait_quiet(max_s: float) -> tuple[bool, float]:
         time.sleep(5)
 
 
-def summarize(res: dict, rate: float, skip_s: float) -> dict:
+def summarize(res: dict, rate: float, skip_s: float, shipped: bool = False) -> dict:
     n = len(res["lat"])
     keep = np.arange(n) >= int(skip_s * rate)  # the first seconds warm connections up
     lat, status, kind = res["lat"][keep], res["status"][keep], res["kind"][keep]
@@ -301,8 +341,9 @@ def summarize(res: dict, rate: float, skip_s: float) -> dict:
             "p999": pct(lat[ok], 99.9), "max": float(np.nanmax(lat)) if n else float("nan"),
             "hit_n": len(hit), "hit_p50": pct(hit, 50), "hit_p99": pct(hit, 99),
             "miss_n": len(miss), "miss_p50": pct(miss, 50), "miss_p99": pct(miss, 99),
-            "holds": bool((~ok).sum() == 0 and pct(hit, 99) <= HIT_TARGET_MS and
-                          pct(miss, 99) <= MISS_TARGET_MS),
+            "holds": bool((~ok).sum() == 0 and (
+                pct(lat[ok], 99) <= SHIPPED_TARGET_MS if shipped else
+                pct(hit, 99) <= HIT_TARGET_MS and pct(miss, 99) <= MISS_TARGET_MS)),
             "codes": {int(c): int((status == c).sum()) for c in np.unique(status)},
             "_hit": hit, "_miss": miss}
 
@@ -344,17 +385,19 @@ def bench(a: argparse.Namespace) -> None:
     w = ensure_world(a.ads, a.users)
     store_url = f"sqlite:///{world_dir(a.ads, a.users) / 'store.db'}"
     users = prepare_store(w, store_url, a.warm_share, a.seed)
-    port = start_server(a.mode, w, store_url, a.matcher_replicas, a.matcher_cpus)
+    model = ensure_model(w, a.ads, a.users) if a.shipped else None
+    port = start_server(a.mode, w, store_url, a.matcher_replicas, a.matcher_cpus, model)
     print(f"serving on 127.0.0.1:{port} ({a.mode} mode); load {load_avg()}", flush=True)
 
     def one(rate: float, seconds: float) -> dict:
         n = int(rate * (seconds + a.skip_s))
-        bodies = request_bodies(w, users, n, a.events_share, a.zipf, a.seed + int(rate))
+        bodies = request_bodies(w, users, n, a.events_share, a.zipf, a.seed + int(rate),
+                                a.unseen_share if a.shipped else 0.0)
         load_before = load_avg()
         raw = run_client(port, bodies, rate)
         if a.dump:
             np.savez(f"{a.dump}-{rate:g}.npz", **{k: v for k, v in raw.items()})
-        r = summarize(raw, rate, a.skip_s)
+        r = summarize(raw, rate, a.skip_s, a.shipped)
         r["load"] = f"{load_before} -> {load_avg()}"
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
                if not k.startswith("_")}, flush=True)
@@ -384,18 +427,28 @@ def bench(a: argparse.Namespace) -> None:
             f"First row: the main run ({a.seconds:g} s, after waiting {waited:.0f} s for a quiet "
             f"machine: {'yes' if quiet else 'no'}); then the sweep right after it "
             f"({a.sweep_seconds:g} s each; see each row's load average). "
-            f"Target: hit p99 <= {HIT_TARGET_MS:g} ms, miss p99 <= {MISS_TARGET_MS:g} ms, 0 "
-            f"errors; highest rate holding it: {max(held) if held else 'none'} req/s. "
+            + (f"Target (shipped): p99 <= {SHIPPED_TARGET_MS:g} ms, 0 errors; "
+               if a.shipped else
+               f"Target: hit p99 <= {HIT_TARGET_MS:g} ms, miss p99 <= {MISS_TARGET_MS:g} ms, 0 "
+               "errors; ")
+            + f"highest rate holding it: {max(held) if held else 'none'} req/s. "
             f"Latency from the scheduled send time (open loop, the first {a.skip_s:g} s "
             f"dropped). {a.mode} mode, {a.matcher_replicas} Matcher replica(s), "
             f"{a.ads} ads, {a.users} users (Zipf s={a.zipf}), {a.warm_share:.0%} warm, "
-            f"{a.events_share:.0%} of requests with recent events, embedding-baseline "
-            f"generator filling the cache during the run, SQLite store; client on the same 2 "
+            f"{a.events_share:.0%} of requests with recent events, "
+            + (f"{a.unseen_share:.0%} with a never-seen title; Ray's own worker niceness; the "
+               f"tiny LLM generator draining the queue of every cold user"
+               if a.shipped else "RAY_worker_niceness=0; the embedding-baseline generator "
+               "filling the cache")
+            + f" during the run, SQLite store; client on the same 2 "
             f"cores. Status codes of the main run: {main_run['codes']}. CDF: "
             f"`bench/{png.name}`.{note}")
     if not a.dry_run:
-        append("Serving: open-loop HTTP POST /recommend, cache hits vs misses", body)
-    print(f"RESULT rate={a.rate:g} achieved={main_run['achieved']:.1f} "
+        append("Serving: open-loop HTTP POST /recommend, " +
+               ("as leadre serve ships it (--shipped)" if a.shipped else
+                "cache hits vs misses"), body)
+    print("RESULT " + ("config=shipped " if a.shipped else "") +
+          f"rate={a.rate:g} achieved={main_run['achieved']:.1f} "
           f"p50_ms={main_run['p50']:.2f} p99_ms={main_run['p99']:.2f} "
           f"errors={main_run['errors']}")
 
@@ -646,6 +699,12 @@ def main() -> None:
     ap.add_argument("--warm-share", type=float, default=0.5)
     ap.add_argument("--events-share", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shipped", action="store_true",
+                    help="measure what leadre serve ships: Ray's worker niceness, the tiny LLM "
+                         "generator draining a queue, --unseen-share never-seen titles; "
+                         "target p99 <= 15 ms")
+    ap.add_argument("--unseen-share", type=float, default=0.2,
+                    help="--shipped: share of requests with a never-seen content title")
     ap.add_argument("--profile", action="store_true", help="the latency breakdown instead")
     ap.add_argument("--dry-run", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--dump", default=None, help=argparse.SUPPRESS)

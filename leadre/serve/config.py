@@ -8,6 +8,7 @@ store in bulk with the generator's defaults."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class DeploymentConfig:
             (overload sheds with 503 instead of queueing forever).
         health_check_period_s / health_check_timeout_s: how often Serve calls a replica's
             health check, and how long it waits before restarting the replica.
+        graceful_shutdown_timeout_s: a replica being stopped (scale-down, redeploy,
+            ``leadre serve`` getting SIGTERM) finishes its requests in flight for at most this
+            long (Serve's default, 20 s, is most of a ``shutdown_timeout_s``).
     """
 
     autoscaling_config: dict[str, Any] | None = field(default=None, metadata={
@@ -48,6 +52,8 @@ class DeploymentConfig:
         "help": "seconds between health checks of a replica"})
     health_check_timeout_s: float = field(default=30.0, metadata={
         "help": "a health check slower than this restarts the replica"})
+    graceful_shutdown_timeout_s: float = field(default=5.0, metadata={
+        "help": "a stopping replica finishes its requests in flight for at most this long"})
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -57,6 +63,8 @@ class DeploymentConfig:
             raise ConfigError(f"{name}: max_queued_requests must be >= 1 (or -1: unbounded)")
         if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
             raise ConfigError(f"{name}: health check period and timeout must be > 0")
+        if self.graceful_shutdown_timeout_s < 0:
+            raise ConfigError(f"{name}: graceful_shutdown_timeout_s must be >= 0")
 
     def replicas(self) -> int:
         """The fixed replica count (unless autoscaling)."""
@@ -72,12 +80,42 @@ class DeploymentConfig:
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "health_check_period_s": self.health_check_period_s,
-            "health_check_timeout_s": self.health_check_timeout_s}
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s}
         if self.autoscaling_config:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:
             opts["num_replicas"] = self.replicas()
         return opts
+
+
+# path -> (the file's identity when read, its token): one stat per admin request, one read
+# per change. A Kubernetes Secret volume swaps a symlink to a new file: new inode and mtime.
+_TOKEN_FILES: dict[str, tuple[tuple, str | None]] = {}
+
+
+def read_token_file(path: str) -> str | None:
+    """The token in ``path`` (surrounding whitespace stripped), re-read only when the file
+    changes; None when it is missing, unreadable or empty (the admin routes then refuse)."""
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _TOKEN_FILES.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip() or None
+    except (OSError, UnicodeDecodeError) as e:
+        if _TOKEN_FILES.pop(path, None) is not None or path not in _UNREADABLE:
+            logging.getLogger(__name__).warning("admin token file %s unreadable: %s", path, e)
+            _UNREADABLE.add(path)
+        return None
+    _UNREADABLE.discard(path)
+    _TOKEN_FILES[path] = (key, token)
+    return token
+
+
+_UNREADABLE: set[str] = set()
 
 
 @dataclass
@@ -95,8 +133,22 @@ class MatcherConfig(DeploymentConfig):
         max_drain_bytes: an over-limit body up to this size is read and discarded before the
             413 goes out, so the client sees the answer instead of a connection reset; past
             it the connection is closed.
-        admin_token: bearer token of the ``/admin/*`` endpoints; unset reads
-            ``$LEADRE_ADMIN_TOKEN`` where the graph is built; with neither, they answer 403.
+        admin_token: bearer token of the ``/admin/*`` endpoints, given literally: for tests
+            and local use only, never production (it travels in the replicas' init
+            arguments and the Serve config). Unset, each replica resolves the token itself at
+            every admin request (:meth:`token`): from ``admin_token_file``, else from its
+            own ``$LEADRE_ADMIN_TOKEN``; with none, the admin routes answer 403.
+        admin_token_file: a file holding the admin token, e.g. a Kubernetes Secret mounted
+            as a volume; re-read when it changes, so a rotated Secret applies without a
+            redeploy (an environment variable cannot change in a running process). Unset:
+            ``$LEADRE_ADMIN_TOKEN_FILE``. Set but unreadable or empty: the routes answer
+            403 (no fallback to an older token).
+        admin_port: serve the admin routes on this port only, from a one-replica ``Admin``
+            deployment (:mod:`leadre.serve.admin`) that ``app.build_admin`` deploys as an
+            application of its own; the public port then answers 404 for ``/admin/*``.
+            Unset: the admin routes are on the public port, on every matcher replica.
+        admin_host: the interface the admin port listens on (127.0.0.1: reachable only on
+            the Admin replica's node, e.g. through ``kubectl port-forward``; or the pod IP).
         history_events: events (request + stored history) that build a real-time ANN query.
         ad_status_interval_s: how often a replica reads the store's live ad status (ads
             switched off without an index rebuild reach every replica within about this).
@@ -104,6 +156,15 @@ class MatcherConfig(DeploymentConfig):
             through another replica, and publishes the generation queue depth.
         enqueue_interval_s: cache misses are queued for generation in one store write per
             this interval, off the request path.
+        store_deadline_ms: the request path's budget for its store reads (candidates, user
+            context); past it the answer comes from the real-time ANN fallback, marked
+            ``cache: "unavailable"``, and the read finishes in the background.
+        store_threads: threads that run the store reads of the requests of one replica (the
+            event loop never waits on the store; a hung store holds at most these).
+        fresh_share: share of an answer taken from real-time ANN over a request's events that
+            are newer than its cached candidates' basis (fresh intent); 0 turns it off.
+        context_events: events kept in a user's stored context when a request's newer events
+            are added to it (so their next generation sees them).
     """
 
     max_ongoing_requests: int = 64
@@ -121,7 +182,15 @@ class MatcherConfig(DeploymentConfig):
     max_drain_bytes: int = field(default=64 * 2**20, metadata={
         "help": "over-limit bodies up to this size are drained so the 413 arrives"})
     admin_token: str | None = field(default=None, metadata={
-        "help": "bearer token for /admin/* (default: $LEADRE_ADMIN_TOKEN)"})
+        "help": "bearer token for /admin/*, literal: tests/local only, not production "
+                "(default: admin_token_file, else each replica's $LEADRE_ADMIN_TOKEN)"})
+    admin_token_file: str | None = field(default=None, metadata={
+        "help": "file holding the admin token (a mounted Secret), re-read when it changes "
+                "(default: $LEADRE_ADMIN_TOKEN_FILE)"})
+    admin_port: int | None = field(default=None, metadata={
+        "help": "serve /admin/* on this port only (an Admin deployment); unset: public port"})
+    admin_host: str = field(default="127.0.0.1", metadata={
+        "help": "interface of the admin port (127.0.0.1, or the pod IP)"})
     history_events: int = field(default=20, metadata={
         "help": "events (request + stored history) that build a real-time ANN query"})
     ad_status_interval_s: float = field(default=1.0, metadata={
@@ -130,6 +199,14 @@ class MatcherConfig(DeploymentConfig):
         "help": "how often a replica follows index swaps made through other replicas"})
     enqueue_interval_s: float = field(default=0.02, metadata={
         "help": "cache misses are queued for generation in one write per interval"})
+    store_deadline_ms: float = field(default=10.0, metadata={
+        "help": "budget of a request's store reads; past it: ANN fallback (cache unavailable)"})
+    store_threads: int = field(default=8, metadata={
+        "help": "threads for the store reads of one replica's requests"})
+    fresh_share: float = field(default=0.3, metadata={
+        "help": "share of a cache hit's answer from ANN over the request's newer events"})
+    context_events: int = field(default=50, metadata={
+        "help": "events kept in a stored user context when newer request events join it"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,12 +222,28 @@ class MatcherConfig(DeploymentConfig):
             raise ConfigError("max_drain_bytes must be >= max_body_bytes")
         if self.max_recent_events < 0 or self.history_events < 0:
             raise ConfigError("max_recent_events and history_events must be >= 0")
-        for name in ("ad_status_interval_s", "watch_interval_s", "enqueue_interval_s"):
+        for name in ("ad_status_interval_s", "watch_interval_s", "enqueue_interval_s",
+                     "store_deadline_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.store_threads < 1 or self.context_events < 1:
+            raise ConfigError("store_threads and context_events must be >= 1")
+        if not 0.0 <= self.fresh_share <= 1.0:
+            raise ConfigError(f"fresh_share is a share in [0, 1], got {self.fresh_share}")
+        if self.admin_port is not None and not 1 <= self.admin_port <= 65535:
+            raise ConfigError(f"matcher: admin_port must be in 1..65535, got {self.admin_port}")
 
     def token(self) -> str | None:
-        return self.admin_token or os.environ.get("LEADRE_ADMIN_TOKEN") or None
+        """The admin token now, resolved where it is called (the replica, at each admin
+        request; never on the driver): ``admin_token`` if given (tests, local use); else the
+        file ``admin_token_file`` / ``$LEADRE_ADMIN_TOKEN_FILE`` (re-read when it changes;
+        unreadable or empty: None); else ``$LEADRE_ADMIN_TOKEN``."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.admin_token_file or os.environ.get("LEADRE_ADMIN_TOKEN_FILE")
+        if path:
+            return read_token_file(path)
+        return os.environ.get("LEADRE_ADMIN_TOKEN") or None
 
     def replicas(self) -> int:
         return self.num_replicas
@@ -257,11 +350,13 @@ class ServePaths:
 
     def check(self) -> str:
         """Refuse, on the driver and before any replica or actor starts, input directories
-        the tiers would fail on only inside Ray: each must hold the manifest of its stage
-        (``sids``; ``index``; ``sft``/``dpo`` for a model with a manifest), and the index and
-        the model must be built from the S-IDs of ``sids_dir`` (the error names both
-        versions). Returns that S-ID version."""
+        the tiers would fail on only inside Ray: each must exist and hold the manifest of its
+        stage (``sids``; ``index``, under ``index_root``; ``sft``/``dpo`` with its model
+        written, or a plain Hugging Face model directory), and the index and the model must be
+        built from the S-IDs of ``sids_dir`` (the error names both versions). Returns that
+        S-ID version. ``leadre serve``, ``build_app`` and ``leadre warm`` all call it."""
         from leadre.artifacts import check_model, check_sid_version, read_manifest
+        from leadre.index.verify import check_under_root
         from leadre.sids import load_table
 
         version = load_table(self.sids_dir).version
@@ -271,6 +366,7 @@ class ServePaths:
             built = {"sid_version": built.get("sid_version") or
                      (built.get("inputs") or {}).get("sids_version")}
             check_sid_version(f"the index in {self.index_dir}", built, version, self.sids_dir)
+            check_under_root(self.index_dir, self.index_root)  # the replicas load only from there
         if self.model_dir is not None:
             check_model(self.model_dir, version, self.sids_dir)
         return version
@@ -298,8 +394,9 @@ class ServeConfig:
             (:class:`MatcherConfig`, :class:`GeneratorConfig`), e.g.
             ``--set generator.generation.num_gpus=1`` or ``generator: {ttl_s: 3600}`` in YAML.
         ray: how to reach Ray. blocking: ``leadre serve`` keeps running until Ctrl-C.
-        shutdown_timeout_s: after Ctrl-C, how long ``serve.shutdown()`` may take before the
-            command exits anyway (its own local cluster goes with the process).
+        shutdown_timeout_s: after Ctrl-C or SIGTERM, how long ``serve.shutdown()`` (the
+            replicas finish the requests in flight) may take before the command exits anyway
+            (its own local cluster goes with the process).
     """
 
     index_dir: str = field(default="runs/index", metadata={"help": "output of `leadre index`"})
@@ -324,12 +421,15 @@ class ServeConfig:
     blocking: bool = field(default=True, metadata={
         "help": "leadre serve: keep running until Ctrl-C (false: deploy and return)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={
-        "help": "after Ctrl-C, wait this long for Serve to shut down, then exit anyway"})
+        "help": "after Ctrl-C/SIGTERM, wait this long for Serve to drain, then exit anyway"})
 
     def __post_init__(self) -> None:
         if self.shutdown_timeout_s <= 0:
             raise ConfigError(f"serve: shutdown_timeout_s must be > 0, "
                               f"got {self.shutdown_timeout_s}")
+        if self.matcher.admin_port is not None and self.matcher.admin_port == self.port:
+            raise ConfigError(f"serve: matcher.admin_port must differ from the public port "
+                              f"{self.port}")
 
     def paths(self) -> ServePaths:
         """The artifact paths and store URL, absolute (computed on the driver)."""

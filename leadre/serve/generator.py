@@ -159,6 +159,20 @@ def _newest_event(context: dict | None) -> float | None:
     return max(times) if times else None
 
 
+def start_rollout(store, model_dir: str, sids_dir: str) -> dict:
+    """The admin call behind a model rollout: check ``model_dir`` (an sft/dpo output for the
+    S-IDs being served; raises :class:`~leadre.artifacts.ArtifactError` or
+    ``FileNotFoundError`` otherwise) and record it in the store, where every Generator replica
+    picks it up within its poll interval and every Matcher replica learns its version."""
+    from leadre.artifacts import check_model
+    from leadre.sids import load_table
+
+    check_model(model_dir, load_table(sids_dir).version, sids_dir)
+    version = model_version(model_dir)
+    store.set_meta(MODEL_META_KEY, json.dumps({"model_dir": model_dir, "version": version}))
+    return {"status": "rolling out", "model_dir": model_dir, "model_version": version}
+
+
 def model_version(model_dir: str) -> str:
     """The training manifest's identity (stage + creation time), hashed short."""
     from leadre.artifacts import read_manifest

@@ -10,7 +10,9 @@ misses are queued for generation off the request path (one store write per
 nothing here waits for it.
 
 Routes: ``POST /recommend``, ``GET /healthz``, ``POST /admin/index`` (swap the index on every
-replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild); the request
+replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild; both answer
+404 here when ``matcher.admin_port`` moves them to the ``Admin`` deployment's own port,
+:mod:`leadre.serve.admin`); the request
 models and limits are in :mod:`leadre.serve.api`. Overload is shed with 503 by Serve itself
 (``max_queued_requests``), never a hang.
 
@@ -25,15 +27,18 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from ray import serve
 
+from leadre.index.context import merge_events
 from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
-from leadre.serve.matching import MatcherCore
+from leadre.serve.generator import MODEL_META_KEY
+from leadre.serve.matching import UNAVAILABLE, MatcherCore
 from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
 from leadre.serve.store import StoreUnavailable, open_store
 
@@ -50,8 +55,9 @@ app = FastAPI(title="LEADRE recommendations", version="2.0",
 @serve.ingress(app)
 class Matcher:
     """ScaNN matcher replica and HTTP ingress. ``generator``: handle of the Generator
-    tier (None: a generator elsewhere drains the store's queue). ``cfg.admin_token`` is
-    used as given (``app.build`` resolves ``$LEADRE_ADMIN_TOKEN`` on the driver)."""
+    tier (None: a generator elsewhere drains the store's queue). The admin token is
+    resolved here at each admin request (``cfg.token()``: file, environment), never baked
+    into the init arguments by the driver."""
 
     async def __init__(self, cfg: MatcherConfig, paths: ServePaths, generator=None):
         with open_store(paths.store_url) as store:
@@ -60,13 +66,14 @@ class Matcher:
         try:
             self.core = await asyncio.to_thread(
                 MatcherCore, dataclasses.replace(paths, index_dir=current),
-                cfg.history_events)
+                cfg.history_events, cfg.fresh_share)
         except Exception:
             if current == paths.index_dir:
                 raise
             log.exception("matcher: stored index %s unusable, starting on %s", current,
                           paths.index_dir)
-            self.core = await asyncio.to_thread(MatcherCore, paths, cfg.history_events)
+            self.core = await asyncio.to_thread(MatcherCore, paths, cfg.history_events,
+                                                cfg.fresh_share)
         # Background loops get their own store connection: the request path never waits
         # behind their writes.
         self.bg_store = open_store(paths.store_url)
@@ -84,7 +91,15 @@ class Matcher:
         self.queue = gauge("leadre_generation_queue_depth", "users waiting for LLM generation")
         self.wake_errors = counter("leadre_generation_wake_errors_total",
                                    "fire-and-forget generator wake-ups that failed")
-        self._pending: set[str] = set()
+        self.store_timeouts = counter("leadre_store_deadline_exceeded_total",
+                                      "requests answered without the store: its reads took "
+                                      "longer than store_deadline_ms")
+        # Store reads and title encoding run here, never on the event loop.
+        self._store_pool = ThreadPoolExecutor(cfg.store_threads, thread_name_prefix="store")
+        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        # user -> newer request events to add to their stored context before requeueing
+        self._pending: dict[str, list[dict]] = {}
+        self._priority: set[str] = set()
         self._have_pending = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
         loop = asyncio.get_running_loop()
@@ -116,6 +131,8 @@ class Matcher:
                 if target and target["version"] != self.core.index.version:
                     await asyncio.to_thread(self.core.swap_index, target["index_dir"],
                                             target["version"])
+                model = await asyncio.to_thread(self.bg_store.get_meta, MODEL_META_KEY)
+                self.core.model_version = json.loads(model)["version"] if model else None
                 self.queue.set(await asyncio.to_thread(self.bg_store.queue_depth))
             except StoreUnavailable as e:
                 log.warning("matcher: store watch skipped: %s", e)
@@ -130,14 +147,30 @@ class Matcher:
             await self._have_pending.wait()
             await asyncio.sleep(self.cfg.enqueue_interval_s)
             self._have_pending.clear()
-            ids, self._pending = list(self._pending), set()
+            pending, self._pending = self._pending, {}
+            first, self._priority = self._priority, set()
             try:
-                await asyncio.to_thread(self.bg_store.enqueue, ids)
-            except Exception as e:  # they are queued again on their next miss
+                await asyncio.to_thread(self._queue, pending, first)
+            except Exception as e:  # they are queued again on their next request
                 log.warning("matcher: queueing %d users for generation failed: %r",
-                            len(ids), e)
+                            len(pending), e)
                 continue
             self._wake_generator()
+
+    def _queue(self, pending: dict[str, list[dict]], first: set[str]) -> None:
+        """Newer request events join the users' stored contexts (the generator prompts from
+        those), then the users are queued, replaced-model ones ahead of the rest."""
+        fresh = {u: evs for u, evs in pending.items() if evs}
+        if fresh:
+            now = time.time()
+            contexts = self.bg_store.get_users(list(fresh))
+            for u, ctx in contexts.items():
+                new = [{**e, "ts": now if e.get("ts") is None else e["ts"]} for e in fresh[u]]
+                ctx["events"] = merge_events(new, ctx.get("events"), self.cfg.context_events)
+            self.bg_store.put_users(contexts)
+        self.bg_store.enqueue([u for u in pending if u not in first])
+        if first:
+            self.bg_store.enqueue(sorted(first), priority=True)
 
     def _wake_generator(self) -> None:
         if self.generator is None or (self._wake_task and not self._wake_task.done()):
@@ -171,16 +204,31 @@ class Matcher:
         except ValidationError as e:
             self._done(422, t0)
             return api.error(422, "invalid request", api.field_errors(e))
-        out = self._recommend(req.user_id, req.k,
-                              [e.model_dump() for e in req.recent_events])
+        out = await self._recommend(req.user_id, req.k,
+                                    [e.model_dump() for e in req.recent_events])
         resp = api.json_response(out)
         self._done(200, t0)
         return resp
 
-    def _recommend(self, user_id: str, k: int, events: list[dict]) -> dict:
-        out = self.core.recommend(user_id, k, events)
+    async def _recommend(self, user_id: str, k: int, events: list[dict]) -> dict:
+        loop = asyncio.get_running_loop()
+        read = loop.run_in_executor(self._store_pool, self.core.lookup, user_id)
+        try:
+            found = await asyncio.wait_for(read, self.cfg.store_deadline_ms / 1000)
+        except asyncio.TimeoutError:  # the read goes on in its thread; we answer now
+            found = UNAVAILABLE
+            self.store_timeouts.inc()
+        stored = (found.context or {}).get("events") or []
+        if self.core.needs_encoding(events) or self.core.needs_encoding(stored):
+            out = await loop.run_in_executor(self._encode_pool, self.core.answer, user_id, k,
+                                             events, found)
+        else:
+            out = self.core.answer(user_id, k, events, found)
         if out["queued"]:
-            self._pending.add(user_id)
+            fresh = events[len(events) - out["fresh_events"]:] if out["fresh_events"] else []
+            self._pending.setdefault(user_id, []).extend(fresh)
+            if out["priority"]:
+                self._priority.add(user_id)
             self._have_pending.set()
         self.cache.inc(tags={"result": out["cache"]})
         counts: dict[str, int] = {}
@@ -228,17 +276,14 @@ class Matcher:
                 "ads_switched_off": len(self.core.off)}
 
     async def _admin_body(self, request: Request, model):
-        denied = api.check_token(request, self.cfg.token())
-        if denied is not None:
-            return None, denied
-        data, err = await api.read_json(request, self.cfg.max_body_bytes,
-                                        self.cfg.max_drain_bytes)
-        if err is not None:
-            return None, err
-        try:
-            return model.model_validate(data), None
-        except ValidationError as e:
-            return None, api.error(422, "invalid request", api.field_errors(e))
+        """The admin request, or the 4xx to send: 404 when the admin routes are on their own
+        port (``cfg.admin_port``: the ``Admin`` deployment serves them there), else the
+        token (resolved now, in this replica) and the body (:func:`admin.admin_body`)."""
+        from leadre.serve.admin import admin_body
+
+        if self.cfg.admin_port is not None:
+            return None, api.error(404, "Not Found")
+        return await admin_body(request, model, self.cfg)
 
     def _everyone(self):
         ctx = serve.get_replica_context()
@@ -249,7 +294,7 @@ class Matcher:
     async def recommend(self, user_id: str, k: int,
                         recent_events: list[dict] | None = None) -> dict:
         t0 = time.perf_counter()
-        out = self._recommend(user_id, k, recent_events or [])
+        out = await self._recommend(user_id, k, recent_events or [])
         self.latency.observe((time.perf_counter() - t0) * 1000)
         return out
 

@@ -1,10 +1,14 @@
 """Deployment files: serve_configs/*.yaml pass Ray Serve's own schema and build the graph's
 config; deploy/rayservice.yaml (KubeRay) embeds the production Serve config and passes the same
-schema; cluster.yaml passes Ray's cluster-launcher schema (ray/autoscaler/ray-schema.json)."""
+schema; cluster.yaml passes Ray's cluster-launcher schema (ray/autoscaler/ray-schema.json).
+Both are secure by default: no dashboard or job API without authentication, the admin token
+from a Secret (a file re-read at each request) and never written in them, the admin routes on
+their own port."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -27,7 +31,7 @@ def test_serve_configs_validate(name):
 
     raw = serve_config(name)
     schema = ServeDeploySchema.model_validate(raw)
-    (app,) = schema.applications
+    app = schema.applications[0]
     assert app.import_path == "leadre.serve:build_app"
     cfg = from_dict(ServeConfig, app.args)  # the builder's args are a valid ServeConfig
     assert cfg.generator.generation.num_gpus == deps_gpus(raw)  # the tier section matches its deployment
@@ -36,6 +40,7 @@ def test_serve_configs_validate(name):
     for d in deps.values():  # overload sheds instead of queueing forever
         assert d["max_queued_requests"] > 0
     if name == "local.yaml":
+        assert len(schema.applications) == 1  # admin routes on the local port (127.0.0.1)
         assert raw["http_options"]["host"] == "127.0.0.1"
         assert deps["Generator"]["ray_actor_options"]["num_gpus"] == 0
         assert cfg.model_dir is None or not cfg.model_dir.startswith("/mnt")
@@ -45,6 +50,39 @@ def test_serve_configs_validate(name):
         assert deps["Matcher"]["autoscaling_config"]["min_replicas"] >= 1
         assert deps["Generator"]["ray_actor_options"]["num_gpus"] >= 1
         assert cfg.store_url.startswith("redis://")
+        check_admin_app(raw)
+
+
+def check_admin_app(raw: dict) -> None:
+    """The production Serve config moves the admin routes off the public port: the matcher's
+    ``admin_port`` is set (the public port answers 404 for /admin/*), and a second application
+    (no route on Serve's HTTP port) runs one Admin replica on that port, on the head node, for
+    the same application and store. No token is written in it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from leadre.serve.app import build_admin
+
+    apps = {a["name"]: a for a in raw["applications"]}
+    (main,) = [a for a in apps.values() if a["import_path"] == "leadre.serve:build_app"]
+    (admin,) = [a for a in apps.values() if a["import_path"].endswith(":build_admin_app")]
+    ServeDeploySchema.model_validate(raw)
+    cfg = from_dict(ServeConfig, main["args"])
+    admin_cfg = from_dict(ServeConfig, admin["args"])
+    port = cfg.matcher.admin_port
+    assert port is not None and port != raw["http_options"]["port"]
+    assert admin["route_prefix"] is None  # nothing of it on the public port
+    assert admin_cfg.app_name == main["name"] and admin_cfg.store_url == cfg.store_url
+    for key in ("admin_port", "admin_host", "admin_token_file"):
+        assert getattr(admin_cfg.matcher, key) == getattr(cfg.matcher, key), key
+    assert cfg.matcher.admin_host in ("127.0.0.1", "::1", "localhost")
+    (dep,) = admin["deployments"]
+    assert dep["name"] == "Admin" and dep.get("num_replicas", 1) == 1
+    assert "node:__internal_head__" in dep["ray_actor_options"]["resources"]
+    for app in raw["applications"]:  # token literals never: each replica reads its own
+        assert not app["args"].get("matcher", {}).get("admin_token")
+    # The builder of the YAML's admin application gives the Admin deployment.
+    built = build_admin(admin_cfg)._bound_deployment
+    assert built.name == "Admin" and built.init_args[0].admin_port == port
 
 
 def deps_gpus(raw: dict) -> float:
@@ -99,10 +137,11 @@ def test_tier_sections_are_the_deployment_options():
 def test_rayservice_embeds_the_production_serve_config():
     """deploy/rayservice.yaml: a KubeRay RayService whose serveConfigV2 is
     serve_configs/production.yaml (parsed equal: they cannot drift), valid for Ray Serve's
-    schema, on pods that run Serve's high-throughput mode and get the admin token."""
+    schema, on pods that run Serve's high-throughput mode."""
     from ray.serve.schema import ServeDeploySchema
 
-    docs = list(yaml.safe_load_all((REPO / "deploy" / "rayservice.yaml").read_text()))
+    text = (REPO / "deploy" / "rayservice.yaml").read_text()
+    docs = list(yaml.safe_load_all(text))
     (svc,) = docs
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
     embedded = yaml.safe_load(svc["spec"]["serveConfigV2"])
@@ -117,7 +156,6 @@ def test_rayservice_embeds_the_production_serve_config():
         env = {e["name"]: e for e in container["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1"
-        assert "secretKeyRef" in env["LEADRE_ADMIN_TOKEN"]["valueFrom"]
     gpu = [g for g in cluster["workerGroupSpecs"]
            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu and all(g["minReplicas"] <= g["maxReplicas"] for g in cluster["workerGroupSpecs"])
@@ -126,6 +164,75 @@ def test_rayservice_embeds_the_production_serve_config():
         {"name": "Matcher", "max_ongoing_requests": "many"}]}]}
     with pytest.raises(Exception):
         ServeDeploySchema.model_validate(bad)
+
+
+def _containers(cluster: dict):
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        for container in spec["containers"]:
+            yield group, spec, container
+
+
+def test_rayservice_is_secure_by_default():
+    """No dashboard or job API without authentication (Ray's token auth through KubeRay's
+    authOptions, or a dashboard bound to loopback); the admin token only from a Kubernetes
+    Secret, as a file the replica re-reads (so a rotated Secret applies without a redeploy)
+    or an env var from a secretKeyRef, never a literal anywhere in the manifest; the admin
+    routes on their own port (the production Serve config embedded, checked above)."""
+    text = (REPO / "deploy" / "rayservice.yaml").read_text()
+    svc = yaml.safe_load(text)
+    cluster = svc["spec"]["rayClusterConfig"]
+
+    # 1. The dashboard / job API: token authentication on, or not reachable off the pod.
+    head_params = cluster["headGroupSpec"]["rayStartParams"]
+    auth = (cluster.get("authOptions") or {}).get("mode")
+    loopback = head_params.get("dashboard-host") in ("127.0.0.1", "localhost", "::1")
+    assert auth == "token" or loopback, "dashboard and job API open without authentication"
+    for _, _, container in _containers(cluster):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token"  # never disabled
+        assert "RAY_AUTH_TOKEN" not in env or "valueFrom" in env["RAY_AUTH_TOKEN"]
+
+    # 2. The admin token: from a Secret (volume + LEADRE_ADMIN_TOKEN_FILE, or secretKeyRef),
+    #    on the pod where the Admin replica runs (the head), as no literal.
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (head_container,) = head["containers"]
+    env = {e["name"]: e for e in head_container["env"]}
+    volumes = {v["name"]: v for v in head.get("volumes", [])}
+    if "LEADRE_ADMIN_TOKEN_FILE" in env:
+        path = Path(env["LEADRE_ADMIN_TOKEN_FILE"]["value"])
+        (mount,) = [m for m in head_container["volumeMounts"]
+                    if path.parent == Path(m["mountPath"])]
+        assert "subPath" not in mount  # a subPath mount is never updated: no rotation
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] and path.name in (
+            [i["path"] for i in secret.get("items", [])] or ["token"])
+    else:
+        assert "secretKeyRef" in env["LEADRE_ADMIN_TOKEN"]["valueFrom"]
+    for _, _, container in _containers(cluster):
+        for e in container.get("env", []):
+            if "TOKEN" in e["name"] and e["name"] != "LEADRE_ADMIN_TOKEN_FILE":
+                assert "value" not in e, f"{e['name']} is a literal"
+    assert not re.search(r"(?m)^\s*admin_token\s*:", text)  # no token in the Serve config
+    assert "stringData" not in text and "kind: Secret" not in text  # no Secret with the token
+
+    # 3. The admin routes on their own port, served on the head (where the token is).
+    check_admin_app(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+
+
+def test_cluster_yaml_is_secure_by_default():
+    """`ray up`: the dashboard on the head's loopback only (reached through `ray dashboard`'s
+    SSH tunnel), Ray's token authentication on every node with the token copied from the
+    launching machine, the admin token as a file on the head (read at each request)."""
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    (head_start,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    (worker_start,) = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    for cmd in (head_start, worker_start):
+        assert "RAY_AUTH_MODE=token" in cmd
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert "LEADRE_ADMIN_TOKEN_FILE=" in head_start
+    assert "LEADRE_ADMIN_TOKEN=" not in head_start  # no literal token in the launcher config
 
 
 def ray_schema() -> dict:
