@@ -9,7 +9,8 @@ port (``matcher._admin_body``):
     public port ──> Matcher replicas (/recommend, /healthz; /admin/* -> 404)
     admin port  ──> Admin (1 replica) ──> candidate store + every Matcher replica (handle)
 
-``POST /admin/ads`` writes the ad status to the store (every matcher replica polls its version)
+``POST /admin/model`` has one matcher replica check the model and record the rollout in the
+store, which every generator replica follows. ``POST /admin/ads`` writes the ad status to the store (every matcher replica polls its version)
 and tells every replica at once, as the matcher's own route does; ``POST /admin/index`` has one
 matcher replica check and load the directory (index root, no pickle, content hash) and record
 the swap in the store, then tells every replica. So the Admin holds no index and works with any
@@ -145,6 +146,13 @@ class Admin:
                 return err
             return await self._on_replica_loop(self.swap_index(req.index_dir))
 
+        @app.post("/admin/model")
+        async def rollout(request: Request):
+            req, err = await admin_body(request, api.ModelRollout, self.cfg)
+            if err is not None:
+                return err
+            return await self._on_replica_loop(self.start_rollout(req.model_dir))
+
         @app.post("/admin/ads")
         async def ad_status(request: Request):
             req, err = await admin_body(request, api.AdStatusChange, self.cfg)
@@ -177,6 +185,18 @@ class Admin:
         results = await matchers.broadcast("swap_index", index_dir, persist=False
                                            ).results_async(timeout_s=120)
         return {"status": "swapped", **first, "replicas": len(results)}
+
+    async def start_rollout(self, model_dir: str):
+        """A matcher replica checks ``model_dir`` against the S-IDs it serves and records the
+        rollout in the store, which the generators follow."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await self._matchers().start_rollout.remote(model_dir)
+        except RayTaskError as e:
+            return api.error(400, f"model rollout rejected: {api.cause(e)}")
+        except Exception as e:  # noqa: BLE001 - no matcher to ask
+            return api.error(503, f"matcher unavailable: {api.cause(e)}")
 
     async def set_ads_active(self, ad_ids: list[str], active: bool) -> dict:
         """The store records it (replicas poll its version, and those starting later read

@@ -60,6 +60,11 @@ class IndexSwap(BaseModel):
     index_dir: str = Field(min_length=1, max_length=4096)
 
 
+class ModelRollout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_dir: str = Field(min_length=1, max_length=4096)
+
+
 class AdStatusChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ad_ids: list[str] = Field(min_length=1, max_length=100_000)

@@ -10,14 +10,18 @@ misses are queued for generation off the request path (one store write per
 nothing here waits for it.
 
 Routes: ``POST /recommend``, ``GET /healthz``, ``POST /admin/index`` (swap the index on every
-replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild; both answer
-404 here when ``matcher.admin_port`` moves them to the ``Admin`` deployment's own port,
-:mod:`leadre.serve.admin`); the request
-models and limits are in :mod:`leadre.serve.api`. Overload is shed with 503 by Serve itself
+replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild),
+``POST /admin/model`` (roll out a new model to the generators); all three answer 404 here
+when ``matcher.admin_port`` moves them to the ``Admin`` deployment's own port
+(:mod:`leadre.serve.admin`). The request models and limits are in :mod:`leadre.serve.api`. Overload is shed with 503 by Serve itself
 (``max_queued_requests``), never a hang.
 
+Store reads run in a thread pool under ``store_deadline_ms`` and titles the encoder has not
+seen are encoded in a thread: the event loop never waits on either.
+
 Background loops per replica: the live ad status (every ``ad_status_interval_s``), index swaps
-made through other replicas and the queue depth (every ``watch_interval_s``).
+made through other replicas, the rolled-out model's version and the queue depth (every
+``watch_interval_s``).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class on
@@ -37,7 +41,7 @@ from ray import serve
 from leadre.index.context import merge_events
 from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
-from leadre.serve.generator import MODEL_META_KEY
+from leadre.serve.generator import MODEL_META_KEY, start_rollout
 from leadre.serve.matching import UNAVAILABLE, MatcherCore
 from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
 from leadre.serve.store import StoreUnavailable, open_store
@@ -77,6 +81,7 @@ class Matcher:
         # Background loops get their own store connection: the request path never waits
         # behind their writes.
         self.bg_store = open_store(paths.store_url)
+        self.sids_dir = paths.sids_dir
         self.core.refresh_ad_status(self.bg_store)
         self.cfg = cfg
         self.Request = api.request_model(cfg.k_default, cfg.k_max, cfg.max_recent_events)
@@ -275,6 +280,19 @@ class Matcher:
                 "ads": len(set(req.ad_ids)), "active": req.active, "replicas": told,
                 "ads_switched_off": len(self.core.off)}
 
+    @app.post("/admin/model")
+    async def http_rollout(self, request: Request):
+        """Roll out a new model: checked here, recorded in the store; every Generator replica
+        loads it within its poll interval and regenerates the users still holding the old
+        model's candidates first (they are served meanwhile)."""
+        req, err = await self._admin_body(request, api.ModelRollout)
+        if err is not None:
+            return err
+        try:
+            return await self.start_rollout(req.model_dir)
+        except Exception as e:  # noqa: BLE001 - nothing changed
+            return api.error(400, f"model rollout rejected: {api.cause(e)}")
+
     async def _admin_body(self, request: Request, model):
         """The admin request, or the 4xx to send: 404 when the admin routes are on their own
         port (``cfg.admin_port``: the ``Admin`` deployment serves them there), else the
@@ -308,6 +326,11 @@ class Matcher:
                 {"index_dir": index_dir, "version": info["index_version"],
                  "user_config": meta.get("user_config")}))
         return info
+
+    async def start_rollout(self, model_dir: str) -> dict:
+        out = await asyncio.to_thread(start_rollout, self.bg_store, model_dir, self.sids_dir)
+        self.core.model_version = out["model_version"]  # the other replicas: at their watch
+        return out
 
     async def apply_ad_status(self) -> int:
         await asyncio.to_thread(self.core.refresh_ad_status, self.bg_store)

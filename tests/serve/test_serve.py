@@ -69,7 +69,10 @@ def server(ray_local, world):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(index_dir=world["index"], sids_dir=world["sids"], store_url=world["store"],
-                      matcher=MatcherConfig(admin_token=TOKEN, num_cpus=0.05, num_replicas=2),
+                      # a generous store deadline: on 2 shared cores a healthy read can wait
+                      # 10 ms to be scheduled, and these tests tell hits from fallbacks
+                      matcher=MatcherConfig(admin_token=TOKEN, num_cpus=0.05, num_replicas=2,
+                                            store_deadline_ms=250.0),
                       generator=GeneratorConfig(poll_interval_s=0.2, lease_s=5.0,
                                                 generation=GenerationConfig(num_gpus=0,
                                                                             num_cpus=0.05)))
@@ -446,3 +449,50 @@ def test_overload_sheds_with_503_not_a_hang(ray_local, world, server):
     assert set(codes) <= {200, 503} and codes[503] > 0 and codes[200] > 0, codes
     assert time.time() - t0 < 30
     serve.delete("leadre-overload")
+
+
+def test_model_rollout_reaches_the_cached_users_first(server, client, world, tmp_path):
+    """``POST /admin/model`` names a new model (here an LLM replacing the embedding
+    generator): the old candidates are served until regenerated, the generator loads the
+    model and regenerates the users holding them ahead of the queue; this measures how long
+    until 95% of them have the new model's candidates."""
+    from leadre.artifacts import write_manifest
+    from leadre.index.context import build_prompt
+    from leadre.model.factory import prepare_base_model
+    from leadre.sids import load_table
+
+    store = open_store(world["store"])
+    table = load_table(world["sids"])
+    model = tmp_path / "dpo"
+    prepare_base_model(model / "merged", sid_tokens=table.tokens(), base_model=None,
+                       preset="tiny", corpus=[build_prompt(c, table)
+                                              for c in list(world["contexts"].values())[:100]])
+    write_manifest(str(model), "dpo", inputs={}, config={}, counts={}, timings={},
+                   extra={"sid_version": table.version})
+    users = list(world["contexts"])[:40]
+    store.put_many([CandidateRecord(u, table.sids(sorted(world["active"])[:10]), [0.0] * 10,
+                                    "embedding-baseline", table.version) for u in users],
+                   ttl_s=3600)
+    holding = store.users_not_of_model("no-such-model")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    bad = client.post("/admin/model", json={"model_dir": str(tmp_path / "nope")}, headers=auth)
+    assert bad.status_code == 400 and "rejected" in bad.json()["error"]
+    assert client.post("/admin/model", json={"model_dir": str(model)}).status_code == 401
+    t0 = time.time()
+    r = client.post("/admin/model", json={"model_dir": str(model)}, headers=auth)
+    assert r.status_code == 200, r.text
+    version = r.json()["model_version"]
+    served_old = recommend(client, users[0])  # before regeneration: the old candidates
+    assert served_old["cache"] == "hit"
+    t95 = None
+    while time.time() - t0 < 120:
+        left = len(store.users_not_of_model(version))
+        if left <= 0.05 * len(holding):
+            t95 = time.time() - t0
+            break
+        time.sleep(0.2)
+    assert t95 is not None, f"{left} of {len(holding)} users still on the old model"
+    print(f"[rollout] {len(holding)} cached users; 95% on {version} after {t95:.1f}s "
+          f"(model load included)", flush=True)
+    assert recommend(client, users[0])["versions"]["model"] == version
+    store.close()
