@@ -99,9 +99,12 @@ def post(path: str, body: bytes) -> bytes:
 
 
 def cache_kind(body: bytes) -> int:
-    """0 hit, 1 miss or stale, -1 unknown (the answers are compact JSON)."""
+    """0 hit, 1 miss or stale, 2 unavailable (the store read missed its deadline), -1 unknown
+    (the answers are compact JSON)."""
     i = body.find(b'"cache":"')
-    return -1 if i < 0 else (0 if body[i + 9:i + 12] == b"hit" else 1)
+    if i < 0:
+        return -1
+    return {b"hit": 0, b"una": 2}.get(body[i + 9:i + 12], 1)
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, timeout_s: float = 10.0):
@@ -335,12 +338,13 @@ def summarize(res: dict, rate: float, skip_s: float, shipped: bool = False) -> d
     def pct(x, q):
         return float(np.percentile(x, q)) if len(x) else float("nan")
 
-    hit, miss = lat[ok & (kind == 0)], lat[ok & (kind == 1)]
+    hit, miss = lat[ok & (kind == 0)], lat[ok & (kind >= 1)]
     return {"rate": rate, "requests": int(keep.sum()), "achieved": n / res["wall"],
             "errors": int((~ok).sum()), "p50": pct(lat[ok], 50), "p99": pct(lat[ok], 99),
             "p999": pct(lat[ok], 99.9), "max": float(np.nanmax(lat)) if n else float("nan"),
             "hit_n": len(hit), "hit_p50": pct(hit, 50), "hit_p99": pct(hit, 99),
             "miss_n": len(miss), "miss_p50": pct(miss, 50), "miss_p99": pct(miss, 99),
+            "unavailable_n": int((ok & (kind == 2)).sum()),
             "holds": bool((~ok).sum() == 0 and (
                 pct(lat[ok], 99) <= SHIPPED_TARGET_MS if shipped else
                 pct(hit, 99) <= HIT_TARGET_MS and pct(miss, 99) <= MISS_TARGET_MS)),
@@ -385,14 +389,16 @@ def bench(a: argparse.Namespace) -> None:
     w = ensure_world(a.ads, a.users)
     store_url = f"sqlite:///{world_dir(a.ads, a.users) / 'store.db'}"
     users = prepare_store(w, store_url, a.warm_share, a.seed)
-    model = ensure_model(w, a.ads, a.users) if a.shipped else None
+    model = ensure_model(w, a.ads, a.users) if a.shipped and "llm" not in a.without else None
+    if a.shipped and "niceness" in a.without:
+        os.environ["RAY_worker_niceness"] = "0"
     port = start_server(a.mode, w, store_url, a.matcher_replicas, a.matcher_cpus, model)
     print(f"serving on 127.0.0.1:{port} ({a.mode} mode); load {load_avg()}", flush=True)
 
     def one(rate: float, seconds: float) -> dict:
         n = int(rate * (seconds + a.skip_s))
-        bodies = request_bodies(w, users, n, a.events_share, a.zipf, a.seed + int(rate),
-                                a.unseen_share if a.shipped else 0.0)
+        unseen = a.unseen_share if a.shipped and "unseen" not in a.without else 0.0
+        bodies = request_bodies(w, users, n, a.events_share, a.zipf, a.seed + int(rate), unseen)
         load_before = load_avg()
         raw = run_client(port, bodies, rate)
         if a.dump:
@@ -407,7 +413,16 @@ def bench(a: argparse.Namespace) -> None:
     if a.quiet_wait > 0:
         quiet, waited = wait_quiet(a.quiet_wait)
         print(f"quiet machine: {quiet} after {waited:.0f}s; load {load_avg()}", flush=True)
+    from leadre.serve.store import open_store
+
+    def generated() -> int:  # users holding candidates of the served model
+        with open_store(store_url) as s:
+            return len(s.users_not_of_model("embedding-baseline")) if model else s.count()
+
+    before, t_main = generated(), time.time()
     main_run = one(a.rate, a.seconds)
+    drained = generated() - before
+    gen_rate = drained / (time.time() - t_main)
     sweep = [one(rate, a.sweep_seconds) for rate in a.sweep]
     from ray import serve
 
@@ -436,17 +451,26 @@ def bench(a: argparse.Namespace) -> None:
             f"dropped). {a.mode} mode, {a.matcher_replicas} Matcher replica(s), "
             f"{a.ads} ads, {a.users} users (Zipf s={a.zipf}), {a.warm_share:.0%} warm, "
             f"{a.events_share:.0%} of requests with recent events, "
-            + (f"{a.unseen_share:.0%} with a never-seen title; Ray's own worker niceness; the "
-               f"tiny LLM generator draining the queue of every cold user"
+            + ("; ".join([
+                f"{0 if 'unseen' in a.without else a.unseen_share:.0%} with a never-seen title",
+                "RAY_worker_niceness=0" if "niceness" in a.without else
+                "Ray's own worker niceness",
+                "the embedding-baseline generator" if "llm" in a.without else
+                "the tiny LLM generator"]) + " draining the queue of every cold user"
                if a.shipped else "RAY_worker_niceness=0; the embedding-baseline generator "
                "filling the cache")
             + f" during the run, SQLite store; client on the same 2 "
-            f"cores. Status codes of the main run: {main_run['codes']}. CDF: "
+            f"cores. Status codes of the main run: {main_run['codes']}; answers past the store "
+            f"deadline (cache unavailable, counted with the misses): "
+            f"{main_run['unavailable_n']}. Meanwhile the generator gave {drained} more users "
+            f"candidates ({gen_rate:.1f} users/s; re-generations of users already served are "
+            f"not counted). CDF: "
             f"`bench/{png.name}`.{note}")
     if not a.dry_run:
         append("Serving: open-loop HTTP POST /recommend, " +
-               ("as leadre serve ships it (--shipped)" if a.shipped else
-                "cache hits vs misses"), body)
+               (("as leadre serve ships it (--shipped" +
+                 (f" --without {' '.join(a.without)}" if a.without else "") + ")")
+                if a.shipped else "cache hits vs misses"), body)
     print("RESULT " + ("config=shipped " if a.shipped else "") +
           f"rate={a.rate:g} achieved={main_run['achieved']:.1f} "
           f"p50_ms={main_run['p50']:.2f} p99_ms={main_run['p99']:.2f} "
@@ -703,6 +727,10 @@ def main() -> None:
                     help="measure what leadre serve ships: Ray's worker niceness, the tiny LLM "
                          "generator draining a queue, --unseen-share never-seen titles; "
                          "target p99 <= 15 ms")
+    ap.add_argument("--without", nargs="*", default=[], choices=["niceness", "llm", "unseen"],
+                    help="--shipped minus these (to attribute its latency): niceness = "
+                         "RAY_worker_niceness=0, llm = the embedding generator, unseen = no "
+                         "never-seen titles")
     ap.add_argument("--unseen-share", type=float, default=0.2,
                     help="--shipped: share of requests with a never-seen content title")
     ap.add_argument("--profile", action="store_true", help="the latency breakdown instead")

@@ -273,6 +273,10 @@ class GeneratorConfig(DeploymentConfig):
         batch_wait_s: how long ``@serve.batch`` waits to fill a batch.
         poll_interval_s: how often an idle replica looks at the store's queue.
         lease_s: a claimed queue entry returns to the queue after this (a dead replica's).
+        idle_priority: run the replica's threads under Linux's ``SCHED_IDLE`` policy: they get
+            a core only when no other thread wants it, so where the tiers share cores the
+            matcher's requests never wait behind the LLM (niceness alone leaves the LLM a
+            share: Ray starts workers at niceness 15, and 15 + 10 is capped at 19).
         niceness: added to the replica process's CPU niceness: where the tiers share cores,
             the LLM yields them to the matcher's requests (0 leaves it as Ray starts it).
     """
@@ -291,6 +295,9 @@ class GeneratorConfig(DeploymentConfig):
         "help": "a claimed queue entry returns to the queue after this (dead replica)"})
     niceness: int = field(default=10, metadata={
         "help": "CPU niceness added to generator replicas (they yield shared cores)"})
+    idle_priority: bool = field(default=True, metadata={
+        "help": "generator replicas run under Linux SCHED_IDLE: CPU only when nothing else "
+                "wants it"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

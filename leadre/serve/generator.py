@@ -191,8 +191,11 @@ class Generator:
     """LLM generator replica: ``@serve.batch`` over user ids + a queue-draining loop."""
 
     async def __init__(self, cfg: GeneratorConfig, paths: ServePaths):
+        # Threads started from here on (torch's, the decoding thread) inherit both.
         if cfg.niceness:
-            os.nice(cfg.niceness)  # threads started from here on (torch's) inherit it
+            os.nice(cfg.niceness)
+        if cfg.idle_priority and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.core = await asyncio.to_thread(GeneratorCore, cfg, paths)
         # Before any call can arrive: the batch sizes are the config's, not the decorator's.
         self.generate.set_max_batch_size(cfg.generation.batch_size)
