@@ -128,3 +128,17 @@ def beauty_dir() -> Path:
     if not (d / "Beauty.inter.json").exists():
         pytest.skip(f"real dataset not found at {d} (set LEADRE_DATASETS)")
     return d
+
+
+def kill_session(leader_pid: int) -> None:
+    """Kill every process of the session ``leader_pid`` leads (a ``leadre serve`` started
+    with ``start_new_session``), not only its process group: Ray's HAProxy runs in a group of
+    its own and outlived a failed run's killpg."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == leader_pid:
+                p.kill()
+        except (psutil.Error, OSError):
+            pass

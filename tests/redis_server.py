@@ -57,3 +57,12 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(5)
         self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory) -> RedisServer:
+    """A redis-server owned by the test module that imports this fixture."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

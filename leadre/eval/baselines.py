@@ -98,9 +98,18 @@ class SasrecConfig:
 
 
 class _SasrecNet(nn.Module):
-    def __init__(self, n_items: int, c: SasrecConfig):
+    """SASRec's encoder. With ``text`` ((n_items + 1, d) frozen item vectors, row 0 padding),
+    an item's representation is its ID embedding plus a trained projection of its text vector
+    (UniSRec, Hou et al. 2022): items that share words share representation, and an item seen
+    rarely in training still has one."""
+
+    def __init__(self, n_items: int, c: SasrecConfig, text: torch.Tensor | None = None):
         super().__init__()
         self.item = nn.Embedding(n_items + 1, c.dim, padding_idx=0)
+        self.proj = None
+        if text is not None:
+            self.register_buffer("text", text.float())
+            self.proj = nn.Linear(text.shape[1], c.dim, bias=False)
         self.pos = nn.Embedding(c.max_len, c.dim)
         layer = nn.TransformerEncoderLayer(c.dim, c.heads, dim_feedforward=c.dim * 2,
                                            dropout=c.dropout, batch_first=True, norm_first=True,
@@ -116,24 +125,44 @@ class _SasrecNet(nn.Module):
         """(B, L) right-padded item indices -> (B, L, dim). Causal attention only: padding
         sits after the real items, so no real position ever sees it."""
         L = seq.shape[1]
-        h = self.item(seq) * self.scale + self.pos(torch.arange(L, device=seq.device))
+        h = self.embed(seq) * self.scale + self.pos(torch.arange(L, device=seq.device))
         causal = torch.triu(torch.full((L, L), float("-inf"), device=seq.device), 1)
         return self.norm(self.enc(self.drop(h), mask=causal, is_causal=True))
 
+    def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        """Item representations of ``seq`` (any shape of item indices)."""
+        e = self.item(seq)
+        return e if self.proj is None else e + self.proj(self.text[seq])
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = h @ self.item.weight.T
+        table = self.item.weight if self.proj is None else self.item.weight + self.proj(self.text)
+        out = h @ table.T
         out[..., 0] = float("-inf")
         return out
 
 
 class SASRec(Recommender):
+    """ID-only SASRec; with ``text`` (ad ids, (n, d) frozen vectors: the S-ID stage's
+    embeddings) the text-aware variant, whose item representation adds a trained projection
+    of each item's vector (items without one get zeros)."""
+
     name = "sasrec"
 
     def __init__(self, item_ids: Sequence[str], active_ids: Sequence[str],
-                 cfg: SasrecConfig | None = None, device: str = "cpu"):
+                 cfg: SasrecConfig | None = None, device: str = "cpu",
+                 text: tuple[Sequence[str], np.ndarray] | None = None):
         self.cfg = cfg or SasrecConfig()
         self.items = list(item_ids)
         self.index = {a: i + 1 for i, a in enumerate(self.items)}  # 0 = padding
+        self.text = None
+        if text is not None:
+            self.name = "text_sasrec"
+            ids, vecs = text
+            self.text = torch.zeros(len(self.items) + 1, vecs.shape[1])
+            rows = [(self.index[a], i) for i, a in enumerate(ids) if a in self.index]
+            if rows:
+                mine, theirs = map(list, zip(*rows))
+                self.text[mine] = torch.as_tensor(np.asarray(vecs)[theirs], dtype=torch.float32)
         self.active_mask = torch.zeros(len(self.items) + 1, dtype=torch.bool)
         self.active_mask[[self.index[a] for a in active_ids if a in self.index]] = True
         self.device = torch.device(device)
@@ -158,7 +187,7 @@ class SASRec(Recommender):
         data = self._encode(seqs, c.max_len + 1)
         inputs, labels = data[:, :-1], data[:, 1:]
         # Sequences shorter than max_len + 1 are right-padded, so labels past the end are 0.
-        self.net = _SasrecNet(len(self.items), c).to(self.device)
+        self.net = _SasrecNet(len(self.items), c, self.text).to(self.device)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         best, best_state, bad, t0 = -1.0, None, 0, time.perf_counter()
         for epoch in range(c.epochs):
@@ -217,16 +246,17 @@ class SASRec(Recommender):
 
 
 def tune_sasrec(item_ids, active_ids, sequences, valid, grid: Sequence[Mapping[str, Any]],
-                base: SasrecConfig | None = None, device: str = "cpu"
+                base: SasrecConfig | None = None, device: str = "cpu",
+                text: tuple[Sequence[str], np.ndarray] | None = None
                 ) -> tuple[SASRec, list[dict[str, Any]]]:
-    """Fit one SASRec per grid point (overrides of ``base``); keep the best on validation
-    NDCG@10. Returns the best model and one record per grid point."""
+    """Fit one SASRec (text-aware with ``text``) per grid point (overrides of ``base``); keep
+    the best on validation NDCG@10. Returns the best model and one record per grid point."""
     base = base or SasrecConfig()
     best, records = None, []
     for point in (grid or [{}]):
         cfg = SasrecConfig(**{**asdict(base), **dict(point)})
         t0 = time.perf_counter()
-        model = SASRec(item_ids, active_ids, cfg, device).fit(sequences, valid=valid)
+        model = SASRec(item_ids, active_ids, cfg, device, text).fit(sequences, valid=valid)
         records.append({**dict(point), "valid_ndcg@10": model.best_valid_ndcg10,
                         "epochs": len(model.history), "seconds": time.perf_counter() - t0})
         if best is None or model.best_valid_ndcg10 > best.best_valid_ndcg10:
@@ -305,7 +335,8 @@ class BaselineInputs:
     valid: (histories, targets) of the early-stopping rows; None = no early stopping.
     fit_sequences: what a baseline that early-stops on ``valid`` trains on (None: ``sequences``);
         differs when ``valid``'s targets are the sequences' last items, held out of training.
-    sids_dir: the S-ID stage directory (its ``embeddings`` feed the embedding-ANN baseline).
+    sids_dir: the S-ID stage directory (its ``embeddings`` feed the embedding-ANN baseline
+        and the text-aware SASRec).
     seed: seed of the random baseline and of ``leadre index``'s recall check.
     device: torch device for SASRec.
     sasrec / sasrec_grid: SASRec's base config and the override sets tried on ``valid``.
@@ -345,13 +376,25 @@ def _embedding_ann(x: BaselineInputs) -> tuple[Recommender | None, dict[str, Any
     return model, {"index": "scann" if model.searcher is not None else "exact"}
 
 
-def _sasrec(x: BaselineInputs) -> tuple[Recommender, dict[str, Any]]:
+def _sasrec(x: BaselineInputs, text: tuple[Sequence[str], np.ndarray] | None = None
+            ) -> tuple[Recommender, dict[str, Any]]:
     fit = x.sequences if x.fit_sequences is None else x.fit_sequences
     model, records = tune_sasrec(x.item_ids, x.active_ids, fit, x.valid, x.sasrec_grid,
-                                 x.sasrec, x.device)
+                                 x.sasrec, x.device, text)
     return model, {"config": asdict(model.cfg), "grid": records, "epochs": len(model.history),
                    "best_valid_ndcg@10": model.best_valid_ndcg10}
 
 
+def _text_sasrec(x: BaselineInputs) -> tuple[Recommender | None, dict[str, Any]]:
+    """SASRec whose items also carry the S-ID stage's frozen text vectors (same config, grid
+    and early stopping as the ID-only one)."""
+    if not exists(join(x.sids_dir, "embeddings")):
+        return None, {"skipped": f"{x.sids_dir} has no embeddings (bring-your-own S-IDs)"}
+    ids, vecs = load_embeddings(x.sids_dir)
+    model, info = _sasrec(x, (ids.tolist(), vecs))
+    return model, {**info, "text_dim": int(vecs.shape[1])}
+
+
 BASELINES: dict[str, Factory] = {"most_popular": _most_popular, "sasrec": _sasrec,
-                                 "embedding_ann": _embedding_ann, "random": _random}
+                                 "text_sasrec": _text_sasrec, "embedding_ann": _embedding_ann,
+                                 "random": _random}

@@ -34,7 +34,9 @@ class EvalConfig:
         all beams with filter_history).
     Execution: generate_on ``ray`` (Ray Data actor pool of ``generation.num_replicas`` model
         copies, ``generation.num_cpus`` / ``num_gpus`` each) or ``local`` (this process).
-    Baselines: any of most_popular, sasrec, embedding_ann, random. ``sasrec`` overrides
+    Baselines: any of most_popular, sasrec, text_sasrec (SASRec whose items also carry a
+        projection of the S-ID stage's frozen text vectors), embedding_ann, random. ``sasrec``
+        (the config of both SASRecs) overrides
         fields of :class:`leadre.eval.baselines.SasrecConfig`; ``sasrec_grid`` lists override sets
         tried on the valid rows (the best by NDCG@10 is reported).
     """
@@ -72,7 +74,8 @@ class EvalConfig:
                 "(num_replicas, num_cpus, num_gpus); top_k is set from ks"})
     generate_on: Literal["ray", "local"] = field(default="ray", metadata={
         "help": "ray: Ray Data map_batches with an actor pool; local: in this process"})
-    baselines: list[str] = field(default_factory=lambda: ["most_popular", "sasrec", "embedding_ann"],
+    baselines: list[str] = field(default_factory=lambda: ["most_popular", "sasrec", "text_sasrec",
+                                                          "embedding_ann"],
                                  metadata={"help": "baselines to run: names of leadre.eval.baselines.BASELINES"})
     sasrec: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "SasrecConfig overrides, e.g. {dim: 64, dropout: 0.3}"})

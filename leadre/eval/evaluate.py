@@ -169,7 +169,8 @@ def run_baselines(cfg: EvalConfig, rows: pd.DataFrame, table, sids_dir: str,
     # With filtering, ask for enough extra ads that k remain once the history is dropped.
     ask = k + (max((len(set(h)) for h in histories), default=0) if cfg.filter_history else 0)
     recs: dict[str, list[list[str]]] = {}
-    info: dict[str, Any] = {"early_stopping": stop_info} if "sasrec" in cfg.baselines else {}
+    early_stopped = {"sasrec", "text_sasrec"} & set(cfg.baselines)
+    info: dict[str, Any] = {"early_stopping": stop_info} if early_stopped else {}
     for name in cfg.baselines:
         with timed(timings, f"baseline_{name}"):
             model, facts = BASELINES[name](inputs)

@@ -28,7 +28,7 @@ from leadre.index import AdIndex
 from leadre.serve import GeneratorConfig, MatcherConfig, ServeConfig
 from leadre.serve.config import serving_generation
 
-from conftest import free_port
+from conftest import free_port, kill_session
 from load_client import wait_http
 from serving_world import make_world
 
@@ -278,8 +278,6 @@ def test_leadre_serve_in_high_throughput_mode_puts_admin_on_its_own_port(world, 
     import sys
     from pathlib import Path
 
-    import psutil
-
     port, admin_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(LEADRE_ADMIN_TOKEN_FILE=str(world["token_file"]), RAY_USAGE_STATS_ENABLED="0",
@@ -313,10 +311,5 @@ def test_leadre_serve_in_high_throughput_mode_puts_admin_on_its_own_port(world, 
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{admin}/healthz", timeout=5)
     finally:
-        for p in psutil.process_iter():  # anything of its cluster still alive
-            try:
-                if os.getsid(p.pid) == proc.pid:
-                    p.kill()
-            except (psutil.Error, OSError):
-                pass
+        kill_session(proc.pid)  # anything of its cluster still alive
         log.close()

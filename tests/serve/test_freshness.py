@@ -16,7 +16,7 @@ from leadre.serve.matching import MatcherCore, newer_events
 from leadre.serve.store import CandidateRecord, open_store
 from leadre.sids import load_table
 
-from redis_server import RedisServer
+from redis_server import redis  # noqa: F401 - the module-scoped fixture
 from serving_world import make_world
 
 K = 10
@@ -117,14 +117,6 @@ def test_candidates_of_a_replaced_model_are_served_and_queued_first(world):
     with open_store(world["store"]) as store:
         assert sorted(store.users_not_of_model("model-b")) == sorted(world["contexts"])
         assert store.users_not_of_model("model-a") == []
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-fresh"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])

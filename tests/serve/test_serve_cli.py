@@ -20,7 +20,7 @@ import pytest
 from leadre.index.context import user_contexts
 from leadre.serve.store import open_store
 
-from conftest import free_port
+from conftest import free_port, kill_session
 from load_client import Load
 from serving_world import make_world
 
@@ -79,14 +79,7 @@ def served(tmp_path_factory):
             proc.wait(90)
         except subprocess.TimeoutExpired:
             pass
-    # Anything of its cluster still alive: the whole session it leads, not only its process
-    # group (Ray's HAProxy runs in a group of its own and outlived a failed run's killpg).
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                p.kill()
-        except (psutil.Error, OSError):
-            pass
+    kill_session(proc.pid)  # anything of its cluster still alive
     log.close()
 
 

@@ -19,7 +19,7 @@ from leadre.sids import load_table
 
 from conftest import free_port
 from load_client import Load, replica_actors, wait_http
-from redis_server import RedisServer
+from redis_server import redis  # noqa: F401 - the module-scoped fixture
 from serving_world import make_world
 
 APP = "faults"
@@ -202,12 +202,17 @@ def test_app_restart_on_the_same_store_keeps_candidates_and_queue(app, http, wor
     store.close()
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+def _cached_users_in(store_url: str, world, n: int = 40) -> list[str]:
+    """``n`` users with contexts and cached candidates in a cleared store."""
+    table = load_table(world["sids"])
+    hits, ads = list(world["contexts"])[:n], world["active"]
+    with open_store(store_url) as store:
+        store.clear()
+        store.put_users({u: world["contexts"][u] for u in hits})
+        store.put_many([CandidateRecord(u, table.sids(ads[i % 50:i % 50 + 5]), [0.0] * 5,
+                                        "test-model", table.version) for i, u in enumerate(hits)],
+                       ttl_s=3600)
+    return hits
 
 
 def test_redis_restart_degrades_to_fallback_and_reconnects(http, world, redis, ray_local):
@@ -217,15 +222,7 @@ def test_redis_restart_degrades_to_fallback_and_reconnects(http, world, redis, r
     users are hits) without a restart."""
     from ray import serve
 
-    table = load_table(world["sids"])
-    hits = list(world["contexts"])[:40]
-    ads = world["active"]
-    with open_store(redis.url) as store:
-        store.clear()
-        store.put_users({u: world["contexts"][u] for u in hits})
-        store.put_many([CandidateRecord(u, table.sids(ads[i % 50:i % 50 + 5]), [0.0] * 5,
-                                        "test-model", table.version) for i, u in enumerate(hits)],
-                       ttl_s=3600)
+    hits = _cached_users_in(redis.url, world)
     url = deploy(config(world, redis.url, matchers=1), "faults-redis", "/redis", http)
     try:
         with Load(url, hits, threads=3) as load:
@@ -267,15 +264,7 @@ def test_frozen_redis_costs_a_request_no_more_than_its_deadline(http, world, red
     from ray import serve
 
     deadline_ms = 10.0
-    table = load_table(world["sids"])
-    hits = list(world["contexts"])[:40]
-    ads = world["active"]
-    with open_store(redis.url) as store:
-        store.clear()
-        store.put_users({u: world["contexts"][u] for u in hits})
-        store.put_many([CandidateRecord(u, table.sids(ads[i % 50:i % 50 + 5]), [0.0] * 5,
-                                        "test-model", table.version) for i, u in enumerate(hits)],
-                       ttl_s=3600)
+    hits = _cached_users_in(redis.url, world)
     cfg = config(world, redis.url, matchers=1)
     cfg.matcher.store_deadline_ms = deadline_ms
     url = deploy(cfg, "faults-freeze", "/freeze", http)
