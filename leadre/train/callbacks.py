@@ -66,9 +66,6 @@ class StepTimer(TrainerCallback):
         entry["samples_per_second"] = round(self.steps * self.global_batch / self.busy, 3)
         entry["seconds_per_step"] = round(self.busy / self.steps, 4)
         self.busy, self.steps = 0.0, 0
-        if self.rank == 0:  # one progress line per logging window in the job's log
-            keys = ("step", "loss", "learning_rate", "samples_per_second", "seconds_per_step")
-            print("leadre train:", {k: entry[k] for k in keys if k in entry}, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:  # resumed: mark where, for the manifest and the tests
@@ -126,6 +123,51 @@ class GenerationMetric(TrainerCallback):
         # the history (and what is reported to Ray Train with a checkpoint) holds it.
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1][self.key] = round(value, 6)
+
+
+class CurveWriter(TrainerCallback):
+    """Rank 0 writes each logged point as it happens, for watching a run: a line of JSON in
+    ``progress`` (which the driver turns into a progress line) and the same scalars as
+    TensorBoard events in ``tensorboard_dir``. Evaluation points are written from
+    ``on_evaluate``, after :class:`GenerationMetric` (placed before this callback) has added
+    ``eval_hr@10`` to them."""
+
+    def __init__(self, progress: str, tensorboard_dir: str, rank: int):
+        self.on = rank == 0
+        self.path, self.tb_dir = Path(progress), Path(tensorboard_dir)
+        self.writer = None
+
+    def _write(self, state, values: dict) -> None:
+        import json
+
+        point = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if not self.on or not point:
+            return
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.tb_dir))
+        record = {"step": state.global_step, "max_steps": state.max_steps,
+                  "time": time.time(), **point}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in point.items():
+            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+            self.writer.add_scalar(tag, value, state.global_step)
+        self.writer.flush()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._write(state, logs)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._write(state, {k: v for k, v in (metrics or {}).items()
+                            if k in ("eval_loss", "eval_hr@10")})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.close()
 
 
 class FaultInjector(TrainerCallback):

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -39,6 +40,9 @@ from leadre.train.config import TrainArgs
 from leadre.train.export import export
 
 log = logging.getLogger(__name__)
+
+# What a training stage writes for watching it, in its output directory.
+PROGRESS_FILE, TENSORBOARD_DIR, CURVES_PNG = "progress.jsonl", "tensorboard", "curves.png"
 
 # Nothing in a training job may reach for a hub (no internet here; reproducibility elsewhere).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -206,6 +210,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 world=world))
         if ctx["has_eval"] and cfg.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+        callbacks.append(train_callbacks.CurveWriter(  # after the metrics it writes
+            str(Path(cfg.out) / PROGRESS_FILE), str(Path(cfg.out) / TENSORBOARD_DIR), rank))
         args = hf_args(cfg, work, has_eval=ctx["has_eval"], use_gpu=config["use_gpu"])
         trainer = prepare_trainer(config["build"](cfg, ctx, args, callbacks))
         trainer.remove_callback(PrinterCallback)  # the metrics history is in the manifest
@@ -269,13 +275,96 @@ def train_and_export(cfg: TrainArgs, stage: str, build: BuildFn, context: dict[s
     if cfg.early_stopping_patience is not None and not context["has_eval"]:
         log.warning("early_stopping_patience is set but there is no validation split: "
                     "training runs to the end")
-    with artifacts.timed(timings, "fit"):
-        result, use_gpu = fit(cfg, stage, build, context)
+    out = Path(cfg.out)
+    if not cfg.resume:  # a fresh run's curves start empty
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_log_progress, args=(stage, out / PROGRESS_FILE,
+                                                           cfg.progress_every_s, stop),
+                               daemon=True)
+    watcher.start()
+    try:
+        with artifacts.timed(timings, "fit"):
+            result, use_gpu = fit(cfg, stage, build, context)
+    finally:
+        stop.set()
+        watcher.join()
     with artifacts.timed(timings, "export"):
         info = export(result, cfg.out, context["has_eval"], adapter, selection_key(cfg))
+        plot_curves(info["history"], out / CURVES_PNG, stage)
     info.update(device="gpu" if use_gpu else "cpu", workers=cfg.num_workers,
                 storage=str(Path(cfg.out).resolve() / RAY_DIR / stage))
     return info
+
+
+def progress_line(stage: str, points: list[dict[str, Any]]) -> str | None:
+    """``sft: step 600/3600 (17%), loss 1.94, eval_loss 1.71, eval_hr@10 0.074, ~12 min left``
+    from the points of ``progress.jsonl`` so far (None before the first)."""
+    if not points:
+        return None
+    last = points[-1]
+    step, total = last["step"], last.get("max_steps") or 0
+    parts = [f"{stage}: step {step}" + (f"/{total} ({step / total:.0%})" if total else "")]
+    for key in ("loss", "eval_loss", "eval_hr@10"):
+        value = next((p[key] for p in reversed(points) if key in p), None)
+        if value is not None:
+            parts.append(f"{key} {value:.4g}")
+    first = points[0]
+    if total and step > first["step"] and last["time"] > first["time"]:
+        left = (total - step) * (last["time"] - first["time"]) / (step - first["step"])
+        parts.append(f"~{left / 60:.0f} min left" if left >= 90 else f"~{left:.0f} s left")
+    return ", ".join(parts)
+
+
+def _log_progress(stage: str, path: Path, every_s: float, stop: threading.Event) -> None:
+    """The driver's progress line, from what rank 0 writes to ``path``, every ``every_s``."""
+    import json
+
+    shown = None
+    while not stop.wait(every_s):
+        try:
+            points = [json.loads(line) for line in path.read_text().splitlines() if line]
+        except (OSError, ValueError):
+            continue
+        line = progress_line(stage, points)
+        if line and line != shown:
+            log.info("%s", line)
+            shown = line
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, stage: str) -> None:
+    """Training loss, validation loss and (when logged) validation HR@10 against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    hits = [(e["step"], e["eval_hr@10"]) for e in history if "eval_hr@10" in e]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train loss"), (evals, "validation loss")):
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    lines, labels = ax.get_legend_handles_labels()
+    if hits:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*hits), color="tab:green", marker="o", label="validation HR@10")
+        ax2.set_ylabel("HR@10")
+        more = ax2.get_legend_handles_labels()
+        lines, labels = lines + more[0], labels + more[1]
+    ax.legend(lines, labels, fontsize=8)
+    ax.set_title(f"leadre {stage}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summary(cfg: TrainArgs, info: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:

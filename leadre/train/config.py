@@ -34,7 +34,11 @@ class TrainArgs:
         epochs / max_steps: ``max_steps`` > 0 overrides ``epochs``.
         logging_steps: a point of the metrics history (loss, learning rate, samples/s) every N
             optimiser steps. ``report_every``: also send metrics to Ray Train every N steps
-            (each report costs ~2 s on a small machine; 0 = only with checkpoints).
+            (each report costs ~2 s on a small machine; 0 = only with checkpoints). Every point
+            also lands in ``<out>/progress.jsonl`` and ``<out>/tensorboard`` as it is logged
+            (``tensorboard --logdir <out>/tensorboard``), and ``<out>/curves.png`` plots the
+            history at the end. ``progress_every_s``: the driver logs a progress line (step,
+            loss, validation metrics, time left) at most this often.
         save_steps: a checkpoint (and, with validation data, an evaluation) every N steps; the
             last step is always saved. ``keep_checkpoints``: how many Ray Train keeps.
         early_stopping_patience: stop after this many evaluations without a better
@@ -97,6 +101,8 @@ class TrainArgs:
         "help": "optimiser steps between metrics-history points"})
     report_every: int = field(default=0, metadata={
         "help": "also report metrics to Ray Train every N steps (0 = only with checkpoints)"})
+    progress_every_s: float = field(default=120.0, metadata={
+        "help": "seconds between the progress lines (step, loss, time left) of a run"})
     save_steps: int = field(default=200, metadata={
         "help": "optimiser steps between checkpoints (and validation runs)"})
     keep_checkpoints: int | None = field(default=3, metadata={

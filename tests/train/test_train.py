@@ -63,6 +63,42 @@ def test_sft_loss_falls_well_below_its_start(sft_run):
     assert all("learning_rate" in e and e["samples_per_second"] > 0 for e in curve)
 
 
+def _tensorboard_tags(directory: Path) -> set[str]:
+    """The scalar tags in the TensorBoard event files of ``directory`` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for f in directory.glob("events.out.tfevents.*"):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            tags |= {v.tag for v in event.summary.value}
+            i += 12 + n + 4
+    return tags
+
+
+def test_a_run_can_be_watched_while_it_trains(sft_run):
+    """Rank 0 writes every logged point as it happens (progress.jsonl, TensorBoard events);
+    the driver turns them into a progress line; the stage plots its curves at the end."""
+    from leadre.train.common import progress_line
+
+    out, m = sft_run
+    points = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert any("loss" in p for p in points) and any("eval_hr@10" in p for p in points)
+    assert all(p["max_steps"] == SFT_STEPS for p in points)
+    assert {"train/loss", "eval/loss", "eval/hr@10"} <= _tensorboard_tags(out / "tensorboard")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line = progress_line("sft", points)
+    assert line.startswith(f"sft: step {points[-1]['step']}/{SFT_STEPS}") and "loss" in line
+    first = {"step": 0, "max_steps": 100, "time": 0.0, "loss": 9.0}
+    assert progress_line("sft", [first, {**first, "step": 10, "time": 60.0, "loss": 4.0}]) == \
+        "sft: step 10/100 (10%), loss 4, ~9 min left"
+
+
 def test_killed_run_resumes_from_its_checkpoint_not_from_zero(sft_run):
     out, m = sft_run
     t = m["training"]
