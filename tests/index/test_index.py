@@ -120,7 +120,7 @@ def test_cli_and_bad_input(world, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["mode"] == "brute_force" and summary["recall_at_10"] >= 0.9
     assert main(["index", "--sids-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
-    assert "manifest" in capsys.readouterr().err
+    assert "nope does not exist (expected the output of stage 'sids')" in capsys.readouterr().err
     assert main(["index", "--sids-dir", world["ingest"], "--out", str(out)]) == 2  # wrong stage
     with pytest.raises(ConfigError, match="min_recall"):
         IndexConfig(min_recall=1.5)
