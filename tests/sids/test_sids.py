@@ -292,7 +292,8 @@ def test_duplicate_ad_ids_rejected(tmp_path):
 
 
 def test_missing_or_wrong_inputs(tmp_path):
-    with pytest.raises(ArtifactError, match="manifest"):
+    with pytest.raises(ArtifactError, match="nowhere does not exist .expected the output of "
+                                            "stage 'ingest'"):
         run(fast_cfg(str(tmp_path / "nowhere"), tmp_path / "out"))
     empty = make_ingest(tmp_path / "empty", ADS.empty_table())
     with pytest.raises(ArtifactError, match="empty"):
@@ -325,7 +326,8 @@ def test_corrupt_sid_table(synth_run, tmp_path):
     write_table(t, str(tmp_path), "sid_table")
     with pytest.raises(ArtifactError, match="metadata"):
         SidTable.load(str(tmp_path))
-    with pytest.raises(ArtifactError, match="manifest"):
+    with pytest.raises(ArtifactError, match="nothing does not exist .expected the output of "
+                                            "stage 'sids'"):
         load_table(str(tmp_path / "nothing"))
     with pytest.raises(ArtifactError, match="expected 'sids'"):
         load_table(cfg.ingest_dir)
