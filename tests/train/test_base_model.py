@@ -246,6 +246,8 @@ def test_lora_sft_on_the_pretrained_backbone(lora_run, smol2):
     assert m["model"]["packaged_source"]["name"] == "smollm2-135m"
     assert m["training"]["exported"]["global_steps"] == 4
     assert m["training"]["eval_hr@10_best"] is not None  # constrained decoding ran in training
+    progress = (out / "progress.jsonl").read_text()
+    assert '"eval_hr@10"' in progress and (out / "curves.png").exists()  # and is a curve
     lengths = m["token_lengths"]
     assert lengths["max"] <= lengths["max_length"]["used"] == 512
     assert lengths["answer_max"] >= 5  # a 4-token S-ID + EOS at least, never cut
