@@ -82,18 +82,20 @@ def test_tune_sasrec_keeps_best(world):
 
 
 def test_registry_builds_every_baseline(world, tmp_path):
-    """Every registered name builds a baseline from the shared inputs; embedding_ann is
-    skipped (with the reason recorded) when the S-ID directory has no embeddings."""
+    """Every registered name builds a baseline from the shared inputs; the two that read the
+    S-ID stage's vectors (embedding_ann, text_sasrec) are skipped, with the reason recorded,
+    when the S-ID directory has none."""
     from leadre.eval.baselines import BASELINES, BaselineInputs, Recommender
 
-    assert list(BASELINES) == ["most_popular", "sasrec", "embedding_ann", "random"]
+    assert list(BASELINES) == ["most_popular", "sasrec", "text_sasrec", "embedding_ann",
+                               "random"]
     hist, _ = world["test"]
     x = BaselineInputs(item_ids=world["ads"].ad_id.tolist(), active_ids=world["active"],
                        sequences=world["train"], sids_dir=str(tmp_path), valid=world["valid"],
                        sasrec=SasrecConfig(dim=16, epochs=2))
     for name, factory in BASELINES.items():
         model, facts = factory(x)
-        if name == "embedding_ann":
+        if name in ("embedding_ann", "text_sasrec"):
             assert model is None and "no embeddings" in facts["skipped"]
             continue
         assert isinstance(model, Recommender) and model.name == name
