@@ -13,8 +13,8 @@ Routes: ``POST /recommend``, ``GET /healthz``, ``POST /admin/index`` (swap the i
 replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild),
 ``POST /admin/model`` (roll out a new model to the generators); all three answer 404 here
 when ``matcher.admin_port`` moves them to the ``Admin`` deployment's own port
-(:mod:`leadre.serve.admin`). The request models and limits are in :mod:`leadre.serve.api`. Overload is shed with 503 by Serve itself
-(``max_queued_requests``), never a hang.
+(:mod:`leadre.serve.admin`). The request models and limits are in :mod:`leadre.serve.api`.
+Overload is shed with 503 by Serve itself (``max_queued_requests``), never a hang.
 
 Store reads run in a thread pool under ``store_deadline_ms`` and titles the encoder has not
 seen are encoded in a thread: the event loop never waits on either.
@@ -42,7 +42,7 @@ from leadre.index.context import merge_events
 from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
 from leadre.serve.generator import MODEL_META_KEY, start_rollout
-from leadre.serve.matching import UNAVAILABLE, MatcherCore
+from leadre.serve.matching import UNAVAILABLE, MatcherCore, newer_events
 from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
 from leadre.serve.store import StoreUnavailable, open_store
 
@@ -230,7 +230,7 @@ class Matcher:
         else:
             out = self.core.answer(user_id, k, events, found)
         if out["queued"]:
-            fresh = events[len(events) - out["fresh_events"]:] if out["fresh_events"] else []
+            fresh = newer_events(events, found.record.basis) if out["fresh_events"] else []
             self._pending.setdefault(user_id, []).extend(fresh)
             if out["priority"]:
                 self._priority.add(user_id)

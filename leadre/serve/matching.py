@@ -172,8 +172,7 @@ class MatcherCore:
             cache = "hit"
             model_version = rec.model_version
             stale_model = self.model_version is not None and model_version != self.model_version
-            fresh = newer_events(recent_events, rec.created_at if rec.basis_ts is None
-                                 else rec.basis_ts)
+            fresh = newer_events(recent_events, rec.basis)
             q_fresh = self.queries.vector(fresh) if fresh and self.fresh_share > 0 else None
             if q_fresh is not None:
                 # Fresh intent: a share of the answer from what the user just did.

@@ -494,5 +494,37 @@ def test_model_rollout_reaches_the_cached_users_first(server, client, world, tmp
     assert t95 is not None, f"{left} of {len(holding)} users still on the old model"
     print(f"[rollout] {len(holding)} cached users; 95% on {version} after {t95:.1f}s "
           f"(model load included)", flush=True)
+    while store.get(users[0]).model_version != version and time.time() - t0 < 120:
+        time.sleep(0.2)  # it may be among the last 5%
     assert recommend(client, users[0])["versions"]["model"] == version
+    store.close()
+
+
+def test_fresh_events_of_a_hit_join_the_stored_context(client, world):
+    """Only the request's events newer than the cached candidates' basis are news: they, not
+    the older ones sent beside them, are added to the user's stored context (where the next
+    generation reads them), wherever they stand in the request."""
+    from leadre.sids import load_table
+
+    table = load_table(world["sids"])
+    uid = list(world["contexts"])[120]
+    store = open_store(world["store"])
+    ctx = store.get_user(uid)
+    basis = max(e["ts"] for e in ctx["events"])
+    store.put_many([CandidateRecord(uid, table.sids(sorted(world["active"])[:10]), [0.0] * 10,
+                                    "embedding-baseline", table.version, basis_ts=basis)],
+                   ttl_s=3600)
+    ad_new, ad_old = sorted(world["active"])[20], sorted(world["active"])[21]
+    events = [{"domain": "ad", "action": "click", "ad_id": ad_new},  # no ts: just happened
+              {"domain": "ad", "action": "click", "ad_id": ad_old, "ts": basis - 3600.0}]
+    out = recommend(client, uid, recent_events=events)
+    assert out["cache"] == "hit" and out["fresh_events"] == 1 and out["queued"]
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stored = store.get_user(uid)["events"]
+        if len(stored) > len(ctx["events"]) or stored[-1].get("ad_id") == ad_new:
+            break
+        time.sleep(0.1)
+    added = [e for e in stored if e not in ctx["events"]]
+    assert [e["ad_id"] for e in added] == [ad_new] and added[0]["ts"] > basis
     store.close()

@@ -35,6 +35,12 @@ class CandidateRecord:
     def from_json(cls, raw: str | bytes) -> "CandidateRecord":
         return cls(**json.loads(raw))
 
+    @property
+    def basis(self) -> float:
+        """Newer events than this are news to these candidates (creation time when the
+        generator recorded no event time)."""
+        return self.created_at if self.basis_ts is None else self.basis_ts
+
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at <= (time.time() if now is None else now)
 
