@@ -202,19 +202,11 @@ def ensure_world(ads: int, users: int) -> dict[str, str]:
 def ensure_model(w: dict, ads: int, users: int) -> str:
     """A ``tiny`` LM for this world's S-IDs (built from its config, as the demo's is before
     training: decoding costs the same trained or not), with an sft manifest."""
-    from leadre.artifacts import write_manifest
-    from leadre.index.context import build_prompt, user_contexts
-    from leadre.model.factory import prepare_base_model
-    from leadre.sids import load_table
+    from serving_world import tiny_model
 
     model = world_dir(ads, users) / "model"
     if not (model / "manifest.json").exists():
-        table = load_table(w["sids"])
-        prompts = [build_prompt(c, table) for c in list(user_contexts(w["ingest"]).values())[:500]]
-        prepare_base_model(model / "merged", sid_tokens=table.tokens(), base_model=None,
-                           preset="tiny", corpus=prompts)
-        write_manifest(str(model), "sft", inputs={"sids_dir": w["sids"]}, config={}, counts={},
-                       timings={}, extra={"sid_version": table.version})
+        tiny_model(w, model)
     return str(model)
 
 

@@ -29,3 +29,20 @@ def make_world(root: Path, ads: int = 600, users: int = 200, seed: int = 0,
         out["index"] = str(root / "index")
         run_index(IndexConfig(sids_dir=sids, ingest_dir=ingest, out=out["index"]))
     return out
+
+
+def tiny_model(world: dict, out: Path, stage: str = "sft", prompts: int = 500) -> str:
+    """An untrained ``tiny`` LM for ``world``'s S-IDs, its tokenizer trained on the first
+    ``prompts`` users' prompts, written as a ``stage`` output (``merged/`` + manifest with the
+    S-ID version): what the LLM generator loads; decoding costs the same trained or not."""
+    from leadre.index.context import build_prompt, user_contexts
+    from leadre.model.factory import prepare_base_model
+    from leadre.sids import load_table
+
+    table = load_table(world["sids"])
+    contexts = list(user_contexts(world["ingest"]).values())[:prompts]
+    prepare_base_model(Path(out) / "merged", sid_tokens=table.tokens(), base_model=None,
+                       preset="tiny", corpus=[build_prompt(c, table) for c in contexts])
+    write_manifest(str(out), stage, inputs={"sids_dir": world["sids"]}, config={}, counts={},
+                   timings={}, extra={"sid_version": table.version})
+    return str(out)

@@ -31,7 +31,7 @@ from leadre.serve.store import CandidateRecord, open_store
 
 from conftest import free_port
 from load_client import Load, replica_actors, wait_http
-from serving_world import make_world
+from serving_world import make_world, tiny_model
 
 APP = "leadre-test"
 TOKEN = "s3cret-test-token"
@@ -456,19 +456,11 @@ def test_model_rollout_reaches_the_cached_users_first(server, client, world, tmp
     generator): the old candidates are served until regenerated, the generator loads the
     model and regenerates the users holding them ahead of the queue; this measures how long
     until 95% of them have the new model's candidates."""
-    from leadre.artifacts import write_manifest
-    from leadre.index.context import build_prompt
-    from leadre.model.factory import prepare_base_model
     from leadre.sids import load_table
 
     store = open_store(world["store"])
     table = load_table(world["sids"])
-    model = tmp_path / "dpo"
-    prepare_base_model(model / "merged", sid_tokens=table.tokens(), base_model=None,
-                       preset="tiny", corpus=[build_prompt(c, table)
-                                              for c in list(world["contexts"].values())[:100]])
-    write_manifest(str(model), "dpo", inputs={}, config={}, counts={}, timings={},
-                   extra={"sid_version": table.version})
+    model = tiny_model(world, tmp_path / "dpo", stage="dpo", prompts=100)
     users = list(world["contexts"])[:40]
     store.put_many([CandidateRecord(u, table.sids(sorted(world["active"])[:10]), [0.0] * 10,
                                     "embedding-baseline", table.version) for u in users],

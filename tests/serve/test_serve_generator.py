@@ -15,25 +15,23 @@ from leadre.serve.generator import GeneratorCore
 from leadre.sids import load_table
 from leadre.serve.store import open_store
 
-from serving_world import make_world
+from serving_world import make_world, tiny_model
 
 
 @pytest.fixture(scope="module")
 def llm_world(tmp_path_factory):
-    pytest.importorskip("leadre.model.factory")
-    from leadre.model.factory import prepare_base_model
-
     root = tmp_path_factory.mktemp("llm")
     w = make_world(root, ads=300, users=40)
-    table = load_table(w["sids"])
-    ctx = user_contexts(w["ingest"])
-    prompts = [build_prompt(c, table) for c in ctx.values()]
-    model_dir = root / "sft"
-    prepare_base_model(model_dir / "merged", sid_tokens=table.tokens(), base_model=None,
-                       preset="tiny", corpus=prompts)
-    write_manifest(str(model_dir), "sft", inputs={}, config={}, counts={}, timings={})
-    w.update(model=str(model_dir), contexts=ctx)
+    w.update(model=tiny_model(w, root / "sft"), contexts=user_contexts(w["ingest"]))
     return w
+
+
+def _llm_core(llm_world, url: str, ttl_s: float = 86_400.0, **generation) -> GeneratorCore:
+    """The LLM generator core on ``llm_world`` and a store at ``url`` holding its contexts."""
+    with open_store(url) as store:
+        store.put_users(llm_world["contexts"])
+    return GeneratorCore(GeneratorConfig(ttl_s=ttl_s, generation=GenerationConfig(**generation)),
+                         ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
 
 
 def test_prompt_follows_the_training_template(llm_world):
@@ -56,13 +54,10 @@ def test_prompt_follows_the_training_template(llm_world):
 
 def test_llm_generator_writes_active_sids_with_versions(llm_world, tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
+    core = _llm_core(llm_world, url, ttl_s=300, top_k=5, beam_size=8, batch_size=4)
     store = open_store(url)
-    store.put_users(llm_world["contexts"])
     users = list(llm_world["contexts"])[:8]
     store.enqueue(users)
-    core = GeneratorCore(GeneratorConfig(ttl_s=300, generation=GenerationConfig(
-        top_k=5, beam_size=8, batch_size=4)),
-                         ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
     assert core.engine == "llm" and core.model_version.startswith("sft-")
     t0 = time.perf_counter()
     out = core.generate_and_store(users + ["unknown-user"])
@@ -110,11 +105,8 @@ def test_generator_trie_follows_the_live_ad_status(llm_world, tmp_path):
     """Ads switched off through the store (the admin call) take no beam slot of the LLM's
     decoder; switched back on, they can come back."""
     url = f"sqlite:///{tmp_path / 'ads.db'}"
+    core = _llm_core(llm_world, url, top_k=8, beam_size=8, batch_size=8)
     store = open_store(url)
-    store.put_users(llm_world["contexts"])
-    core = GeneratorCore(GeneratorConfig(generation=GenerationConfig(
-        top_k=8, beam_size=8, batch_size=8)),
-        ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
     users = list(llm_world["contexts"])[:8]
     core.generate_and_store(users)
     table = load_table(llm_world["sids"])
@@ -138,11 +130,8 @@ def test_generator_swaps_its_model_and_finds_the_users_left_to_regenerate(llm_wo
     from leadre.artifacts import read_manifest
 
     url = f"sqlite:///{tmp_path / 'roll.db'}"
+    core = _llm_core(llm_world, url, top_k=5, beam_size=5, batch_size=8)
     store = open_store(url)
-    store.put_users(llm_world["contexts"])
-    core = GeneratorCore(GeneratorConfig(generation=GenerationConfig(
-        top_k=5, beam_size=5, batch_size=8)),
-        ServePaths(llm_world["sids"], url, model_dir=llm_world["model"]))
     users = list(llm_world["contexts"])[:6]
     core.generate_and_store(users)
     old = core.model_version
