@@ -115,10 +115,18 @@ def read_manifest(location: str | Path, stage: str | tuple[str, ...] | None = No
 
 
 def check_sid_version(location: str | Path, manifest: dict[str, Any], sid_version: str | None,
-                      source: str) -> None:
+                      source: str, encoder_version: str | None = None) -> None:
     """Refuse an artifact whose manifest records another S-ID version than ``sid_version``
     (the version ``source`` holds): the same S-ID names different ads in two versions, so
-    mixing them recommends the wrong ads without any error. Unrecorded versions pass."""
+    mixing them recommends the wrong ads without any error. The text encoder is checked
+    first (``encoder_version``, :func:`leadre.sids.encoder.encoder_version`), since codes and
+    knowledge tokens of another encoder mean nothing to the model; the message names both.
+    Unrecorded versions pass."""
+    built_enc = manifest.get("encoder_version")
+    if built_enc and encoder_version and built_enc != encoder_version:
+        raise ArtifactError(f"{location} was built with text encoder {built_enc} but {source} "
+                            f"holds the vectors and S-IDs of encoder {encoder_version}: rebuild "
+                            "it from these S-IDs, or point it at the S-ID stage it came from")
     built = manifest.get("sid_version")
     if built and sid_version and built != sid_version:
         raise ArtifactError(f"{location} was built from S-ID version {built} but {source} "
@@ -139,7 +147,8 @@ def check_model(model_dir: str | Path, sid_version: str | None,
     the ``FileNotFoundError`` that loading it would (``load_trained``), before any loading."""
     if exists(join(model_dir, MANIFEST)):
         manifest = read_manifest(model_dir, stage=("sft", "dpo"))
-        check_sid_version(f"the model in {model_dir}", manifest, sid_version, str(sids_dir))
+        check_sid_version(f"the model in {model_dir}", manifest, sid_version, str(sids_dir),
+                          read_manifest(sids_dir).get("encoder_version"))
         if not exists(join(model_dir, MODEL_SUBDIRS[0], "config.json")):
             raise ArtifactError(f"{join(model_dir, MODEL_SUBDIRS[0])} holds no model: did the "
                                 f"{manifest.get('stage')} run finish?")
@@ -198,14 +207,15 @@ def write_table(table: pa.Table, location: str | Path, name: str,
 
 
 def read_table(location: str | Path, name: str | None = None,
-               schema: pa.Schema | None = None) -> pa.Table:
-    """Read all parquet shards of ``<location>/<name>`` into one table."""
+               schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read all parquet shards of ``<location>/<name>`` into one table (only ``columns``
+    where given)."""
     target = join(location, name) if name else str(location)
     fs, path = resolve(target)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise ArtifactError(f"{target} does not exist")
     try:
-        return pq.read_table(path, filesystem=fs, schema=schema)
+        return pq.read_table(path, filesystem=fs, schema=schema, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"cannot read parquet at {target}: {e}") from None
 

@@ -213,7 +213,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     sids_dir, ingest_dir = cfg.sids_dir, cfg.ingest_dir
     with timed(timings, "read"):
         table = load_table(sids_dir)
-        check_sid_version(cfg.prompts_dir, pm, table.version, sids_dir)
+        check_sid_version(cfg.prompts_dir, pm, table.version, sids_dir,
+                          read_manifest(sids_dir).get("encoder_version"))
         for model_dir in [cfg.model_dir, *cfg.compare_dirs]:
             if model_dir:  # before any generation actor loads it
                 check_model(model_dir, table.version, sids_dir)

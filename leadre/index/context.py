@@ -19,7 +19,7 @@ import logging
 import math
 from collections import Counter
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -108,13 +108,15 @@ def _event(ts, domain, action, ad_id, title, cat_of: dict) -> dict:
 
 
 def build_prompt(ctx: dict | None, table: Any, now: float | None = None,
-                 cfg: "PromptConfig | None" = None) -> str:
+                 cfg: "PromptConfig | None" = None,
+                 content_of: Callable[[str], str | None] | None = None) -> str:
     """The main-task (intent-aware) prompt of a user context, in the training wording:
     ``leadre.prompts.build_user_prompt`` is the function every training prompt comes from, so
     online and offline prompts cannot drift; ``cfg`` is the model's training
     ``PromptConfig`` (:func:`leadre.prompts.trained_prompt_config`; default: the defaults).
     Long-term categories are counted over the stored events (each ad event carries its
-    category)."""
+    category). ``content_of``: content title -> what the prompt shows (its knowledge token
+    under ``cfg.content_object``); default the title."""
     from leadre.prompts import build_user_prompt
 
     ctx = ctx or {}
@@ -125,5 +127,5 @@ def build_prompt(ctx: dict | None, table: Any, now: float | None = None,
         return table.sids([ad_id])[0]
 
     return build_user_prompt(ctx.get("profile") or None, events, sid_of,
-                             cfg=cfg, ad_category_of=cats.get,
+                             cfg=cfg, ad_category_of=cats.get, content_of=content_of,
                              now=None if now is None else int(now * 1000))

@@ -111,7 +111,7 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
 
 
 def add_sid_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
-                   sid_tokens: list[str]) -> int:
+                   sid_tokens: list[str], init: dict[str, Any] | None = None) -> int:
     """Add the S-ID tokens missing from ``tokenizer`` as atomic tokens, grow the model's
     embeddings (and untied LM head) when they have fewer rows than the tokenizer needs, and
     mean-initialise the new tokens' rows; returns how many tokens were new.
@@ -133,8 +133,52 @@ def add_sid_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase
         mean_init_rows(emb.weight, ids, trained)
         if head is not None and head.weight is not emb.weight:
             mean_init_rows(head.weight, ids, trained)
+    if init:
+        codebook_init_rows(model, tokenizer, init)
     _sync_special_ids(model, tokenizer)
     return len(new)
+
+
+def codebook_init_rows(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                       vectors: dict[str, Any]) -> int:
+    """Start the rows of the S-ID tokens in ``vectors`` (token -> its code vector) from those
+    vectors: centred per level, projected onto their top principal directions (as many as
+    the hidden size; zero-padded when fewer), and scaled so a row's norm matches the mean
+    norm of the vocabulary's rows. Codes that are close in the quantiser's space then start
+    close in the model's, instead of all starting as the same average token. Applied to the
+    input embeddings and an untied LM head; returns how many rows were set."""
+    import numpy as np
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    known = [t for t in vectors if t in vocab]
+    if not known:
+        return 0
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    hidden = emb.weight.shape[1]
+    by_level: dict[str, list[str]] = {}
+    for t in known:
+        by_level.setdefault(SID_TOKEN.fullmatch(t).group(1), []).append(t)
+    rows, ids = [], []
+    for toks in by_level.values():
+        x = np.stack([np.asarray(vectors[t], np.float64) for t in toks])
+        x = x - x.mean(0)
+        u, sv, _ = np.linalg.svd(x, full_matrices=False)
+        proj = (u * sv)[:, :hidden]
+        proj = np.pad(proj, ((0, 0), (0, hidden - proj.shape[1])))
+        norms = np.linalg.norm(proj, axis=1, keepdims=True)
+        rows.append(proj / max(float(norms.mean()), 1e-12))  # mean row norm 1 per level
+        ids += tokenizer.convert_tokens_to_ids(toks)
+    unit = torch.as_tensor(np.concatenate(rows), dtype=torch.float32)
+    index = torch.as_tensor(ids)
+    sid_ids = set(vocab[t] for t in vocab if SID_TOKEN.fullmatch(t))
+    trained = [i for i in range(min(len(tokenizer), emb.weight.shape[0])) if i not in sid_ids]
+    with torch.no_grad():
+        for w in {id(emb.weight): emb.weight,
+                  **({id(head.weight): head.weight} if head is not None else {})}.values():
+            scale = w[trained].float().norm(dim=1).mean()
+            w[index.to(w.device)] = (unit * scale).to(w.device, w.dtype)
+    return len(ids)
 
 
 def mean_init_rows(weight: Any, ids: list[int], trained: int) -> None:
@@ -231,10 +275,14 @@ def load_model(path: str | Path, dtype: Any = None) -> "PreTrainedModel":
 
 def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model: str | None,
                        preset: PresetName, corpus: Iterable[str] | None = None,
-                       vocab_size: int | None = None, seed: int = 0) -> dict[str, Any]:
+                       vocab_size: int | None = None, seed: int = 0,
+                       sid_vectors: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out_dir``: the base model with every S-ID token in its vocabulary, plus its
     tokenizer. ``base_model`` is a local causal-LM directory; ``None`` builds the ``preset``
-    from scratch with a tokenizer trained on ``corpus``. Returns facts for the manifest."""
+    from scratch with a tokenizer trained on ``corpus``. ``sid_vectors`` (token -> code
+    vector) starts those tokens' rows from their codebook vectors
+    (:func:`codebook_init_rows`); otherwise they start as an average token. Returns facts for
+    the manifest."""
     out_dir = Path(out_dir)
     packaged = None
     if base_model is not None:
@@ -243,7 +291,7 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
                                 "config.json); nothing is downloaded, so give a saved model")
         tokenizer = load_tokenizer(base_model)
         model = load_model(base_model, dtype="auto")
-        added = add_sid_tokens(model, tokenizer, sid_tokens)
+        added = add_sid_tokens(model, tokenizer, sid_tokens, sid_vectors)
         source = str(Path(base_model).resolve())
         if (Path(base_model) / MANIFEST).exists():  # a `leadre base-model` output
             packaged = read_manifest(base_model).get("source")
@@ -252,6 +300,8 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
             raise ValueError("building a model from scratch needs a corpus for its tokenizer")
         tokenizer = train_tokenizer(corpus, sid_tokens, vocab_size or PRESETS[preset].vocab_size)
         model = build_model(preset, tokenizer, seed)
+        if sid_vectors:
+            codebook_init_rows(model, tokenizer, sid_vectors)
         added = len(sid_tokens)
         source = f"preset:{preset}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +311,8 @@ def prepare_base_model(out_dir: str | Path, *, sid_tokens: list[str], base_model
             "parameters": sum(p.numel() for p in model.parameters()),
             "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
             "model_type": model.config.model_type,
-            "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+            "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "sid_init": "codebook" if sid_vectors else "mean"}
     if base_model is not None and packaged:
         info["packaged_source"] = packaged
     if base_model is None:

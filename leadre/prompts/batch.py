@@ -285,7 +285,7 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
                             "domain", "action", "ad_id", "title"))))
                     p = compose_prompt(profile, evs, sid_of, title_of, cfg, now=now,
                                        ad_category_of=cat_of, template=tpl, use_titles=titles,
-                                       presorted=True)
+                                       presorted=True, content_of=catalog.content_of)
                 if not titles:
                     notes["prompts_truncated"] += p.truncated
                     notes["prompts_over_budget"] += p.over_budget

@@ -24,6 +24,8 @@ class Catalog:
     active: list[bool]
     first_code: list[int | None]
     sid_version: str = ""
+    # title -> the text a content event shows (PromptConfig.content_object); empty: titles
+    content: dict[str, str] = field(default_factory=dict, repr=False)
     index: dict[str, int] = field(init=False, repr=False)
     candidates: list[int] = field(init=False, repr=False)  # active ads with an S-ID
     by_first: dict[int, list[int]] = field(init=False, repr=False)
@@ -68,3 +70,8 @@ class Catalog:
     def category_of(self, ad_id: str) -> str | None:
         i = self.index.get(ad_id)
         return None if i is None else self.category[i]
+
+    def content_of(self, title: str | None) -> str | None:
+        """What a content event with ``title`` shows in a prompt (its knowledge token, the
+        title, or both; the title itself where the S-ID stage coded none)."""
+        return self.content.get(title, title) if title else title

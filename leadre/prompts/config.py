@@ -39,6 +39,11 @@ class PromptConfig:
         history_actions: which actions appear in the behaviour sequence; drop ``play`` and
             ``read`` for the "no cross-domain facets" ablation.
         category_actions: which ad actions count towards the long-term categories.
+        content_object: how a content event (video, news) shows its object: ``title`` (the
+            words), ``code`` (its knowledge token: the title's frozen vector quantised by the
+            ads' quantiser, the first ``content_code_levels`` S-ID tokens, from
+            ``<sids>/titles``), or ``title_code`` (both). Ad events show their S-ID, which is
+            their own vector's code, so with ``code`` every history event carries its vector.
         Limits: max_events (most recent behaviours kept; also the length of
         ``history_ad_ids``; 20 = the leave-one-out protocol), max_categories,
         max_prompt_tokens (approximate, see ``leadre.prompts.approx_tokens``; oldest behaviours
@@ -95,6 +100,11 @@ class PromptConfig:
     max_events: int = field(default=20, metadata={
         "help": "most recent behaviours in a prompt (and length of history_ad_ids)"})
     max_categories: int = field(default=5, metadata={"help": "top categories in a prompt"})
+    content_object: Literal["title", "code", "title_code"] = field(default="code", metadata={
+        "help": "content events (video, news) show: title (words), code (the title vector's "
+                "knowledge token from the S-ID stage's quantiser), or title_code (both)"})
+    content_code_levels: int = field(default=2, metadata={
+        "help": "S-ID levels in a content title's code (coarse levels carry its topic)"})
     max_prompt_tokens: int = field(default=512, metadata={
         "help": "approximate token budget of a prompt; oldest behaviours are dropped first"})
     min_history: int = field(default=1, metadata={
@@ -157,6 +167,9 @@ class PromptConfig:
             if bad:
                 raise ConfigError(f"prompts: {name} has unknown action(s) {bad}; "
                                   f"valid: {sorted(ACTIONS)}")
+        if self.content_code_levels < 1:
+            raise ConfigError("prompts: content_code_levels must be >= 1, got "
+                              f"{self.content_code_levels}")
         for name in ("max_events", "max_categories", "min_history"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"prompts: {name} must be >= 0, got {getattr(self, name)}")
@@ -207,4 +220,5 @@ def trained_prompt_config(model_dir: str) -> PromptConfig:
             "default PromptConfig, which may differ from how the model was trained", model_dir)
         return PromptConfig()
     known = {f.name for f in dataclasses.fields(PromptConfig)}
+    recorded.setdefault("content_object", "title")  # trained before knowledge tokens existed
     return from_dict(PromptConfig, {k: v for k, v in recorded.items() if k in known})

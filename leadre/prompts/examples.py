@@ -325,7 +325,8 @@ def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence
         ad_row = index[target.ad_id]
         tpl = pick_template(cfg, user_id, target.ad_id)
         p = compose_prompt(profile, history, sid_of, title_of, cfg,
-                           ad_category_of=catalog.category_of, now=target.ts, template=tpl)
+                           ad_category_of=catalog.category_of, now=target.ts, template=tpl,
+                           content_of=catalog.content_of)
         notes["prompts_truncated"] += p.truncated
         notes["prompts_over_budget"] += p.over_budget
         target_sid = catalog.sid[ad_row]
@@ -334,7 +335,7 @@ def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence
         if share_picked(cfg.aux_titles, cfg.seed, "titles", user_id, target.ad_id, target.ts):
             pt = compose_prompt(profile, history, sid_of, title_of, cfg,
                                 ad_category_of=catalog.category_of, now=target.ts,
-                                template=tpl, use_titles=True)
+                                template=tpl, use_titles=True, content_of=catalog.content_of)
             rows.add("sft", split, "aux_titles", user_id, prompt=pt.text,
                      completion=target_sid, target_ad_id=target.ad_id, template=tpl)
         if eval_at.get(t) == split:

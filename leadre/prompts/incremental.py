@@ -84,6 +84,10 @@ class ShardPrompts:
         self.cfg, self.ts = cfg, ts
         domain, action, title = (x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
                                  for x in (domain, action, title))
+        if catalog.content:  # content objects as Catalog.content_of shows them, per title
+            codes = pc.dictionary_encode(title)
+            title = pa.array(map(catalog.content_of, codes.dictionary.to_pylist()),
+                             pa.string()).take(codes.indices)
         self.templates = {i: _Template(t) for i, t in enumerate(T.PROMPT_TEMPLATES)}
         pre, post = _slot(T.BEHAVIOUR_ITEM, "days")
         self.headless = not pre  # items start with the day count (one concatenation each)

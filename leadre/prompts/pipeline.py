@@ -45,10 +45,11 @@ from leadre.prompts.config import PromptConfig
 from leadre.prompts.contract import (EXPECTED, LAYOUT, OUTPUTS, PAIR_TYPES, SPLITS, STAGE, TASKS,
                                      split_path)
 from leadre.prompts.examples import Rows, SplitPlan, build_ad_rows, build_user
-from leadre.prompts.render import Event
+from leadre.prompts.render import Event, content_text
 from leadre.prompts.tables import (PROFILE_DOMAIN, events_batch, profile_batch, profile_from_json,
                                    route)
 from leadre.prompts.templates import PROMPT_TEMPLATES, templates_version
+from leadre.sids.content import ContentCodes
 from leadre.sids.table import SidTable
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,17 @@ def load_catalog(cfg: PromptConfig) -> tuple[Catalog, dict[str, Any], dict[str, 
     sids = artifacts.read_manifest(cfg.sids_dir, stage="sids")
     table = SidTable.load(cfg.sids_dir)
     ads = artifacts.read_table(cfg.ingest_dir, "ads")
-    return Catalog.from_tables(ads, table), ingest, sids
+    catalog = Catalog.from_tables(ads, table)
+    if cfg.content_object != "title":
+        codes = ContentCodes.from_sids_dir(cfg.sids_dir, cfg.content_code_levels, table.prefixes)
+        if codes is None:
+            log.warning("prompts: %s has no content title codes (bring-your-own S-IDs, or "
+                        "built with titles=false): content events show their titles",
+                        cfg.sids_dir)
+        else:
+            catalog.content = {t: content_text(t, codes.code(t), cfg.content_object)
+                               for t in codes.codes}
+    return catalog, ingest, sids
 
 
 def _events_path(cfg: PromptConfig) -> tuple[pafs.FileSystem, str]:
@@ -274,7 +285,8 @@ def _finish(cfg: PromptConfig, flat: Counter, timings: dict[str, float], catalog
                 "ingest_created_at": ingest.get("created_at"),
                 "sids_created_at": sids.get("created_at")},
         config=cfg, counts=counts, timings=timings,
-        extra={"sid_version": sid_version, "split": split_info,
+        extra={"sid_version": sid_version, "encoder_version": sids.get("encoder_version"),
+               "content_titles_coded": len(catalog.content), "split": split_info,
                "templates_version": templates_version(), "template_variants": len(PROMPT_TEMPLATES),
                "layout": LAYOUT,
                **(extra or {})})

@@ -146,7 +146,8 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
                    cfg: PromptConfig, *,
                    ad_category_of: Callable[[str], str | None] | None = None,
                    now: Any = None, template: int = 0, use_titles: bool = False,
-                   presorted: bool = False) -> Prompt:
+                   presorted: bool = False,
+                   content_of: Callable[[str], str | None] | None = None) -> Prompt:
     """The main-task prompt for one user, with its approximate token count.
 
     ``events`` are the user's past events (mappings with ts, domain, action, ad_id, title, or
@@ -155,6 +156,8 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
     (titles via ``ad_title_of`` when ``use_titles``); ads without one are left out.
     ``presorted``: ``events`` is a list of :class:`Event` already in time order (the batch
     builder's guarantee), so the copy and the order check are skipped; same text.
+    ``content_of``: content title -> what the prompt shows for it (``Catalog.content_of``,
+    :func:`content_text`); default the title.
     """
     if presorted:
         evs = events
@@ -177,7 +180,7 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
             if e.domain == "ad":
                 obj = object_of(e.ad_id) if (e.ad_id is not None and object_of) else None
             else:
-                obj = e.title
+                obj = content_of(e.title) if content_of and e.title else e.title
             if not obj:
                 continue
             items.append(T.BEHAVIOUR_ITEM.format(days=(now_ms - e.ts) // MS_PER_DAY,
@@ -186,6 +189,14 @@ def compose_prompt(profile: Mapping[str, Any] | None, events: Sequence[Event | M
                 break
         items.reverse()
     return fit_prompt(template, cfg, prof, cats, items)
+
+
+def content_text(title: str, code: str | None, mode: str) -> str:
+    """The object of a content event under ``PromptConfig.content_object`` ``mode``: the
+    title, its knowledge-token ``code``, or both (the title alone where it has no code)."""
+    if mode == "title" or not code:
+        return title
+    return code if mode == "code" else f"{title} {code}"
 
 
 def fit_prompt(template: int, cfg: PromptConfig, prof: str, cats: list[tuple[str, int]],
@@ -239,7 +250,8 @@ def build_user_prompt(profile: Mapping[str, Any] | None,
                       ad_title_of: Callable[[str], str | None] | None = None,
                       cfg: PromptConfig | None = None, *,
                       ad_category_of: Callable[[str], str | None] | None = None,
-                      now: Any = None, template: int = 0, use_titles: bool = False) -> str:
+                      now: Any = None, template: int = 0, use_titles: bool = False,
+                      content_of: Callable[[str], str | None] | None = None) -> str:
     """The main-task prompt for ONE user (the function serving uses online).
 
     ``profile``: mapping with any of age, gender, city, education, industry (or None);
@@ -249,10 +261,11 @@ def build_user_prompt(profile: Mapping[str, Any] | None,
     ``SidTable.sids`` or a :class:`Catalog`'s methods); ``cfg``: facets and limits
     (default ``PromptConfig()``); ``now``: the request time (events at or after it are
     ignored; default just after the last event); ``template``: the variant (any is
-    in-distribution for a model trained on the mix). Every training prompt comes from this
+    in-distribution for a model trained on the mix); ``content_of``: content title -> what the
+    prompt shows (see :func:`compose_prompt`). Every training prompt comes from this
     function too (through :func:`compose_prompt`), so online and offline prompts cannot drift.
     """
     return compose_prompt(profile, events, sid_of, ad_title_of, cfg or PromptConfig(),
                           ad_category_of=ad_category_of, now=now, template=template,
-                          use_titles=use_titles).text
+                          use_titles=use_titles, content_of=content_of).text
 

@@ -62,6 +62,7 @@ class GeneratorCore:
         self.ad_status_version = 0
         self.top_k = cfg.generation.top_k
         self.table = load_table(paths.sids_dir)
+        self.content = None  # knowledge tokens of content titles (LLM engine)
         self.engine = "llm" if paths.model_dir else "embedding"
         if paths.model_dir:
             from leadre.model.decode import SidGenerator
@@ -72,6 +73,7 @@ class GeneratorCore:
             self.table = self.llm.table
             self.model_version = model_version(paths.model_dir)
             self.prompt_cfg = trained_prompt_config(paths.model_dir)
+            self.content = self._content_codes()
         else:
             from leadre.index.ann import AdIndex
             from leadre.index.query import QueryBuilder
@@ -98,9 +100,34 @@ class GeneratorCore:
             llm.set_active(sorted(self.off), False)
         self.llm, self.table, self.engine = llm, llm.table, "llm"
         self.prompt_cfg = trained_prompt_config(model_dir)
+        self.content = self._content_codes()
         self.model_version = model_version(model_dir)
         log.info("generator: now generating with %s (%s)", model_dir, self.model_version)
         return self.model_version
+
+    def _content_codes(self):
+        """The knowledge tokens of content titles, with the S-ID stage's encoder and quantiser
+        loaded to code titles never seen offline; None when the model shows titles."""
+        from leadre.sids.content import ContentCodes
+
+        pc = self.prompt_cfg
+        if pc.content_object == "title":
+            return None
+        codes = ContentCodes.from_sids_dir(self.paths.sids_dir, pc.content_code_levels,
+                                           self.table.prefixes)
+        return codes.attach(self.paths.sids_dir) if codes is not None else None
+
+    def _content_of(self, contexts: list[dict | None]):
+        """title -> prompt object for these contexts, coding unseen titles first (this tier
+        is latency-tolerant: an encoder call per batch of new titles)."""
+        if self.content is None:
+            return None
+        from leadre.prompts.render import content_text
+
+        self.content.add_unseen([e.get("title") for c in contexts for e in (c or {}).get(
+            "events", []) if not e.get("ad_id")])
+        mode, code = self.prompt_cfg.content_object, self.content.code
+        return lambda title: content_text(title, code(title), mode)
 
     def follow_ad_status(self) -> bool:
         """Apply the store's live ad status to the decoder's trie when its version moved:
@@ -123,7 +150,9 @@ class GeneratorCore:
         if self.engine == "llm":
             from leadre.index.context import build_prompt
 
-            prompts = [build_prompt(c, self.table, cfg=self.prompt_cfg) for c in contexts]
+            content_of = self._content_of(contexts)
+            prompts = [build_prompt(c, self.table, cfg=self.prompt_cfg, content_of=content_of)
+                       for c in contexts]
             return [[(c.sid, c.score) for c in cands]
                     for cands in self.llm.generate(prompts, self.top_k)]
         out = []

@@ -5,6 +5,7 @@ unique S-IDs, written as an artifact directory::
     <out>/codebooks.safetensors      quantiser (codebooks; RQ-VAE weights)
     <out>/encoder/                   the fitted text encoder (serving embeds with it too)
     <out>/embeddings/part-*.parquet  ad_id, embedding (for the ScaNN index stage)
+    <out>/titles/part-*.parquet      content title, embedding, codes, fallback reason
     <out>/sid_config.json            the SidConfig used
     <out>/manifest.json              inputs, counts, timings, version, quality report
 
@@ -25,8 +26,11 @@ import pyarrow.compute as pc
 from leadre.artifacts import (ArtifactError, join, read_manifest, read_table, timed,
                               write_json, write_manifest, write_table)
 from leadre.sids.config import SidConfig
-from leadre.sids.encoder import HfEncoder, LsaEncoder, TextEncoder, ad_texts, embed_texts
-from leadre.sids.quantize import Quantizer, RqKMeans, RqVae
+from leadre.sids.content import (FALLBACK_REASONS, TITLES, content_titles, fallback_vector,
+                                 title_problem, titles_table, with_fallback)
+from leadre.sids.encoder import (HfEncoder, LsaEncoder, TextEncoder, ad_texts, embed_texts,
+                                 encoder_version)
+from leadre.sids.quantize import CODEBOOKS_FILE, Quantizer, RqKMeans, RqVae, load_quantizer
 from leadre.sids.report import collision_stats, level_stats, same_category_rate
 from leadre.sids.table import SidTable, version_id
 from leadre.sids.trie import SidTrie
@@ -37,7 +41,8 @@ CONFIG_FILE = "sid_config.json"
 # Fields that change where/how fast the stage runs but never which S-IDs it produces; they
 # are left out of the version hash so the same S-IDs get the same version everywhere.
 _EXECUTION_FIELDS = {"ingest_dir", "out", "embed_on", "embed_batch_size", "embed_actors",
-                     "embed_cpus", "embed_gpus", "ray", "device", "model_cache"}
+                     "embed_cpus", "embed_gpus", "ray", "device", "model_cache", "titles",
+                     "max_title_chars"}
 
 
 def load_ads(ingest_dir: str) -> pa.Table:
@@ -131,7 +136,7 @@ def _run_byo(cfg: SidConfig, timings: dict[str, float]) -> dict:
 
 
 def _finish(cfg: SidConfig, table: SidTable, report: dict, timings: dict[str, float],
-            inputs: dict) -> dict:
+            inputs: dict, encoder: str | None = None) -> dict:
     with timed(timings, "trie"):
         trie = SidTrie.from_table(table)
     counts = {"ads": len(table), "active_ads": int(table.active.sum()),
@@ -146,11 +151,16 @@ def _finish(cfg: SidConfig, table: SidTable, report: dict, timings: dict[str, fl
         "entropy_norm": [lvl["entropy_norm"] for lvl in report["levels"]],
         "collision_rate": coll["collision_rate"],
         "max_disambiguation": table.codebook_sizes[-1] - 1,
+        "encoder_version": encoder,
     }
+    if "titles" in report:
+        summary["content_titles"] = report["titles"]["titles"]
+        summary["title_fallbacks"] = sum(report["titles"]["fallback"].values())
     if "first_level_same_category" in report:
         summary["first_level_same_category"] = report["first_level_same_category"]
     return write_manifest(cfg.out, STAGE, inputs=inputs, config=cfg, counts=counts,
                           timings=timings, extra={"version": table.version,
+                                                  "encoder_version": encoder,
                                                   "sid_meta": table.meta(),
                                                   "quality": report, "summary": summary})
 
@@ -170,11 +180,20 @@ def run(cfg: SidConfig) -> dict:
     encoder_dir = join(cfg.out, "encoder")
     with timed(timings, "encoder_fit"):
         make_encoder(cfg).fit(texts).save(encoder_dir)
+    titles = content_titles(cfg.ingest_dir) if cfg.titles else []
+    reasons = [title_problem(t, cfg.max_title_chars) for t in titles]
+    good = [t for t, r in zip(titles, reasons) if r is None]
+    log.info("sids: encoding %d ad texts and %d content titles", len(texts), len(good))
     with timed(timings, "embed"):
-        emb = _embed(cfg, texts, encoder_dir)
+        # One pass (one actor pool) for ads and titles: the same frozen space.
+        vecs = _embed(cfg, texts + good, encoder_dir)
+        emb = vecs[:len(texts)]
+        title_emb = with_fallback(reasons, vecs[len(texts):], fallback_vector(emb))
     with timed(timings, "quantize"):
         quantizer = make_quantizer(cfg, len(ad_ids)).fit(emb)
         codes = quantizer.encode(emb)
+        title_codes = (quantizer.encode(title_emb) if titles
+                       else np.zeros((0, cfg.levels), np.int64))
 
     config_json = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_FIELDS}
     table = SidTable.from_codes(ad_ids, codes, quantizer.codebook_sizes,
@@ -193,21 +212,39 @@ def run(cfg: SidConfig) -> dict:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
         }), cfg.out, "embeddings")
+        if cfg.titles:
+            write_table(titles_table(titles, title_emb, title_codes, reasons), cfg.out, TITLES)
         write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
 
     categories = ads.column("category").to_pylist() if "category" in ads.column_names else None
     report = quality_report(codes, table, categories)
     if isinstance(quantizer, RqVae) and quantizer.history:
         report["rqvae_final_epoch"] = quantizer.history[-1]
+    if cfg.titles:
+        report["titles"] = {"titles": len(titles), "encoded": len(good),
+                            "fallback": {r: reasons.count(r) for r in FALLBACK_REASONS}}
     inputs = {"ingest_dir": cfg.ingest_dir,
               "ingest_created_at": read_manifest(cfg.ingest_dir).get("created_at")}
-    return _finish(cfg, table, report, timings, inputs)
+    return _finish(cfg, table, report, timings, inputs, encoder_version(encoder_dir))
 
 
 def load_table(sids_dir: str) -> SidTable:
     """The S-ID table of a ``leadre sids`` output directory."""
     read_manifest(sids_dir, stage=STAGE)
     return SidTable.load(sids_dir)
+
+
+def load_code_vectors(sids_dir: str) -> dict[str, np.ndarray]:
+    """S-ID token -> its quantiser code vector (``<b_6>``: level 1's codebook row 6), for the
+    levels the quantiser learned; empty for bring-your-own S-IDs (no codebooks)."""
+    from leadre.artifacts import exists
+
+    if not exists(join(sids_dir, CODEBOOKS_FILE)):
+        return {}
+    table = load_table(sids_dir)
+    books = load_quantizer(sids_dir, device="cpu").codebooks()
+    return {table.token(level, k): books[level, k]
+            for level in range(books.shape[0]) for k in range(books.shape[1])}
 
 
 def load_trie(sids_dir: str, vocab: dict[str, int] | None = None) -> SidTrie:

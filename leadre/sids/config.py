@@ -28,11 +28,14 @@ class SidConfig:
         index_json: "bring your own S-IDs": a precomputed ``*.index.json`` (LC-Rec/LETTER
             format). Skips encoding and quantisation; ``ingest_dir`` then only supplies the
             ``active`` flags (optional).
-        encoder: ``lsa`` = hashed TF-IDF + truncated SVD fitted on the catalog (offline
-            default, no download; chosen by nearest-neighbour category purity, see
-            bench/RESULTS.md); ``hf`` = a Hugging Face / sentence-transformers model (mean
-            pooling) given by ``model_path``: a local directory, or a packaged encoder name
-            (``all-minilm-l6-v2``), prepared in ``model_cache``.
+        encoder: ``hf`` (default) = a pretrained Hugging Face / sentence-transformers model
+            (mean pooling) given by ``model_path``: the packaged ``all-minilm-l6-v2``
+            (installed with the project, pinned and hash-checked, prepared in
+            ``model_cache``) or any local model directory; ``lsa`` = hashed TF-IDF + truncated
+            SVD fitted on the catalog, the fallback that needs no model.
+        titles: also encode every distinct content title (video, news) of the ingested
+            events into the ads' space and quantise it (``<out>/titles``): the knowledge
+            tokens of the prompts stage.
         quantizer: ``rqvae`` (RQ-VAE, TIGER / LEADRE) or ``rqkmeans`` (residual k-means).
         levels: residual quantisation levels before the disambiguation level (paper: 4).
         codebook_size: codes per level; ``None`` picks the power of two >= sqrt(#ads),
@@ -48,9 +51,10 @@ class SidConfig:
                 "quantisation (ingest_dir, if given, supplies the active flags)"})
 
     # --- text encoder -------------------------------------------------------------------
-    encoder: Literal["lsa", "hf"] = field(default="lsa", metadata={
-        "help": "text encoder: lsa (offline TF-IDF+SVD, no download) or hf (model_path)"})
-    model_path: str | None = field(default=None, metadata={
+    encoder: Literal["lsa", "hf"] = field(default="hf", metadata={
+        "help": "text encoder: hf (a pretrained model, model_path; default the packaged "
+                "all-MiniLM-L6-v2) or lsa (TF-IDF+SVD fitted on the catalog, needs no model)"})
+    model_path: str | None = field(default="all-minilm-l6-v2", metadata={
         "help": "encoder=hf: a local Hugging Face / sentence-transformers model directory, or "
                 "a packaged encoder name (all-minilm-l6-v2: read from its installed, pinned "
                 "model package, hash-checked and unpacked once into model_cache)"})
@@ -65,6 +69,12 @@ class SidConfig:
         "help": "LSA is fitted (IDF + SVD) on at most this many ads, sampled with the seed"})
     max_length: int = field(default=128, metadata={
         "help": "encoder=hf: tokens per ad text (truncation)"})
+    titles: bool = field(default=True, metadata={
+        "help": "also encode and quantise every distinct content title (video, news) of the "
+                "ingested events into <out>/titles (the prompts' knowledge tokens)"})
+    max_title_chars: int = field(default=512, metadata={
+        "help": "a content title longer than this gets the fallback vector (counted in the "
+                "manifest), as do empty and undecodable ones"})
     embed_on: Literal["ray", "local"] = field(default="ray", metadata={
         "help": "ray: batch embedding on Ray Data with an actor pool; local: in this process"})
     embed_batch_size: int = field(default=512, metadata={
@@ -124,7 +134,7 @@ class SidConfig:
             raise ConfigError(f"sids: codebook_size must be >= 2 (or unset for automatic), "
                               f"got {self.codebook_size}")
         for name in ("embed_dim", "hash_features", "fit_sample", "max_length", "embed_batch_size",
-                     "embed_actors", "kmeans_iters", "latent_dim", "epochs", "batch_size"):
+                     "embed_actors", "kmeans_iters", "max_title_chars", "latent_dim", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sids: {name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_threads is not None and self.cpu_threads < 1:

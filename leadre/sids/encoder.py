@@ -292,6 +292,38 @@ class HfEncoder(TextEncoder):
                 "cache_dir": self.cache_dir}, {}
 
 
+def encoder_version(location: str) -> str:
+    """A short name of the encoder saved at ``location`` that changes whenever its vectors
+    would: ``<kind>:<model>:<12 hex>`` over its settings, fitted weights (LSA) or the model
+    directory's config and weight sizes (hf; a packaged name also pins its weights' sha256).
+    Stages that consume vectors or codes record it; a mismatch is refused by name."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    raw = read_bytes(location, ENCODER_JSON)
+    settings = json.loads(raw)
+    h = hashlib.sha256(raw)
+    name = str(settings.get("dim", ""))
+    if settings.get("kind") == "lsa":
+        h.update(read_bytes(location, LSA_WEIGHTS))
+    elif settings.get("kind") == "hf":
+        from leadre.sids.packaged import ENCODERS
+
+        name = settings.get("model_path") or ""
+        entry = ENCODERS.get(name)
+        if entry is not None:
+            h.update(f"{entry.version}:{entry.weights_sha256}".encode())
+        else:
+            local = Path(name)
+            name = local.name
+            for f in sorted(local.glob("*")) if local.is_dir() else []:
+                h.update(f.name.encode() + str(f.stat().st_size).encode())
+                if f.name == "config.json":
+                    h.update(f.read_bytes())
+    return f"{settings.get('kind')}:{name}:{h.hexdigest()[:12]}"
+
+
 def load_encoder(location: str, device: str | None = None) -> TextEncoder:
     """Restore an encoder that ``TextEncoder.save`` wrote to ``location``."""
     settings = read_json(location, ENCODER_JSON)

@@ -198,6 +198,10 @@ class SftConfig(TrainArgs):
     preset: PresetName = field(default="small", metadata={
         "help": "size of a model built from scratch (tiny: tests and the demo, base: a real "
                 "catalog on a few CPU cores, small: real runs on a GPU)"})
+    sid_init: Literal["codebook", "mean"] = field(default="codebook", metadata={
+        "help": "how new S-ID token rows start: codebook (each quantiser level's code vectors, "
+                "projected onto the hidden size by their principal directions and scaled to "
+                "the vocabulary's norm: related codes start close) or mean (an average token)"})
     tasks: list[str] | None = field(default=None, metadata={
         "help": "train only on these tasks (main, aux_text2sid, aux_sid2text, aux_titles)"})
     tokenizer_corpus_rows: int = field(default=200_000, metadata={

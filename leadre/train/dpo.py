@@ -109,7 +109,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         prompts_manifest = read_manifest(cfg.prompts_dir)
         # the pairs must name ads by the S-IDs the SFT model learnt
         check_sid_version(cfg.prompts_dir, prompts_manifest, sft_manifest.get("sid_version"),
-                          f"the SFT model in {cfg.sft_dir}")
+                          f"the SFT model in {cfg.sft_dir}", sft_manifest.get("encoder_version"))
         splits = read_splits(cfg.prompts_dir, "dpo", COLUMNS, cfg, cfg.pair_types,
                              heldout=cfg.heldout_split)
         train, valid, heldout = splits["train"], splits["valid"], splits["heldout"]
@@ -155,7 +155,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         counts={"train_pairs": train.num_rows, "valid_pairs": valid.num_rows if has_eval else 0,
                 "heldout_pairs": heldout_info.get("pairs", 0)},
         timings=timings,
-        extra={"sid_version": sft_manifest.get("sid_version"), "training": info,
+        extra={"sid_version": sft_manifest.get("sid_version"),
+               "encoder_version": sft_manifest.get("encoder_version"), "training": info,
                "history": history,
                "prompt_config": (sft_manifest.get("prompt_config")
                                  or prompts_manifest.get("config"))})

@@ -115,12 +115,14 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     with artifacts.timed(timings, "read"):
         from leadre.sids import load_table
+        from leadre.sids.build import load_code_vectors
         from leadre.stages import resolve_inputs
 
         prompts_manifest = read_manifest(cfg.prompts_dir)
         sids_dir = resolve_inputs(STAGE, cfg).sids_dir
         table = load_table(sids_dir)
-        check_sid_version(cfg.prompts_dir, prompts_manifest, table.version, sids_dir)
+        encoder = artifacts.read_manifest(sids_dir, stage="sids").get("encoder_version")
+        check_sid_version(cfg.prompts_dir, prompts_manifest, table.version, sids_dir, encoder)
         splits = read_splits(cfg.prompts_dir, "sft", COLUMNS, cfg, cfg.tasks)
         train, valid = splits["train"], splits["valid"]
         if train.num_rows == 0:
@@ -135,9 +137,10 @@ def run(cfg: SftConfig) -> dict[str, Any]:
         else:
             corpus = train.slice(0, cfg.tokenizer_corpus_rows)
             texts = corpus.column("prompt").to_pylist() + corpus.column("completion").to_pylist()
+            vectors = load_code_vectors(sids_dir) if cfg.sid_init == "codebook" else None
             model_info = prepare_base_model(model_dir, sid_tokens=table.tokens(),
                                             base_model=cfg.base_model, preset=cfg.preset,
-                                            corpus=texts, seed=cfg.seed)
+                                            corpus=texts, seed=cfg.seed, sid_vectors=vectors)
         lengths = _length_stats(load_tokenizer(model_dir), [train, valid], cfg.max_length)
     max_length = _fit_max_length(cfg, lengths, model_dir)
     distribution = lengths.pop("distribution")
@@ -157,7 +160,8 @@ def run(cfg: SftConfig) -> dict[str, Any]:
                 "valid_examples": valid.num_rows if has_eval else 0,
                 "sid_tokens": len(table.tokens()), **lengths},
         timings=timings,
-        extra={"sid_version": table.version, "model": model_info, "training": info,
+        extra={"sid_version": table.version, "encoder_version": encoder, "model": model_info,
+               "training": info,
                "token_lengths": {**distribution, "max_length": max_length},
                "history": history, "prompt_config": prompts_manifest.get("config")})
     manifest["summary"] = summary(cfg, info, timings)
