@@ -14,11 +14,16 @@ import dataclasses
 import json
 import logging
 import sys
+import time
+import traceback
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 from leadre.artifacts import ArtifactError
 from leadre.config import RENAMED, ConfigError, load_config, merge, nest, parse_overrides
+from leadre.console import ray_session_logs, stage_output
+from leadre.runtime import RayConfig
 from leadre.stages import STAGES, Stage, config_class, run_stage
 
 __all__ = ["STAGES", "build_parser", "config_from_args", "main"]
@@ -54,7 +59,9 @@ def _nullable(conv: Callable[[str], Any]) -> Callable[[str], Any]:
 
 # Options every sub-command has; a config field of the same name is set through them.
 COMMON_OPTIONS = {"config", "overrides", "verbose"}
-VERBOSE_HELP = "debug logging (demo: the libraries' logs as they happen)"
+VERBOSE_HELP = ("the libraries' logs (Ray and its workers, HF, warnings) here, not in "
+                "<out>/../logs/<stage>.log, and debug logging (demo: the libraries' logs as "
+                "they happen)")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -147,6 +154,41 @@ def _renamed_flag(unknown: list[str]) -> str | None:
     return None
 
 
+def log_file(stage: Stage, cfg: Any) -> Path:
+    """Where a quiet run keeps the libraries' output: ``<parent of out>/logs/<stage>.log``,
+    beside the stage's artifact directory, not in it (a stage may clear that), and where
+    `leadre demo` keeps its stage logs; ``runs/logs/`` for a stage without a local ``out``."""
+    out = getattr(cfg, "out", None)
+    local = isinstance(out, str) and "://" not in out
+    return (Path(out).resolve().parent if local else Path("runs")) / "logs" / f"{stage.name}.log"
+
+
+def _run_quietly(stage: Stage, cfg: Any, argv: list[str], path: Path) -> dict[str, Any]:
+    """``run_stage`` with only the project's log lines on the terminal; everything else,
+    a failure's traceback included, goes to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"leadre {' '.join(argv)}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    with stage_output(path) as console:
+        console.print(f"library logs: {path} (--verbose prints them here)")
+        try:
+            return run_stage(stage.name, cfg)
+        except Exception:
+            traceback.print_exc()
+            raise
+        finally:
+            # with ray.quiet the workers' output is not in this file but in the session's
+            workers = ray_session_logs()
+            if workers is not None:
+                print(f"Ray workers' logs: {workers}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception in one line: its last one, where a Ray error wrapping a worker's
+    traceback names the worker's exception."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip()}" if lines else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -161,12 +203,27 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.verbose and not _has_verbose(config_class(stage.name))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = stage.quiet and not args.verbose
+    path: Path | None = None
     try:
         cfg = config_from_args(args)
-        result = run_stage(stage.name, cfg)
+        ray_cfg = getattr(cfg, "ray", None)
+        if isinstance(ray_cfg, RayConfig) and ray_cfg.quiet is None:
+            ray_cfg.quiet = quiet
+        if quiet:
+            path = log_file(stage, cfg)
+            result = _run_quietly(stage, cfg, argv, path)
+        else:
+            result = run_stage(stage.name, cfg)
     except (ConfigError, ArtifactError, FileNotFoundError) as e:
         print(f"leadre {stage.name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if path is None:  # not quiet: the traceback as usual
+            raise
+        print(f"leadre {stage.name}: error: {_one_line(e)} (traceback: {path})",
+              file=sys.stderr)
+        return 1
     if result is not None and stage.json_result:
         print(json.dumps(result.get("summary", result), indent=2, default=str))
     return 0

@@ -1,9 +1,11 @@
-"""The demo's terminal: one line per stage while everything libraries print (Python logging,
-warnings, tqdm, Ray's C++ core) goes to per-stage log files."""
+"""The quiet terminal of `leadre demo` (one line per stage) and of a stage run on its own (the
+project's log lines), while everything libraries print (Python logging, warnings, tqdm, Ray's
+C++ core) goes to per-stage log files."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -16,12 +18,13 @@ class Console:
     """One line per stage on the terminal. When quiet, file descriptors 1 and 2 point at the
     current stage's log file, so everything else the process prints (Python logging,
     warnings, tqdm, Ray's C++ core) lands there; this console keeps its own copy of the
-    terminal."""
+    terminal: the process's stdout, or its stderr with ``fd=2``."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, fd: int = 1):
         self.quiet = quiet
-        sys.stdout.flush()
-        self.term: IO[str] = os.fdopen(os.dup(1), "w", buffering=1) if quiet else sys.stdout
+        own = sys.stdout if fd == 1 else sys.stderr
+        own.flush()
+        self.term: IO[str] = os.fdopen(os.dup(fd), "w", buffering=1) if quiet else own
         self.live = quiet and self.term.isatty()
         # Text streams writing to fds 1 and 2 themselves, standing in for a sys.stdout that is
         # not on fd 1 (pytest's, a notebook's). Never closed: a logging handler created
@@ -86,6 +89,36 @@ class Console:
             self.print(prefix + status.rstrip())
 
 
+class TerminalFormatter(logging.Formatter):
+    """``12:03:04 message``, and ``12:03:04 warning: message`` from WARNING up: the project's
+    own lines on a quiet terminal (its log file has the full format)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{record.asctime} {level}{record.message}"
+
+
+@contextlib.contextmanager
+def stage_output(log_file: Path, project: str = "leadre") -> Iterator[Console]:
+    """A stage run on its own, quietly: the log lines of ``project`` (and its child loggers)
+    on the terminal's stderr, everything else the process prints in ``log_file``, the
+    ``project`` lines too (through the root logger's handler, which writes to fd 2)."""
+    console = Console(quiet=True, fd=2)
+    handler = logging.StreamHandler(console.term)
+    handler.setFormatter(TerminalFormatter())
+    logger = logging.getLogger(project)
+    logger.addHandler(handler)
+    try:
+        with console.output_to(log_file):
+            yield console
+    finally:
+        logger.removeHandler(handler)
+        console.term.close()
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -93,16 +126,25 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def link_ray_logs(logs: Path) -> str | None:
-    """``<logs>/ray`` -> the Ray session's logs (the workers' stdout/stderr are there)."""
+def ray_session_logs() -> Path | None:
+    """The log folder of this process's local Ray session (the workers' stdout/stderr are
+    there); None without one."""
+    if "ray" not in sys.modules:  # a stage that never used Ray: not worth importing it
+        return None
     try:
         import ray
 
         session = ray._private.worker._global_node.get_session_dir_path()
-    except Exception:  # a remote cluster or no session: nothing local to link
+    except Exception:  # a remote cluster or no session: nothing local
         return None
-    target, link = Path(session) / "logs", logs / "ray"
-    if not target.is_dir():
+    logs = Path(session) / "logs"
+    return logs if logs.is_dir() else None
+
+
+def link_ray_logs(logs: Path) -> str | None:
+    """``<logs>/ray`` -> the Ray session's logs (the workers' stdout/stderr are there)."""
+    target, link = ray_session_logs(), logs / "ray"
+    if target is None:
         return None
     with contextlib.suppress(OSError):
         if link.is_symlink():

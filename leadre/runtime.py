@@ -35,14 +35,18 @@ class RayConfig:
     quiet: the workers' output stays in the Ray session's log files instead of also being
         printed by the driver (``log_to_driver``), Ray Data shows no progress and logs only
         warnings on the console (its full log stays in the session's ``ray-data`` folder), and
-        the HF libraries' progress bars and advisory messages are off. ``leadre demo`` uses it.
+        the HF libraries' progress bars and advisory messages are off. Unset (``None``), a
+        stage run from the ``leadre`` command is quiet unless ``--verbose`` is given (the
+        command also keeps the libraries' output in a log file), and a library caller's
+        ``init_ray`` is not.
     """
 
     address: str | None = None
     num_cpus: int | None = None
     object_store_mb: int = 512
-    quiet: bool = field(default=False, metadata={
-        "help": "keep worker output, progress bars and Ray Data's progress in log files"})
+    quiet: bool | None = field(default=None, metadata={
+        "help": "keep worker output, progress bars and Ray Data's progress in log files "
+                "(unset: on unless --verbose)"})
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:

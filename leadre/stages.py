@@ -40,6 +40,9 @@ class Stage:
     inputs: tuple[Input, ...] = ()
     artifact: str | None = None  # directory name under a pipeline root; None: the stage's name
     json_result: bool = True  # the CLI prints the result's summary as JSON (the demo: its own)
+    # The CLI keeps library output in a log file unless --verbose. Not the demo (its own
+    # console) nor serve (a service: its output is its operator's log).
+    quiet: bool = True
 
     @property
     def dir_name(self) -> str:
@@ -102,10 +105,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("serve", "leadre.serve", "leadre.serve.config:ServeConfig",
           "run the two-tier Ray Serve graph (ScaNN matcher as the HTTP ingress, LLM generator)",
           "serve", inputs=(_in("index_dir", "index"), _in("sids_dir", "sids"),
-                           _in("model_dir", "dpo", "sft"))),
+                           _in("model_dir", "dpo", "sft")), quiet=False),
     Stage("demo", "leadre.demo", "leadre.demo:DemoConfig",
           "run the whole pipeline on the embedded synthetic world and print a summary", "demo",
-          json_result=False),
+          json_result=False, quiet=False),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

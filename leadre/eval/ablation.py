@@ -4,23 +4,30 @@ prompts -> sft -> dpo -> eval with config variants (cumulative, as in the LEADRE
 ==============  =====================================================================
 main_only       main task only; behaviour history without content-domain events
 aux             + auxiliary alignment tasks (ad text <-> S-ID, titles-for-S-IDs)
-cross_domain    + cross-domain facets (video plays and news reads in the behaviours)
-dpo             + DPO on the cross_domain SFT model
+cross_domain    + cross-domain facets (video plays and news reads, shown as their titles)
+knowledge       + knowledge tokens: content events shown as their frozen vectors' codes,
+                and S-ID token rows started from their codebook vectors
+dpo             + DPO on the last SFT model (knowledge, else cross_domain)
 ==============  =====================================================================
 
-Two prompt builds serve the four variants: ``prompts_ad`` (history actions click and
+Three prompt builds serve the variants: ``prompts_ad`` (history actions click and
 conversion only, auxiliary tasks built) feeds ``main_only`` (SFT on ``tasks=[main]``) and
-``aux`` (all tasks); ``prompts_xd`` (the full facets) feeds ``cross_domain`` and ``dpo``.
-Every eval scores the same split; the baselines run once, with the last variant.
+``aux`` (all tasks); ``prompts_xd`` (content as titles) feeds ``cross_domain``;
+``prompts_kn`` (content as knowledge tokens) feeds ``knowledge`` and ``dpo``. Every eval
+scores the same split; the baselines run once, with the last variant.
 
-Every variant is trained once per seed of ``seeds`` and the table reports mean ± std over
-them; every variant is scored on the same users (the eval stage samples users by a hash of
-their id). When the eval stage reports metrics by ad-history length (``groups``), the table
+**Equal budget.** Every SFT variant trains exactly ``sft.max_steps`` optimizer steps (an
+epoch budget would give the variants with more examples more steps, and their gain could
+not be told from the extra training); the plan refuses an SFT section without it.
+
+Every variant is trained once per seed of ``seeds`` and the table reports the mean and a 95%
+confidence interval over them (Student's t); every variant is scored on the same users (the
+eval stage samples users by a hash of their id). When the eval stage reports metrics by ad-history length (``groups``), the table
 shows HR@10 per group: the paper's claim is that content-domain behaviour helps most the users
 with a sparse ad history.
 
-``dpo_grid`` sweeps DPO settings (e.g. ``beta``, ``max_steps``) from the ``cross_domain`` SFT
-model of the first seed. Each point is scored on the *valid* split; the operating point is the
+``dpo_grid`` sweeps DPO settings (e.g. ``beta``, ``max_steps``) from the SFT model DPO starts
+from (knowledge, else cross_domain), of the first seed. Each point is scored on the *valid* split; the operating point is the
 one with the highest eCPM@10 whose HR@10 is within ``max_hr_loss`` (relative) of the SFT
 model's on valid; only that point is then scored on test. ``dpo_frontier.png`` plots the
 sweep.
@@ -83,29 +90,41 @@ def plan(cfg: AblationConfig) -> tuple[list[Step], dict[str, str]]:
         prompts_dirs["ad"] = join(cfg.out, "prompts_ad")
         step("prompts_ad", "prompts", {**upstream, "prompts": prompts_dirs["ad"]},
              {"history_actions": actions})
-    if any(v in want for v in ("cross_domain", "dpo")):
+    for key, content in (("xd", "title"), ("kn", "code")):
+        users = ("cross_domain",) if key == "xd" else ("knowledge", "dpo")
+        if not any(v in want for v in users):
+            continue
         if not set(CONTENT_ACTIONS) & set(p_base.history_actions):
-            raise ConfigError("ablation: the cross_domain variant needs play/read in "
+            raise ConfigError(f"ablation: the {users[0]} variant needs play/read in "
                               "prompts.history_actions")
-        prompts_dirs["xd"] = join(cfg.out, "prompts_xd")
-        step("prompts_xd", "prompts", {**upstream, "prompts": prompts_dirs["xd"]})
+        prompts_dirs[key] = join(cfg.out, f"prompts_{key}")
+        step(f"prompts_{key}", "prompts", {**upstream, "prompts": prompts_dirs[key]},
+             {"content_object": content})
 
-    sft_runs = {"main_only": ("ad", ["main"]), "aux": ("ad", None),
-                "cross_domain": ("xd", None), "dpo": ("xd", None)}
+    # variant -> (prompt build, SFT tasks, S-ID row init); dpo starts from the last SFT model
+    sft_runs = {"main_only": ("ad", ["main"], "mean"), "aux": ("ad", None, "mean"),
+                "cross_domain": ("xd", None, "mean"), "knowledge": ("kn", None, "codebook")}
+    dpo_from = "knowledge" if "knowledge" in want or "cross_domain" not in want else "cross_domain"
+    if "dpo" in want:
+        sft_runs["dpo"] = sft_runs[dpo_from]
     rows: dict[str, dict[int, str]] = {v: {} for v in want}
     for n_seed, seed in enumerate(cfg.seeds):
         sft_dirs: dict[str, str] = {}
         for v in want:
-            src, tasks = sft_runs[v]
-            key = "cross_domain" if v == "dpo" else v
+            key = dpo_from if v == "dpo" else v
             if key in sft_dirs:
                 continue
+            src, tasks, init = sft_runs[key]
             sft_dirs[key] = join(cfg.out, f"sft_{key}_s{seed}")
             step(f"sft_{key}_s{seed}", "sft", {"prompts": prompts_dirs[src], "sft": sft_dirs[key]},
-                 {"tasks": tasks, "seed": seed})
+                 {"tasks": tasks, "seed": seed, "sid_init": init})
+            if steps[-1].config.max_steps < 1:
+                raise ConfigError("ablation: every variant trains the same number of optimizer "
+                                  "steps: set sft.max_steps (an epoch budget gives variants "
+                                  "with more examples more steps)")
         if "dpo" in want:
-            step(f"dpo_s{seed}", "dpo", {"prompts": prompts_dirs["xd"],
-                                          "sft": sft_dirs["cross_domain"],
+            step(f"dpo_s{seed}", "dpo", {"prompts": prompts_dirs[sft_runs["dpo"][0]],
+                                          "sft": sft_dirs[dpo_from],
                                           "dpo": join(cfg.out, f"dpo_s{seed}")}, {"seed": seed})
         for i, v in enumerate(want):
             model = ({"dpo": join(cfg.out, f"dpo_s{seed}")} if v == "dpo"
@@ -116,17 +135,18 @@ def plan(cfg: AblationConfig) -> tuple[list[Step], dict[str, str]]:
                  {"prompts": prompts_dirs[sft_runs[v][0]], **model, "eval": rows[v][seed]},
                  None if last else {"baselines": []})
         if n_seed == 0 and cfg.dpo_grid:
+            src = prompts_dirs[sft_runs[dpo_from][0]]
             valid_only = {"baselines": [], "split": "valid"}
-            step("eval_cross_domain_valid", "eval",
-                 {"prompts": prompts_dirs["xd"], "sft": sft_dirs["cross_domain"],
-                  "eval": join(cfg.out, "eval_cross_domain_valid")}, valid_only)
+            step("eval_dpo_base_valid", "eval",
+                 {"prompts": src, "sft": sft_dirs[dpo_from],
+                  "eval": join(cfg.out, "eval_dpo_base_valid")}, valid_only)
             for g, point in enumerate(cfg.dpo_grid):
                 out = join(cfg.out, f"dpo_sweep{g}")
-                step(f"dpo_sweep{g}", "dpo", {"prompts": prompts_dirs["xd"],
-                                               "sft": sft_dirs["cross_domain"], "dpo": out},
+                step(f"dpo_sweep{g}", "dpo", {"prompts": src, "sft": sft_dirs[dpo_from],
+                                               "dpo": out},
                      {**point, "seed": seed})
                 step(f"eval_sweep{g}_valid", "eval",
-                     {"prompts": prompts_dirs["xd"], "dpo": out,
+                     {"prompts": src, "dpo": out,
                       "eval": join(cfg.out, f"eval_sweep{g}_valid")}, valid_only)
     return steps, rows
 
@@ -136,13 +156,22 @@ def _leadre(eval_dir: str) -> dict[str, Any]:
     return next(m for n, m in report["methods"].items() if n.startswith("leadre-"))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+# Student's t quantile 0.975 by degrees of freedom (beyond the table: the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% confidence interval over the seeds; 0 for one seed)."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return mean, math.sqrt(var)
+    n = len(vals)
+    mean = sum(vals) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
 def _flat(m: dict[str, Any]) -> dict[str, float]:
@@ -155,7 +184,8 @@ def _flat(m: dict[str, Any]) -> dict[str, float]:
 
 def table_rows(rows: dict[str, dict[int, str]]
                ) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, Any]]:
-    """Per variant, (mean, std) over seeds of every metric; and the baselines' metrics."""
+    """Per variant, (mean, 95% CI half-width) over seeds of every metric; and the
+    baselines' metrics."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     baselines: dict[str, dict[str, float]] = {}
     for variant, by_seed in rows.items():
@@ -168,7 +198,7 @@ def table_rows(rows: dict[str, dict[int, str]]
                 else:
                     baselines[name] = _flat(m)
         keys = sorted({k for r in runs for k in r})
-        out[variant] = {k: _mean_std([r.get(k, float("nan")) for r in runs]) for k in keys}
+        out[variant] = {k: _mean_ci([r.get(k, float("nan")) for r in runs]) for k in keys}
         out[variant]["seeds"] = (len(runs), 0.0)
     return out, baselines
 
@@ -216,8 +246,8 @@ def plot_frontier(sft: dict[str, float], points: list[dict[str, float]],
 
 def markdown(variants: dict[str, dict[str, tuple[float, float]]],
              baselines: dict[str, dict[str, float]], k: int = 10) -> str:
-    """Variants as mean ± std over seeds, then the baselines; Δ columns compare the means of
-    consecutive variants."""
+    """Variants as mean ± 95% CI half-width over seeds, then the baselines; Δ columns compare
+    the means of consecutive variants."""
     cols = ["hr@5", f"hr@{k}", "ndcg@5", f"ndcg@{k}", f"ecpm@{k}", f"value_hr@{k}",
             "invalid_rate"]
     groups = sorted({c for m in variants.values() for c in m if c.startswith(f"hr@{k}[")})
@@ -227,10 +257,10 @@ def markdown(variants: dict[str, dict[str, tuple[float, float]]],
 
     def fmt(v) -> str:
         if isinstance(v, tuple):
-            mean, std = v
+            mean, half = v
             if math.isnan(mean):
                 return "–"
-            return f"{mean:.4f} ± {std:.4f}" if std else f"{mean:.4f}"
+            return f"{mean:.4f} ± {half:.4f}" if half else f"{mean:.4f}"
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
     def mean(m: dict[str, Any], c: str) -> float | None:
@@ -261,7 +291,7 @@ def _dpo_sweep(cfg: AblationConfig, steps: list[Step], timings: dict[str, float]
     """Pick the DPO operating point on valid, score it on test, plot the frontier."""
     if not cfg.dpo_grid:
         return None
-    sft = _leadre(join(cfg.out, "eval_cross_domain_valid"))
+    sft = _leadre(join(cfg.out, "eval_dpo_base_valid"))
     points = [_leadre(join(cfg.out, f"eval_sweep{g}_valid")) for g in range(len(cfg.dpo_grid))]
     labels = [",".join(f"{k}={v}" for k, v in p.items()) for p in cfg.dpo_grid]
     chosen = pick_operating_point(sft, points, cfg.max_hr_loss)
@@ -273,7 +303,9 @@ def _dpo_sweep(cfg: AblationConfig, steps: list[Step], timings: dict[str, float]
         "chosen": None if chosen is None else cfg.dpo_grid[chosen], "plot": png}
     if chosen is None:
         return result
-    base = next(s for s in steps if s.name == f"eval_cross_domain_s{cfg.seeds[0]}")
+    dpo_from = "knowledge" if any(s.name.startswith("sft_knowledge") for s in steps) \
+        else "cross_domain"
+    base = next(s for s in steps if s.name == f"eval_{dpo_from}_s{cfg.seeds[0]}")
     test_cfg = dataclasses.replace(base.config, model_dir=join(cfg.out, f"dpo_sweep{chosen}"),
                                    out=join(cfg.out, "eval_dpo_chosen_test"), baselines=[])
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from leadre.config import ConfigError
 from leadre.model.config import GenerationConfig
 from leadre.runtime import RayConfig
 
-VARIANTS = ("main_only", "aux", "cross_domain", "dpo")
+VARIANTS = ("main_only", "aux", "cross_domain", "knowledge", "dpo")
 
 
 @dataclass
@@ -146,8 +146,8 @@ class AblationConfig:
         "help": "reuse step outputs that already have a manifest (resume)"})
     dry_run: bool = field(default=False, metadata={
         "help": "validate and write the plan without running any stage"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={
-        "help": "training seeds; each variant is trained once per seed (mean ± std)"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
+        "help": "training seeds; each variant is trained once per seed (mean and 95% CI)"})
     dpo_grid: list[dict[str, Any]] = field(default_factory=list, metadata={
         "help": "DPO override sets swept from the cross_domain SFT model, picked on valid"})
     max_hr_loss: float = field(default=0.05, metadata={
@@ -160,8 +160,8 @@ class AblationConfig:
                               f", got {self.variants}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"ablation: seeds must be distinct and non-empty, got {self.seeds}")
-        if self.dpo_grid and "cross_domain" not in self.variants:
-            raise ConfigError("ablation: dpo_grid sweeps from the cross_domain model: keep that "
-                              "variant")
+        if self.dpo_grid and not {"cross_domain", "knowledge"} & set(self.variants):
+            raise ConfigError("ablation: dpo_grid sweeps from the knowledge (or cross_domain) "
+                              "model: keep one of them")
         if not 0 <= self.max_hr_loss < 1:
             raise ConfigError("ablation: max_hr_loss is a relative loss in [0, 1)")

@@ -298,26 +298,46 @@ def test_ablation_plan(tmp_path):
     from leadre.eval.config import AblationConfig
 
     cfg = AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
-                         sft={"preset": "tiny", "max_steps": 5}, dry_run=True)
+                         sft={"preset": "tiny", "max_steps": 5}, seeds=[0], dry_run=True)
     steps, rows = plan(cfg)
     names = [s.name for s in steps]
-    assert names == ["prompts_ad", "prompts_xd", "sft_main_only_s0", "sft_aux_s0",
-                     "sft_cross_domain_s0", "dpo_s0", "eval_main_only_s0", "eval_aux_s0",
-                     "eval_cross_domain_s0", "eval_dpo_s0"]
+    assert names == ["prompts_ad", "prompts_xd", "prompts_kn", "sft_main_only_s0",
+                     "sft_aux_s0", "sft_cross_domain_s0", "sft_knowledge_s0", "dpo_s0",
+                     "eval_main_only_s0", "eval_aux_s0", "eval_cross_domain_s0",
+                     "eval_knowledge_s0", "eval_dpo_s0"]
     by = {s.name: s.config for s in steps}
     assert not {"play", "read"} & set(by["prompts_ad"].history_actions)
     assert {"play", "read"} <= set(by["prompts_xd"].history_actions)
+    assert by["prompts_xd"].content_object == "title"
+    assert by["prompts_kn"].content_object == "code"
     assert by["sft_main_only_s0"].tasks == ["main"] and by["sft_aux_s0"].tasks is None
     assert by["sft_aux_s0"].prompts_dir == by["prompts_ad"].out
-    assert by["dpo_s0"].sft_dir == by["sft_cross_domain_s0"].out
+    assert by["sft_cross_domain_s0"].sid_init == "mean"
+    assert by["sft_knowledge_s0"].sid_init == "codebook"
+    assert by["sft_knowledge_s0"].prompts_dir == by["prompts_kn"].out
+    # equal budget: every SFT variant trains the same optimizer steps
+    assert {by[n].max_steps for n in names if n.startswith("sft_")} == {5}
+    assert by["dpo_s0"].sft_dir == by["sft_knowledge_s0"].out
     assert by["eval_dpo_s0"].model_dir == by["dpo_s0"].out and by["eval_dpo_s0"].baselines
     assert by["eval_aux_s0"].baselines == [] and by["sft_aux_s0"].preset == "tiny"
-    assert set(rows) == {"main_only", "aux", "cross_domain", "dpo"}
+    assert set(rows) == {"main_only", "aux", "cross_domain", "knowledge", "dpo"}
     assert run_ablation(cfg)["summary"]["dry_run"] is True
     md = markdown({"main_only": {"hr@10": (0.1, 0.01), "ecpm@10": (2.0, 0.0)},
                    "aux": {"hr@10": (0.12, 0.02), "ecpm@10": (2.0, 0.0)}},
                   {"sasrec": {"hr@10": 0.2}})
     assert "+20.0%" in md and "| sasrec |" in md and "0.1200 ± 0.0200" in md
+    with pytest.raises(ConfigError, match="same number of optimizer steps"):
+        plan(AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
+                            sft={"preset": "tiny", "epochs": 1}, dry_run=True))
+
+
+def test_ablation_table_gives_a_95_percent_interval_over_seeds():
+    from leadre.eval.ablation import _mean_ci
+
+    mean, half = _mean_ci([0.30, 0.32, 0.34])
+    assert mean == pytest.approx(0.32)
+    assert half == pytest.approx(4.303 * 0.02 / 3 ** 0.5)  # t(0.975, 2 df) * sd / sqrt(n)
+    assert _mean_ci([0.3]) == (0.3, 0.0)
 
 
 def test_ablation_plan_with_seeds_and_a_dpo_sweep(tmp_path):
@@ -326,6 +346,7 @@ def test_ablation_plan_with_seeds_and_a_dpo_sweep(tmp_path):
 
     cfg = AblationConfig(ingest_dir="runs/ingest", sids_dir="runs/sids", out=str(tmp_path),
                          seeds=[0, 1], variants=["cross_domain", "dpo"],
+                         sft={"max_steps": 5},
                          dpo_grid=[{"beta": 0.1, "max_steps": 20}, {"beta": 0.5}], dry_run=True)
     steps, rows = plan(cfg)
     by = {s.name: s for s in steps}
@@ -337,7 +358,7 @@ def test_ablation_plan_with_seeds_and_a_dpo_sweep(tmp_path):
     assert by["dpo_sweep1"].config.beta == 0.5
     assert by["eval_sweep1_valid"].config.split == "valid"
     assert by["eval_sweep1_valid"].config.model_dir == by["dpo_sweep1"].out
-    assert by["eval_cross_domain_valid"].config.split == "valid"
+    assert by["eval_dpo_base_valid"].config.split == "valid"
     assert not any(s.config.split == "valid" for n, s in by.items() if n.endswith(("_s0", "_s1"))
                    and n.startswith("eval_"))
     sft = {"hr@10": 0.30, "ecpm@10": 4.0}
