@@ -54,7 +54,10 @@ def fallback_vector(ad_embeddings: np.ndarray) -> np.ndarray:
 
 
 def content_titles(ingest_dir: str) -> list[str | None]:
-    """The distinct titles of the ingested content (non-ad) events, nulls included once."""
+    """The distinct titles of the ingested content (non-ad) events, nulls included once
+    (none when the ingest holds no events table: a catalog alone)."""
+    if not exists(join(ingest_dir, "events")):
+        return []
     events = read_table(ingest_dir, "events", columns=["domain", "title"])
     content = events.filter(pc.not_equal(events.column("domain"), "ad"))
     return pc.unique(content.column("title")).to_pylist()

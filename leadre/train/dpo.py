@@ -102,7 +102,6 @@ def preference_margins(model, tokenizer, table, batch_size: int = 32) -> dict[st
 
 
 def run(cfg: DpoConfig) -> dict[str, Any]:
-    init_ray(cfg.ray)
     timings: dict[str, float] = {}
     with artifacts.timed(timings, "read"):
         sft_manifest = read_training_manifest(cfg.sft_dir, "sft")
@@ -116,6 +115,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         if train.num_rows == 0:
             raise ArtifactError(f"{cfg.prompts_dir}/dpo/train has no preference pairs"
                                 + (f" of types {cfg.pair_types}" if cfg.pair_types else ""))
+    init_ray(cfg.ray)  # after the checks: a mismatched input fails before Ray starts
     has_eval = valid is not None and valid.num_rows > 0
     sft, out = Path(cfg.sft_dir).resolve(), Path(cfg.out).resolve()
     sft_adapter = sft / ADAPTER_DIR

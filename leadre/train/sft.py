@@ -111,7 +111,6 @@ def _selection_rows(cfg: SftConfig) -> list[tuple[str, str]] | None:
 
 
 def run(cfg: SftConfig) -> dict[str, Any]:
-    init_ray(cfg.ray)
     timings: dict[str, float] = {}
     with artifacts.timed(timings, "read"):
         from leadre.sids import load_table
@@ -128,6 +127,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
         if train.num_rows == 0:
             raise ArtifactError(f"{cfg.prompts_dir}/sft/train has no examples"
                                 + (f" of tasks {cfg.tasks}" if cfg.tasks else ""))
+    init_ray(cfg.ray)  # after the checks: a mismatched input fails before Ray starts
     has_eval = valid is not None and valid.num_rows > 0
     out = Path(cfg.out).resolve()
     model_dir = out / MODEL_DIR

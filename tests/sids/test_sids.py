@@ -65,8 +65,8 @@ def make_ingest(directory: Path, ads: pa.Table) -> str:
 
 
 def fast_cfg(ingest: str, out: Path, **kw) -> SidConfig:
-    base = dict(ingest_dir=ingest, out=str(out), quantizer="rqkmeans", embed_on="local",
-                embed_dim=32)
+    base = dict(ingest_dir=ingest, out=str(out), encoder="lsa", quantizer="rqkmeans",
+                embed_on="local", embed_dim=32)
     return SidConfig(**{**base, **kw})
 
 
