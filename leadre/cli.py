@@ -59,9 +59,9 @@ def _nullable(conv: Callable[[str], Any]) -> Callable[[str], Any]:
 
 # Options every sub-command has; a config field of the same name is set through them.
 COMMON_OPTIONS = {"config", "overrides", "verbose"}
-VERBOSE_HELP = ("the libraries' logs (Ray and its workers, HF, warnings) here, not in "
-                "<out>/../logs/<stage>.log, and debug logging (demo: the libraries' logs as "
-                "they happen)")
+VERBOSE_HELP = ("the libraries' output (Ray and its workers, HF, warnings) here, not in "
+                "<out>/../logs/<stage>.log, and the project's debug lines (demo: the "
+                "libraries' logs as they happen)")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -176,7 +176,7 @@ def _run_quietly(stage: Stage, cfg: Any, argv: list[str], path: Path) -> dict[st
             traceback.print_exc()
             raise
         finally:
-            # with ray.quiet the workers' output is not in this file but in the session's
+            # where the workers' output is (with ray.quiet, only there)
             workers = ray_session_logs()
             if workers is not None:
                 print(f"Ray workers' logs: {workers}", file=sys.stderr)
@@ -200,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     stage: Stage = args._stage
-    debug = args.verbose and not _has_verbose(config_class(stage.name))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose and not _has_verbose(config_class(stage.name)):
+        # the project's debug lines; the libraries' stay at INFO (matplotlib alone logs a
+        # DEBUG line per installed font)
+        logging.getLogger("leadre").setLevel(logging.DEBUG)
     quiet = stage.quiet and not args.verbose
     path: Path | None = None
     try:

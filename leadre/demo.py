@@ -243,6 +243,11 @@ def metrics_table(metrics: dict[str, Any], k: int = SUMMARY_K) -> list[str]:
         ci = m.get(f"hr@{k}_ci") if with_ci else None
         lines.append(f"  {name:<{width}}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols)
                      + (f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>18}" if isinstance(ci, list) else ""))
+    for name, d in (metrics.get("differences") or {}).items():
+        hr, nd = d.get(f"hr@{k}"), d.get(f"ndcg@{k}")
+        if hr and nd:
+            lines.append(f"  {name}: HR@{k} {hr[0]:+.4f} [{hr[1]:+.3f}, {hr[2]:+.3f}], "
+                         f"NDCG@{k} {nd[0]:+.4f} [{nd[1]:+.3f}, {nd[2]:+.3f}] (paired)")
     if "filter_history" in metrics:  # how the numbers were measured (eval's metrics.json)
         lines.append(f"  ({metrics['split']} split, users {metrics.get('users_hash')}, history "
                      f"{'' if metrics['filter_history'] else 'not '}filtered; CI: bootstrap "

@@ -95,3 +95,11 @@ def test_a_handler_made_during_a_stage_still_works_after_it(tmp_path, capfd):
         handler.emit(logging.makeLogRecord({"msg": "later"}))
     assert "later" in (tmp_path / "b.log").read_text()
     assert "Logging error" not in capfd.readouterr().err
+
+
+def test_metrics_table_shows_the_paired_difference_with_its_interval():
+    metrics = {**METRICS, "differences": {"leadre-dpo - sasrec": {
+        "hr@10": [0.0434, 0.012, 0.075], "ndcg@10": [0.01, -0.004, 0.024]}}}
+    lines = metrics_table(metrics)
+    assert ("  leadre-dpo - sasrec: HR@10 +0.0434 [+0.012, +0.075], NDCG@10 +0.0100 "
+            "[-0.004, +0.024] (paired)") in lines

@@ -202,7 +202,7 @@ def method_name(model_dir: str, taken: set[str]) -> str:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     from leadre.model.decode import invalid_rate
-    from leadre.eval.metrics import CI_LEVEL, all_metrics
+    from leadre.eval.metrics import CI_LEVEL, all_metrics, difference_ci
     from leadre.sids.build import load_table
 
     from leadre.stages import resolve_inputs
@@ -284,6 +284,15 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.history_groups:
             methods[name]["groups"] = history_groups(recs, targets, histories,
                                                      cfg.history_groups)
+    # LEADRE (the first model) against each sequential baseline, as a paired difference
+    differences = {}
+    if model_dirs and cfg.ci_resamples:
+        ours = method_name(model_dirs[0], set())
+        for base in ("sasrec", "text_sasrec"):
+            if base in ranked:
+                differences[f"{ours} - {base}"] = difference_ci(
+                    [r[:k] for r in ranked[ours]], [r[:k] for r in ranked[base]], targets,
+                    users, k, cfg.ci_resamples, cfg.seed)
     channel = None
     if cfg.channel_k and model_dirs and "sasrec" in ranked:
         channel = channel_report(ranked[method_name(model_dirs[0], set())], ranked["sasrec"],
@@ -296,6 +305,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                 if cfg.ci_resamples else None}
     with timed(timings, "write"):
         metrics = {**fairness, "rows": len(rows), "ks": cfg.ks, "methods": methods,
+                   "differences": differences,
                    "generation": generation, "baselines": base_info,
                    "early_stopping": early_stopping, "train_sequences": len(sequences),
                    "channel": channel}

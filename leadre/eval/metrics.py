@@ -121,6 +121,19 @@ def bootstrap_ci(per_row: Mapping[str, np.ndarray], users: Sequence[str] | None 
     return {name: [float(a), float(b)] for name, a, b in zip(names, lo, hi)}
 
 
+def difference_ci(ours: Sequence[Sequence[str]], theirs: Sequence[Sequence[str]],
+                  targets: Sequence[str | Sequence[str]], users: Sequence[str] | None = None,
+                  k: int = 10, resamples: int = 1000, seed: int = 0
+                  ) -> dict[str, list[float]]:
+    """``{"hr@k": [mean, lo, hi], "ndcg@k": ...}``: the difference ours - theirs, scored on
+    the same rows, with a paired bootstrap interval (each resample draws the same users for
+    both methods, so it is the interval of the difference, not two overlapping ones)."""
+    a, b = ranking_rows(ours, targets, (k,)), ranking_rows(theirs, targets, (k,))
+    diff = {name: a[name] - b[name] for name in (f"hr@{k}", f"ndcg@{k}")}
+    ci = bootstrap_ci(diff, users, resamples, seed)
+    return {name: [float(v.mean()), *ci[name]] for name, v in diff.items()}
+
+
 def beyond_accuracy(recs: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]],
                     catalog: CatalogStats, ks: Sequence[int] = KS) -> dict[str, float]:
     """coverage, diversity, novelty and value metrics (see the module docstring)."""

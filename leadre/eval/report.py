@@ -61,8 +61,21 @@ def markdown_report(metrics: dict[str, Any], ks: list[int], n_active: int) -> st
     if stop.get("slice"):
         lines += [f"SASRec early-stopped on {stop['rows']} rows of slice `{stop['slice']}`.", ""]
     lines += [markdown_table(metrics.get("methods", {}), ks), ""]
+    lines += differences_table(metrics.get("differences"))
     lines += groups_table(metrics.get("methods", {})) + channel_table(metrics.get("channel"))
     return "\n".join(lines)
+
+
+def differences_table(differences: dict[str, dict[str, list[float]]] | None) -> list[str]:
+    """Paired differences (method - baseline) with their bootstrap intervals."""
+    if not differences:
+        return []
+    lines = ["## Differences (paired bootstrap over the same users)", "",
+             "| difference | hr@10 [95% CI] | ndcg@10 [95% CI] |", "|---|---|---|"]
+    for name, d in differences.items():
+        cells = [f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in d.values()]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return lines + [""]
 
 
 def groups_table(methods: dict[str, dict[str, Any]]) -> list[str]:

@@ -95,6 +95,27 @@ def test_bootstrap_ci_over_users():
     assert all(math.isnan(x) for x in bootstrap_ci({"hr@10": np.zeros(0)}, [], 10)["hr@10"])
 
 
+def test_difference_ci_is_paired_over_the_same_users():
+    from leadre.eval.metrics import difference_ci
+
+    rng = np.random.default_rng(0)
+    n = 400
+    targets = [f"t{i}" for i in range(n)]
+    users = [f"u{i}" for i in range(n)]
+    # theirs hits a random 40%; ours hits the same rows plus 5% more: a small, sure gain
+    base = rng.random(n) < 0.4
+    extra = (~base) & (rng.random(n) < 0.08)
+    theirs = [[t] if b else ["x"] for t, b in zip(targets, base)]
+    ours = [[t] if b or e else ["x"] for t, b, e in zip(targets, base, extra)]
+    d = difference_ci(ours, theirs, targets, users, k=10, resamples=1000, seed=0)
+    mean, lo, hi = d["hr@10"]
+    assert mean == pytest.approx(extra.mean())
+    assert 0 < lo < mean < hi  # paired: the gain is clear although the two HRs' own
+    one = bootstrap_ci({"a": base.astype(float)}, users, 1000, 0)["a"]  # intervals overlap
+    assert one[1] - one[0] > 2 * (hi - lo)
+    assert difference_ci(theirs, theirs, targets, users, 10, 200)["ndcg@10"] == [0.0, 0.0, 0.0]
+
+
 def test_all_metrics_puts_an_interval_next_to_every_hr_and_ndcg():
     m = all_metrics(RECS, TARGETS, ks=(1, 3), users=["a", "b", "c"], ci_resamples=200)
     assert {c for c in m if c.endswith("_ci")} == {"hr@1_ci", "hr@3_ci", "ndcg@1_ci", "ndcg@3_ci"}
