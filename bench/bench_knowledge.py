@@ -1,7 +1,8 @@
 """What each knowledge ingredient buys: one recipe, then one ingredient changed at a time.
 
     python bench/bench_knowledge.py --data demo                  # the synthetic world
-    python bench/bench_knowledge.py --data scientific --preset base --steps 3600
+    python bench/bench_knowledge.py --data scientific --variants recipe --preset base \
+        --steps 3600 --lr 2e-3 --weight-decay 0.1 --selection-rows 512 --beam-size 20 --test
 
 Every variant trains the same number of optimizer steps and is scored on the *valid* users
 (tuning rows; the test split is never read here). The recipe is the one the pipeline
@@ -18,9 +19,12 @@ no_aux         main task only (no ad text <-> S-ID, no titles-for-S-IDs examples
 no_xd          no content-domain events in the history (cross-domain facets off)
 =============  ===========================================================================
 
-Stage outputs are reused when their manifest exists (an interrupted run resumes). Appends a
-table to bench/RESULTS.md and prints ``RESULT ...`` with the recipe's and each variant's
-HR@10 (R@10 under leave-one-out).
+Each row also gives its S-IDs' quality (collision rate before the disambiguation level,
+per-level utilisation, first-level same-category share). Stage outputs are reused when their
+manifest exists (an interrupted run resumes). ``--test`` then scores the first variant (the
+chosen recipe) once on the test split beside most-popular, SASRec and the text-aware SASRec,
+on the same users. Appends a table to bench/RESULTS.md and prints ``RESULT ...`` (with
+``--test``: ``RESULT data=<d> leadre_r10=.. sasrec_r10=.. text_sasrec_r10=.. ratio=..``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200, help="SFT optimizer steps, every variant")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--test", action="store_true",
+                    help="score the first variant on the test split with the baselines")
     ap.add_argument("--beam-size", type=int, default=10)
     ap.add_argument("--selection-rows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -100,6 +107,8 @@ def main() -> None:
     loo = args.data == "scientific"
     results: dict[str, dict] = {}
     baselines: dict[str, dict] = {}
+    quality: dict[str, dict] = {}
+    models: dict[str, tuple[Path, Path]] = {}
     for name in args.variants:
         v = {**RECIPE, **VARIANTS[name]}
         sids = out / f"sids_{v['encoder']}_{v['quantizer']}"
@@ -124,10 +133,13 @@ def main() -> None:
             _run("sft", from_dict(SftConfig, {
                 "prompts_dir": str(prompts), "out": str(sft), "preset": args.preset,
                 "num_workers": 2, "max_steps": args.steps, "batch_size": args.batch_size,
-                "learning_rate": args.lr, "save_steps": max(args.steps // 3, 1),
+                "learning_rate": args.lr, "weight_decay": args.weight_decay,
+                "save_steps": max(args.steps // 3, 1),
                 "logging_steps": 50, "sid_init": v["init"], "seed": args.seed,
                 "tasks": None if v["aux"] else ["main"],
                 "selection_rows": args.selection_rows, "ray": ray}))
+        quality[name] = json.loads((sids / "manifest.json").read_text())["summary"]
+        models[name] = (prompts, sft)
         ev = out / f"eval_{name}_s{args.seed}"
         if not _done(ev):
             _run("eval", from_dict(EvalConfig, {
@@ -143,21 +155,52 @@ def main() -> None:
             else:
                 baselines[m] = met
 
-    lines = ["| variant | valid HR@10 | NDCG@10 | HR@10 95% CI |", "|---|---|---|---|"]
+    lines = ["| variant | valid HR@10 | NDCG@10 | HR@10 95% CI | S-ID collisions | "
+             "utilisation per level | 1st-level same category |", "|---|---|---|---|---|---|---|"]
     for name, m in [*results.items(), *baselines.items()]:
         ci = m.get("hr@10_ci") or [float("nan")] * 2
+        q = quality.get(name)
+        sid_cells = ([f"{q['collision_rate']:.3f}", " / ".join(f"{u:.2f}" for u in q["utilisation"]),
+                      f"{(q.get('first_level_same_category') or {}).get('same_code_pairs', float('nan')):.3f}"]
+                     if q else ["", "", ""])
         lines.append(f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | "
-                     f"[{ci[0]:.3f}, {ci[1]:.3f}] |")
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}] | " + " | ".join(sid_cells) + " |")
     first = json.loads((out / f"eval_{args.variants[0]}_s{args.seed}" / "metrics.json"
                         ).read_text())
     body = (f"Data: {args.data}; preset {args.preset}, {args.steps} SFT steps of 2 x "
             f"{args.batch_size} for every variant, seed {args.seed}; valid split, "
             f"{first.get('rows')} users (hash {first.get('users_hash')}), beam "
             f"{args.beam_size}.\n\n" + "\n".join(lines))
-    append(f"Knowledge ingredients ({args.data}, valid)", body)
-    print("RESULT data=" + args.data + " " + " ".join(
+    result = "RESULT data=" + args.data + " " + " ".join(
         f"{k.replace('=', '_')}_hr10={m['hr@10']:.4f}" for k, m in
-        [*results.items(), *baselines.items()]))
+        [*results.items(), *baselines.items()])
+    if args.test:
+        prompts, sft = models[args.variants[0]]
+        ev = out / f"test_{args.variants[0]}_s{args.seed}"
+        if not _done(ev):
+            _run("eval", from_dict(EvalConfig, {
+                "prompts_dir": str(prompts), "model_dir": str(sft), "out": str(ev),
+                "split": "test", "generation": {"beam_size": args.beam_size},
+                "baselines": ["most_popular", "sasrec", "text_sasrec"], "seed": 0,
+                "ray": ray}))
+        t = json.loads((ev / "metrics.json").read_text())
+        ours = next(m for n, m in t["methods"].items() if n.startswith("leadre"))
+        sas, txt = t["methods"]["sasrec"], t["methods"]["text_sasrec"]
+        rows = ["| method | test R@10 [95% CI] | NDCG@10 |", "|---|---|---|"]
+        for n, m in t["methods"].items():
+            ci = m.get("hr@10_ci") or [float("nan")] * 2
+            rows.append(f"| {n} | {m['hr@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | "
+                        f"{m['ndcg@10']:.4f} |")
+        for n, d in (t.get("differences") or {}).items():
+            rows.append(f"| {n} (paired) | {d['hr@10'][0]:+.4f} [{d['hr@10'][1]:+.4f}, "
+                        f"{d['hr@10'][2]:+.4f}] | {d['ndcg@10'][0]:+.4f} |")
+        body += (f"\n\nThe recipe ({args.variants[0]}) on the test split, {t.get('rows')} "
+                 f"users (hash {t.get('users_hash')}):\n\n" + "\n".join(rows))
+        result = (f"RESULT data={args.data} leadre_r10={ours['hr@10']:.4f} "
+                  f"sasrec_r10={sas['hr@10']:.4f} text_sasrec_r10={txt['hr@10']:.4f} "
+                  f"ratio={ours['hr@10'] / sas['hr@10']:.3f}")
+    append(f"Knowledge ingredients ({args.data})", body)
+    print(result)
 
 
 if __name__ == "__main__":
