@@ -7,14 +7,16 @@
   of candidates and runs LEADRE beside ID-based retrieval. With ``k`` = 50: Recall@{10,50,100}
   of SASRec and LEADRE, and of SASRec's top-``k`` merged with LEADRE's top-``k`` (duplicates
   dropped, then filled up from SASRec's own ranking to ``2k``) against SASRec's top-``2k``
-  alone: the same number of candidates, so the difference is what the channel adds.
+  alone: the same number of candidates, so the difference is what the channel adds. With
+  ``users``, the difference carries a paired bootstrap interval over users.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from leadre.eval.metrics import CatalogStats, beyond_accuracy, ranking_metrics
+from leadre.eval.metrics import CatalogStats, beyond_accuracy, bootstrap_ci, ranking_metrics, \
+    ranking_rows
 
 
 def history_groups(recs: Sequence[Sequence[str]], targets: Sequence[str],
@@ -46,7 +48,8 @@ def merge_channel(base: Sequence[str], extra: Sequence[str], k: int) -> list[str
 
 
 def channel_report(llm: Sequence[Sequence[str]], sasrec: Sequence[Sequence[str]],
-                   targets: Sequence[str], catalog: CatalogStats, k: int = 50
+                   targets: Sequence[str], catalog: CatalogStats, k: int = 50,
+                   users: Sequence[str] | None = None, resamples: int = 0, seed: int = 0
                    ) -> dict[str, Any]:
     """Recall, coverage and novelty of SASRec, LEADRE and the merged channel (module doc)."""
     big = 2 * k
@@ -63,7 +66,13 @@ def channel_report(llm: Sequence[Sequence[str]], sasrec: Sequence[Sequence[str]]
     ours = describe(llm, tuple(x for x in (10, k) if x <= k))
     both = describe(merged, (big,))
     gain = both[f"recall@{big}"] - sas[f"recall@{big}"]
+    ci = None
+    if resamples:
+        key = f"recall@{big}"
+        diff = ranking_rows(merged, targets, (big,))[key] - \
+            ranking_rows([s[:big] for s in sasrec], targets, (big,))[key]
+        ci = bootstrap_ci({key: diff}, users, resamples, seed)[key]
     return {"k": k, "rows": len(targets), "sasrec": sas, "leadre": ours,
             f"sasrec@{k}+leadre@{k}": both,
-            f"incremental_recall@{big}": gain,
+            f"incremental_recall@{big}": gain, f"incremental_recall@{big}_ci": ci,
             f"relative_gain@{big}": gain / sas[f"recall@{big}"] if sas[f"recall@{big}"] else None}

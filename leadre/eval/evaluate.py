@@ -296,7 +296,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     channel = None
     if cfg.channel_k and model_dirs and "sasrec" in ranked:
         channel = channel_report(ranked[method_name(model_dirs[0], set())], ranked["sasrec"],
-                                 targets, catalog, cfg.channel_k)
+                                 targets, catalog, cfg.channel_k, users, cfg.ci_resamples,
+                                 cfg.seed)
 
     fairness = {"split": cfg.split, **users_info, "max_rows": cfg.max_rows,
                 "filter_history": cfg.filter_history,

@@ -109,8 +109,11 @@ def channel_table(channel: dict[str, Any] | None) -> list[str]:
                      + " |")
     gain = channel[f"incremental_recall@{big}"]
     rel = channel.get(f"relative_gain@{big}")
+    ci = channel.get(f"incremental_recall@{big}_ci")
     lines += ["", f"Incremental recall@{big} of the merged channel over SASRec's top-{big}: "
-              f"{gain:+.4f}" + (f" ({rel:+.1%})." if rel is not None else "."), ""]
+              f"{gain:+.4f}" + (f" ({rel:+.1%})" if rel is not None else "")
+              + (f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired bootstrap over users)."
+                 if ci else "."), ""]
     return lines
 
 

@@ -36,3 +36,19 @@ def test_channel_report_measures_what_the_extra_channel_adds():
     assert r["sasrec@2+leadre@2"]["recall@4"] == 0.5  # row 2's s4 was pushed out by g9, g8
     assert r["incremental_recall@4"] == 0.0 and r["rows"] == 2
     assert r["sasrec@2+leadre@2"]["coverage@4"] == 0.6  # s1 s2 t1 s3 / g9 g8 -> 6 of 10
+
+
+def test_channel_gain_has_a_paired_bootstrap_interval():
+    catalog = CatalogStats(category={}, ecpm={}, popularity={}, n_active=10)
+    n = 300
+    targets = [f"t{i}" for i in range(n)]
+    # SASRec never finds the target; LEADRE finds it for every third user: the merged
+    # channel's gain is 1/3 and its interval excludes 0
+    sasrec = [["s1", "s2", "s3", "s4"]] * n
+    llm = [[t] if i % 3 == 0 else ["g"] for i, t in enumerate(targets)]
+    r = channel_report(llm, sasrec, targets, catalog, k=2, users=[f"u{i}" for i in range(n)],
+                       resamples=500)
+    lo, hi = r["incremental_recall@4_ci"]
+    assert r["incremental_recall@4"] == pytest.approx(1 / 3)
+    assert 0.2 < lo < 1 / 3 < hi < 0.45
+    assert channel_report(llm, sasrec, targets, catalog, k=2)["incremental_recall@4_ci"] is None
