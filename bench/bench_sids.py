@@ -194,7 +194,8 @@ def bench_stage(items) -> str:
         write_table(pa.table(rows, schema=ADS), f"{tmp}/ingest", "ads")
         write_manifest(f"{tmp}/ingest", "ingest", inputs={}, config={}, counts={}, timings={})
         t0 = time.perf_counter()
-        m = run(SidConfig(ingest_dir=f"{tmp}/ingest", out=f"{tmp}/sids", embed_on="local"))
+        m = run(SidConfig(ingest_dir=f"{tmp}/ingest", out=f"{tmp}/sids", encoder="lsa",
+                          embed_on="local"))
         dt = time.perf_counter() - t0
     s = m["summary"]
     return ("### `leadre sids` on Scientific, default config (LSA-128 + RQ-VAE 4 levels, "

@@ -20,8 +20,8 @@ def make_world(root: Path, ads: int = 600, users: int = 200, seed: int = 0,
         write_table(getattr(world, name), ingest, name)
     write_manifest(ingest, "ingest", inputs={}, config={}, counts={}, timings={})
     sids = str(root / "sids")
-    run_sids(SidConfig(ingest_dir=ingest, out=sids, quantizer="rqkmeans", embed_on="local",
-                       embed_dim=32, seed=seed))
+    run_sids(SidConfig(ingest_dir=ingest, out=sids, encoder="lsa", quantizer="rqkmeans",
+                       embed_on="local", embed_dim=32, seed=seed))
     out = {"ingest": ingest, "sids": sids}
     if index:
         from leadre.index import IndexConfig, run as run_index

@@ -617,7 +617,7 @@ def test_with_the_real_sids_stage(world, tmp_path):
     from leadre.sids import SidConfig
     from leadre.sids import run as sids_run
 
-    sids_run(SidConfig(ingest_dir=world["ingest"], out=str(tmp_path / "sids"),
+    sids_run(SidConfig(ingest_dir=world["ingest"], out=str(tmp_path / "sids"), encoder="lsa",
                        quantizer="rqkmeans", embed_on="local", embed_dim=16))
     table = SidTable.load(str(tmp_path / "sids"))
     m = build_local(cfg_for({**world, "sids": str(tmp_path / "sids")}, str(tmp_path / "out"),

@@ -166,7 +166,7 @@ def test_rqvae_deterministic_and_no_dead_codes():
 def test_rqvae_stage_on_ray(ray_local, tmp_path):
     ads = synthetic_ads(240, seed=7)
     cfg = SidConfig(ingest_dir=make_ingest(tmp_path / "ingest", ads), out=str(tmp_path / "out"),
-                    embed_on="ray", embed_actors=2, embed_batch_size=64, embed_dim=24,
+                    encoder="lsa", embed_on="ray", embed_actors=2, embed_batch_size=64, embed_dim=24,
                     quantizer="rqvae", levels=3, epochs=10, batch_size=64, latent_dim=8,
                     hidden_dims=[32])
     manifest = run(cfg)
@@ -195,8 +195,8 @@ def test_cli_and_trie_from_stage_output(synth_run, capsys):
 def test_cli_runs_stage(tmp_path, capsys):
     ingest = make_ingest(tmp_path / "ingest", synthetic_ads(120))
     rc = main(["sids", "--ingest-dir", ingest, "--out", str(tmp_path / "out"),
-               "--quantizer", "rqkmeans", "--embed-on", "local", "--levels", "3",
-               "--set", "embed_dim=16"])
+               "--encoder", "lsa", "--quantizer", "rqkmeans", "--embed-on", "local",
+               "--levels", "3", "--set", "embed_dim=16"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ads"] == 120 and len(summary["codebook_sizes"]) == 4
