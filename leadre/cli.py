@@ -160,7 +160,8 @@ def log_file(stage: Stage, cfg: Any) -> Path:
     `leadre demo` keeps its stage logs; ``runs/logs/`` for a stage without a local ``out``."""
     out = getattr(cfg, "out", None)
     local = isinstance(out, str) and "://" not in out
-    return (Path(out).resolve().parent if local else Path("runs")) / "logs" / f"{stage.name}.log"
+    root = Path(out).resolve().parent if local else Path("runs").resolve()
+    return root / "logs" / f"{stage.name}.log"
 
 
 def _run_quietly(stage: Stage, cfg: Any, argv: list[str], path: Path) -> dict[str, Any]:
