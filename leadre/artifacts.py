@@ -80,6 +80,10 @@ def _jsonable(obj: Any) -> Any:
 def write_manifest(location: str | Path, stage: str, *, inputs: dict[str, Any], config: Any,
                    counts: dict[str, Any], timings: dict[str, float],
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # A relative input directory is recorded absolute: later stages (and their Ray workers,
+    # which do not run in this process's directory) find the input from the record.
+    inputs = {k: str(Path(v).resolve()) if _is_relative_local(v) else v
+              for k, v in inputs.items()}
     manifest = {
         "stage": stage,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -92,6 +96,11 @@ def write_manifest(location: str | Path, stage: str, *, inputs: dict[str, Any], 
     }
     write_json(location, MANIFEST, manifest)
     return _jsonable(manifest)
+
+
+def _is_relative_local(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value) and "://" not in value
+            and not Path(value).is_absolute() and Path(value).exists())
 
 
 def read_manifest(location: str | Path, stage: str | tuple[str, ...] | None = None

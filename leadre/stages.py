@@ -92,7 +92,8 @@ STAGES: tuple[Stage, ...] = (
                   _recorded("sids_dir", "prompts_dir", "sids"),
                   _recorded("ingest_dir", "prompts_dir", "ingest", required=False))),
     Stage("ablation", "leadre.eval.ablation", "leadre.eval.config:AblationConfig",
-          "paper-style ablation table: main only, +aux, +cross-domain, +DPO "
+          "paper-style ablation table, equal step budget: main only, +aux, +cross-domain, "
+          "+knowledge tokens, +DPO "
           "(drives prompts -> sft -> dpo -> eval)", "ablation",
           inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"))),
     Stage("index", "leadre.index", "leadre.index.config:IndexConfig",

@@ -255,3 +255,18 @@ def test_index_warm_serve_fail_fast_without_starting_ray(dirs):
         # a quiet stage (warm) reports the failure in one line and exits 1; serve raises it
         assert r["rc"] == "RuntimeError: ray.init was called" or (
             r["rc"] == 1 and "error: RuntimeError: ray.init was called" in r["err"]), r
+
+
+def test_a_relative_input_directory_is_recorded_absolute(tmp_path, monkeypatch):
+    """Later stages and their Ray workers (which run elsewhere) read inputs from the record."""
+    from leadre.artifacts import read_manifest, write_manifest
+    from leadre.stages import recorded_input
+
+    (tmp_path / "runs" / "sids").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    write_manifest("runs/prompts", "prompts", inputs={"sids_dir": "runs/sids",
+                                                       "source": "lcrec", "uri": "s3://b/x"},
+                   config={}, counts={}, timings={})
+    assert recorded_input("runs/prompts", "sids_dir") == str(tmp_path / "runs" / "sids")
+    inputs = read_manifest("runs/prompts")["inputs"]
+    assert inputs["source"] == "lcrec" and inputs["uri"] == "s3://b/x"  # not paths: unchanged
