@@ -66,6 +66,24 @@ def _run(name: str, cfg) -> dict:
     return m
 
 
+def sid_builds(out: Path) -> str:
+    """Every S-ID build under ``out`` (encoder x quantiser) on the quality numbers."""
+    lines = ["| S-IDs (encoder_quantiser) | codes per level | collision rate | utilisation | "
+             "entropy (normalised) | 1st-level same category (random pairs) |",
+             "|---|---|---|---|---|---|"]
+    for d in sorted(out.glob("sids_*")):
+        if not _done(d):
+            continue
+        q = json.loads((d / "manifest.json").read_text())["summary"]
+        cat = q.get("first_level_same_category") or {}
+        lines.append(f"| {d.name[5:]} | {q['codebook_sizes'][:-1]} | {q['collision_rate']:.3f} | "
+                     + " / ".join(f"{u:.2f}" for u in q["utilisation"]) + " | "
+                     + " / ".join(f"{e:.2f}" for e in q["entropy_norm"]) + " | "
+                     + f"{cat.get('same_code_pairs', float('nan')):.3f} "
+                       f"({cat.get('random_pairs', float('nan')):.3f}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +185,7 @@ def main() -> None:
                      f"[{ci[0]:.3f}, {ci[1]:.3f}] | " + " | ".join(sid_cells) + " |")
     first = json.loads((out / f"eval_{args.variants[0]}_s{args.seed}" / "metrics.json"
                         ).read_text())
-    body = (f"Data: {args.data}; preset {args.preset}, {args.steps} SFT steps of 2 x "
+    body = sid_builds(out) + "\n\n" + (f"Data: {args.data}; preset {args.preset}, {args.steps} SFT steps of 2 x "
             f"{args.batch_size} for every variant, seed {args.seed}; valid split, "
             f"{first.get('rows')} users (hash {first.get('users_hash')}), beam "
             f"{args.beam_size}.\n\n" + "\n".join(lines))
