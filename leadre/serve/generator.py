@@ -117,7 +117,7 @@ class GeneratorCore:
                                            self.table.prefixes)
         return codes.attach(self.paths.sids_dir) if codes is not None else None
 
-    def _content_of(self, contexts: list[dict | None]):
+    def content_of(self, contexts: list[dict | None]):
         """title -> prompt object for these contexts, coding unseen titles first (this tier
         is latency-tolerant: an encoder call per batch of new titles)."""
         if self.content is None:
@@ -150,7 +150,7 @@ class GeneratorCore:
         if self.engine == "llm":
             from leadre.index.context import build_prompt
 
-            content_of = self._content_of(contexts)
+            content_of = self.content_of(contexts)
             prompts = [build_prompt(c, self.table, cfg=self.prompt_cfg, content_of=content_of)
                        for c in contexts]
             return [[(c.sid, c.score) for c in cands]

@@ -82,7 +82,8 @@ def test_generator_builds_prompts_the_way_the_model_was_trained(llm_world, tmp_p
 
     model = tmp_path / "sft"
     shutil.copytree(llm_world["model"], model)
-    trained = PromptConfig(profile=False, categories=False, max_events=3)
+    # (a recorded config without content_object predates knowledge tokens: titles)
+    trained = PromptConfig(profile=False, categories=False, max_events=3, content_object="title")
     write_manifest(str(model), "sft", inputs={}, config={}, counts={}, timings={},
                    extra={"prompt_config": {**read_manifest(llm_world["model"]).get("config", {}),
                                             "profile": False, "categories": False,

@@ -95,17 +95,27 @@ def test_unusable_titles_get_the_fallback_vector_and_are_counted(world, tmp_path
     assert titles.column("fallback").null_count == titles.num_rows - 3
 
 
-def test_prompts_show_content_events_as_knowledge_tokens(world):
+@pytest.fixture(scope="module")
+def prompt_builds(world):
+    """The world's prompts built twice: content as knowledge tokens (code) and as titles."""
     tmp, _ = world
-    codes = ContentCodes.from_sids_dir(str(tmp / "sids"), 2, list("abcde"))
     outs = {}
     for mode in ("code", "title"):
         out = tmp / f"prompts_{mode}"
-        m = run_stage("prompts", from_dict(PromptConfig, {
+        outs[mode] = run_stage("prompts", from_dict(PromptConfig, {
             "ingest_dir": str(tmp / "ingest"), "sids_dir": str(tmp / "sids"), "out": str(out),
             "content_object": mode, "ray": RayConfig(num_cpus=2)}))
-        outs[mode] = read_split(str(out), "sft", "train", ["prompt"]).column("prompt").to_pylist()
+    return outs
+
+
+def test_prompts_show_content_events_as_knowledge_tokens(world, prompt_builds):
+    tmp, _ = world
+    codes = ContentCodes.from_sids_dir(str(tmp / "sids"), 2, list("abcde"))
+    outs = {}
+    for mode, m in prompt_builds.items():
         assert m["encoder_version"] == read_manifest(str(tmp / "sids"))["encoder_version"]
+        outs[mode] = read_split(str(tmp / f"prompts_{mode}"), "sft", "train",
+                                ["prompt"]).column("prompt").to_pylist()
     video = re.compile(r"play short video\^([^;.]*)")
     assert len(outs["code"]) == len(outs["title"])
     compared = 0
@@ -171,7 +181,8 @@ def test_sid_rows_start_from_codebook_vectors(world, tmp_path):
         assert np.linalg.norm(w[ids], axis=1).mean() == pytest.approx(norm, rel=0.05)
 
 
-def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, tmp_path, capsys):
+def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, prompt_builds,
+                                                                     tmp_path, capsys):
     tmp, _ = world
     lsa = tmp_path / "sids_lsa"
     run_stage("sids", SidConfig(ingest_dir=str(tmp / "ingest"), out=str(lsa), encoder="lsa",
@@ -190,3 +201,49 @@ def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, tmp_
             "prompts_dir": str(tmp / "prompts_code"), "sids_dir": str(lsa),
             "out": str(tmp_path / "eval"), "model_dir": None, "baselines": ["most_popular"],
             "generate_on": "local"}))
+
+
+def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_builds,
+                                                                  tmp_path):
+    """The real TRL trainers on Ray Train learn from knowledge-token prompts with S-ID rows
+    started from the codebooks; eval decodes only valid S-IDs; the serving generator shows a
+    video title it has never seen as its knowledge token, the way training did."""
+    from leadre.eval.config import EvalConfig
+    from leadre.index.context import build_prompt
+    from leadre.model.config import GenerationConfig
+    from leadre.serve import GeneratorConfig, ServePaths
+    from leadre.serve.generator import GeneratorCore
+    from leadre.train.config import DpoConfig, SftConfig
+
+    tmp, sids_manifest = world
+    sids, prompts = str(tmp / "sids"), str(tmp / "prompts_code")
+    ray = RayConfig(num_cpus=2)
+    workers = dict(num_workers=2, cpus_per_worker=0.5, device="cpu", ray=ray)
+    sft = run_stage("sft", SftConfig(prompts_dir=prompts, out=str(tmp_path / "sft"),
+                                     preset="tiny", max_steps=6, batch_size=4, save_steps=6,
+                                     logging_steps=3, selection_rows=16, **workers))
+    assert sft["model"]["sid_init"] == "codebook"
+    assert sft["encoder_version"] == sids_manifest["encoder_version"]
+    assert sft["prompt_config"]["content_object"] == "code"
+    dpo = run_stage("dpo", DpoConfig(prompts_dir=prompts, sft_dir=str(tmp_path / "sft"),
+                                     out=str(tmp_path / "dpo"), max_steps=2, batch_size=4,
+                                     save_steps=2, logging_steps=1, **workers))
+    assert dpo["encoder_version"] == sids_manifest["encoder_version"]
+    ev = run_stage("eval", EvalConfig(prompts_dir=prompts, model_dir=str(tmp_path / "dpo"),
+                                      out=str(tmp_path / "eval"), baselines=[], max_rows=20,
+                                      generation=GenerationConfig(beam_size=10), ray=ray))
+    assert ev["summary"]["invalid_rate"] == {"leadre-dpo": 0.0}
+
+    core = GeneratorCore(GeneratorConfig(), ServePaths(sids, f"sqlite:///{tmp_path / 's.db'}",
+                                                       model_dir=str(tmp_path / "dpo")))
+    assert core.prompt_cfg.content_object == "code"
+    new = "a never seen video about charging an electric car"
+    ad = load_embeddings(sids)[0][0]
+    ctx = {"events": [{"ts": 1.7e9, "domain": "ad", "action": "click", "ad_id": ad},
+                      {"ts": 1.7e9 + 60, "domain": "video", "action": "play", "title": new}]}
+    content_of = core.content_of([ctx])
+    code = core.content.code(new)
+    assert re.fullmatch(r"<a_\d+><b_\d+>", code)
+    assert f"play short video^{code}" in build_prompt(ctx, core.table, cfg=core.prompt_cfg,
+                                                       content_of=content_of)
+    assert len(core.candidates([ctx])[0]) > 0
