@@ -181,12 +181,19 @@ def test_sid_rows_start_from_codebook_vectors(world, tmp_path):
         assert np.linalg.norm(w[ids], axis=1).mean() == pytest.approx(norm, rel=0.05)
 
 
-def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, prompt_builds,
-                                                                     tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lsa_sids(world):
+    """The same world's S-IDs from another encoder (LSA)."""
     tmp, _ = world
-    lsa = tmp_path / "sids_lsa"
-    run_stage("sids", SidConfig(ingest_dir=str(tmp / "ingest"), out=str(lsa), encoder="lsa",
-                                quantizer="rqkmeans", embed_on="local", seed=0))
+    run_stage("sids", SidConfig(ingest_dir=str(tmp / "ingest"), out=str(tmp / "sids_lsa"),
+                                encoder="lsa", quantizer="rqkmeans", embed_on="local", seed=0))
+    return tmp / "sids_lsa"
+
+
+def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, prompt_builds,
+                                                                     lsa_sids, tmp_path, capsys):
+    tmp, _ = world
+    lsa = lsa_sids
     code = main(["sft", "--prompts-dir", str(tmp / "prompts_code"), "--sids-dir", str(lsa),
                  "--out", str(tmp_path / "sft"), "--preset", "tiny", "--max-steps", "1"])
     err = capsys.readouterr().err
@@ -204,7 +211,7 @@ def test_a_prompts_dir_of_another_encoder_is_refused_before_training(world, prom
 
 
 def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_builds,
-                                                                  tmp_path):
+                                                                  lsa_sids, tmp_path):
     """The real TRL trainers on Ray Train learn from knowledge-token prompts with S-ID rows
     started from the codebooks; eval decodes only valid S-IDs; the serving generator shows a
     video title it has never seen as its knowledge token, the way training did."""
@@ -229,6 +236,13 @@ def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_b
                                      out=str(tmp_path / "dpo"), max_steps=2, batch_size=4,
                                      save_steps=2, logging_steps=1, **workers))
     assert dpo["encoder_version"] == sids_manifest["encoder_version"]
+    # a model is refused next to S-IDs of another encoder, naming both (eval, warm, serve)
+    from leadre.artifacts import check_model
+    from leadre.sids import load_table
+
+    with pytest.raises(ArtifactError, match=f"text encoder {sids_manifest['encoder_version']}"
+                       f".*encoder lsa:"):
+        check_model(str(tmp_path / "dpo"), load_table(str(lsa_sids)).version, str(lsa_sids))
     ev = run_stage("eval", EvalConfig(prompts_dir=prompts, model_dir=str(tmp_path / "dpo"),
                                       out=str(tmp_path / "eval"), baselines=[], max_rows=20,
                                       generation=GenerationConfig(beam_size=10), ray=ray))
