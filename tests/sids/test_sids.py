@@ -337,7 +337,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="ingest_dir"):
         SidConfig()
     with pytest.raises(ConfigError, match="model_path"):
-        SidConfig(ingest_dir="x", encoder="hf")
+        SidConfig(ingest_dir="x", encoder="hf", model_path=None)
+    assert SidConfig(ingest_dir="x").model_path == "all-minilm-l6-v2"  # the default encoder
     with pytest.raises(ConfigError, match="levels"):
         SidConfig(ingest_dir="x", levels=0)
     with pytest.raises(ConfigError, match="not one of"):
