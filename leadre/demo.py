@@ -59,6 +59,10 @@ class DemoConfig:
         "help": "SFT optimiser steps (full fine-tune of the model built from scratch, 32 "
                 "examples a step: ~2.5 epochs of the 15k examples)"})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT peak learning rate"})
+    aux_tasks: bool = field(default=False, metadata={
+        "help": "SFT also on the auxiliary alignment tasks (ad text <-> S-ID, titles for "
+                "S-IDs); with the same step budget they take steps from the main task "
+                "(valid HR@10 0.339 with them, 0.348 without: bench/bench_knowledge.py)"})
     dpo_steps: int = field(default=30, metadata={
         "help": "DPO optimiser steps on the business-value pairs"})
     eval_rows: int | None = field(default=None, metadata={
@@ -88,6 +92,7 @@ def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
                     "question": not cfg.short_prompts, **seed, **ray},
         # Checkpoints are picked by the validation users' HR@10 (the SFT stage's default).
         "sft": {"preset": cfg.preset, "num_workers": cfg.workers, "max_steps": cfg.sft_steps,
+                "tasks": None if cfg.aux_tasks else ["main"],
                 "batch_size": 16, "learning_rate": cfg.sft_lr, "save_steps": cfg.sft_steps // 3,
                 "logging_steps": 50, **seed, **ray},
         "dpo": {"num_workers": cfg.workers, "max_steps": cfg.dpo_steps, "pair_types": ["value"],
