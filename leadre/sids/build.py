@@ -212,7 +212,7 @@ def run(cfg: SidConfig) -> dict:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
         }), cfg.out, "embeddings")
-        if cfg.titles:
+        if titles:  # (an empty parquet dataset has no file to carry its schema)
             write_table(titles_table(titles, title_emb, title_codes, reasons), cfg.out, TITLES)
         write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
 

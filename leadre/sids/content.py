@@ -91,10 +91,14 @@ class ContentCodes:
     @classmethod
     def from_sids_dir(cls, sids_dir: str, levels: int, prefixes: Sequence[str],
                       max_chars: int = 512) -> "ContentCodes | None":
-        """The codes of ``<sids_dir>/titles``; None where the stage wrote none (bring-your-own
-        S-IDs have no encoder or quantiser)."""
+        """The codes of ``<sids_dir>/titles``; empty where the stage encoded titles but the
+        events had none (a catalog of ads only, e.g. Scientific); None where it encoded none
+        (bring-your-own S-IDs have no encoder or quantiser; ``titles=false``)."""
         if not exists(join(sids_dir, TITLES)):
-            return None
+            from leadre.artifacts import read_manifest
+
+            coded = (read_manifest(sids_dir).get("quality") or {}).get("titles") is not None
+            return cls({}, prefixes, levels, max_chars) if coded else None
         t = read_table(sids_dir, TITLES, columns=["title", "codes"])
         titles, codes = t.column("title").to_pylist(), t.column("codes").to_pylist()
         return cls({k: v for k, v in zip(titles, codes) if k is not None}, prefixes, levels,

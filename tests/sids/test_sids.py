@@ -412,3 +412,14 @@ def test_rqkmeans_fewer_points_than_codes():
     assert_unique_and_invertible(t)
     trie = SidTrie.from_table(t)
     assert len(trie.next_tokens([])) == len(set(t.codes[:, 0]))
+
+
+def test_a_catalog_without_content_events_has_empty_title_codes(synth_run):
+    """A real dataset of ads only (Scientific) codes no titles; the prompts stage then finds
+    an empty table of codes, not a missing one (which would mean bring-your-own S-IDs)."""
+    from leadre.sids.content import ContentCodes
+
+    _, cfg, manifest = synth_run
+    assert manifest["quality"]["titles"]["titles"] == 0
+    codes = ContentCodes.from_sids_dir(cfg.out, 2, list("abcde"))
+    assert codes is not None and codes.codes == {} and codes.code("anything") is None
