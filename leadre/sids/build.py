@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leadre.artifacts import (ArtifactError, join, read_manifest, read_table, timed,
+from leadre.artifacts import (ArtifactError, exists, join, read_manifest, read_table, timed,
                               write_json, write_manifest, write_table)
 from leadre.sids.config import SidConfig
 from leadre.sids.content import (FALLBACK_REASONS, TITLES, content_titles, fallback_vector,
@@ -237,8 +237,6 @@ def load_table(sids_dir: str) -> SidTable:
 def load_code_vectors(sids_dir: str) -> dict[str, np.ndarray]:
     """S-ID token -> its quantiser code vector (``<b_6>``: level 1's codebook row 6), for the
     levels the quantiser learned; empty for bring-your-own S-IDs (no codebooks)."""
-    from leadre.artifacts import exists
-
     if not exists(join(sids_dir, CODEBOOKS_FILE)):
         return {}
     table = load_table(sids_dir)
