@@ -173,9 +173,11 @@ def codebook_init_rows(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     index = torch.as_tensor(ids)
     sid_ids = set(vocab[t] for t in vocab if SID_TOKEN.fullmatch(t))
     trained = [i for i in range(min(len(tokenizer), emb.weight.shape[0])) if i not in sid_ids]
+    weights = [emb.weight]
+    if head is not None and head.weight is not emb.weight:  # an untied LM head
+        weights.append(head.weight)
     with torch.no_grad():
-        for w in {id(emb.weight): emb.weight,
-                  **({id(head.weight): head.weight} if head is not None else {})}.values():
+        for w in weights:
             scale = w[trained].float().norm(dim=1).mean()
             w[index.to(w.device)] = (unit * scale).to(w.device, w.dtype)
     return len(ids)

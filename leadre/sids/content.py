@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leadre.artifacts import exists, join, read_table
+from leadre.artifacts import exists, join, read_manifest, read_table
 from leadre.sids.table import format_sid
 
 if TYPE_CHECKING:
@@ -95,8 +95,6 @@ class ContentCodes:
         events had none (a catalog of ads only, e.g. Scientific); None where it encoded none
         (bring-your-own S-IDs have no encoder or quantiser; ``titles=false``)."""
         if not exists(join(sids_dir, TITLES)):
-            from leadre.artifacts import read_manifest
-
             coded = (read_manifest(sids_dir).get("quality") or {}).get("titles") is not None
             return cls({}, prefixes, levels, max_chars) if coded else None
         t = read_table(sids_dir, TITLES, columns=["title", "codes"])
