@@ -39,6 +39,13 @@ class GenerationConfig:
             pass this many cached tokens (a beam-expanded KV cache that outgrows the CPU's
             caches makes a larger batch slower per prompt); 0: no limit; unset: 32768 on CPU,
             no limit on CUDA.
+    Fused ranking (models trained with a dense head, :mod:`leadre.model.dense`):
+        ranking: ``fused`` = the beam's top ``beam_size`` plus the dense head's top
+            ``dense_candidates`` active ads, ranked by the fused score; ``beam`` = the beam
+            alone (what a model without a dense head always does).
+        dense_candidates: ads the dense head proposes per prompt (M).
+        fusion_weight: the dense score's weight; unset: the one tuned on validation users
+            when the model was trained (``<model>/dense/head.json``).
     Pool (Ray's own vocabulary):
         num_replicas: model copies: Ray Data actors in ``eval`` and ``warm``, Serve replicas
             of the generator tier (``autoscaling_config`` there overrides it). Training
@@ -65,6 +72,13 @@ class GenerationConfig:
         "help": "end a batch where its padding would exceed this share of its tokens"})
     max_batch_tokens: int | None = field(default=None, metadata={
         "help": "end a batch at prompts x beams x length cached tokens (unset: 32768 on CPU)"})
+    ranking: Literal["fused", "beam"] = field(default="fused", metadata={
+        "help": "fused: beam + dense-head candidates, fused score (when the model has a dense "
+                "head); beam: the trie beam alone"})
+    dense_candidates: int = field(default=50, metadata={
+        "help": "ads the dense head proposes per prompt, beside the beam's"})
+    fusion_weight: float | None = field(default=None, metadata={
+        "help": "weight of the dense score in the fused ranking; unset: the model's tuned one"})
     num_replicas: int = field(default=1, metadata={
         "help": "model copies (Ray Data actors in eval/warm, Serve replicas in serve)"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per model copy"})
@@ -76,6 +90,9 @@ class GenerationConfig:
             raise ConfigError("generation.bucket_slack must be >= 0 (or unset)")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
             raise ConfigError("generation.max_batch_tokens must be >= 0 (or unset)")
+        if self.dense_candidates < 0 or (self.fusion_weight is not None
+                                         and self.fusion_weight < 0):
+            raise ConfigError("generation.dense_candidates and fusion_weight must be >= 0")
         if self.top_k is None:
             self.top_k = self.beam_size
         if min(self.beam_size, self.top_k, self.batch_size, self.max_prompt_tokens) < 1:

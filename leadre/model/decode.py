@@ -182,7 +182,8 @@ class SidGenerator:
     call :meth:`set_active` or :meth:`refresh_active` when ads switch on or off.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, table: SidTable, cfg: GenerationConfig | None = None):
+    def __init__(self, model: Any, tokenizer: Any, table: SidTable, cfg: GenerationConfig | None = None,
+                 dense: tuple[Any, Any] | None = None, vectors: np.ndarray | None = None):
         self.cfg = cfg or GenerationConfig()
         self.device = resolve_device(self.cfg.device)
         if self.cfg.merge_adapter and hasattr(model, "merge_and_unload"):
@@ -199,14 +200,48 @@ class SidGenerator:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "left"
         tokenizer.truncation_side = "left"
+        # The dense head ((DenseHead, DenseMeta)) and the unit vectors of the table's rows
+        self.head, self.dense_meta = dense if dense is not None else (None, None)
+        self.vectors = vectors
+        self.index = None  # a ScaNN AdIndex answering the dense query (serving)
+        self._index_rows = None
+        self._capture = None
+        if self.head is not None:
+            from leadre.model.dense import HiddenCapture
+
+            self.head = self.head.to(self.device)
+            self._capture = HiddenCapture(self.model, keep="first")
         self.refresh_active(table)
 
     # --- catalog ------------------------------------------------------------------------
 
-    def refresh_active(self, table: SidTable) -> None:
-        """Rebuild the trie from ``table`` (its current active flags). No model change."""
+    def refresh_active(self, table: SidTable, vectors: np.ndarray | None = None) -> None:
+        """Rebuild the trie from ``table`` (its current active flags), with ``vectors`` (its
+        rows' unit vectors) when the catalog grew. No model change."""
+        if vectors is not None:
+            self.vectors = vectors
+        if self.vectors is not None and len(self.vectors) != len(table):
+            raise ValueError(f"{len(self.vectors)} ad vectors for a table of {len(table)} ads")
         self.table = table
         self.trie = SidTrie.from_table(table, self.tokenizer.get_vocab())
+        if self.index is not None:
+            self.use_index(self.index)
+
+    def use_index(self, index: Any) -> None:
+        """Answer the dense query with ``index`` (a :class:`~leadre.index.ann.AdIndex` over
+        the same encoder's vectors) instead of exact search over the table."""
+        self.index = index
+        self._index_rows = self.table.rows_of(index.ad_ids)
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`generate` fuses the dense head's candidates with the beam's."""
+        return self.head is not None and self.cfg.ranking == "fused"
+
+    @property
+    def fusion_weight(self) -> float:
+        w = self.cfg.fusion_weight
+        return float(self.dense_meta.fusion_weight if w is None else w)
 
     def set_active(self, ad_ids: Sequence[str], active: bool) -> int:
         """Switch ads on/off in place (table and trie); returns how many changed."""
@@ -228,13 +263,21 @@ class SidGenerator:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, scores)`` of shape ``(len(prompts), beams)``: SID-table rows (-1 = none)
         and log-probs, best first. Batches of ``cfg.batch_size``, input order preserved."""
+        rows, scores, _ = self.decode(prompts, beam_size)
+        return rows, scores
+
+    def decode(self, prompts: list[str], beam_size: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`generate_rows` plus, with a dense head, each prompt's user vector (unit,
+        in the encoder's space), from the same forward pass."""
         beam = beam_size or self.cfg.beam_size
         n = len(prompts)
         width = min(beam, int(self.trie.active_count[0]) if self.trie.n_nodes else 0)
         rows = np.full((n, width), -1, np.int64)
         scores = np.full((n, width), -np.inf, np.float32)
+        users = None if self.head is None else np.zeros((n, self.dense_meta.dim), np.float32)
         if n == 0 or width == 0:
-            return rows, scores
+            return rows, scores, users
         batches = [np.arange(i, min(i + self.cfg.batch_size, n))
                    for i in range(0, n, self.cfg.batch_size)]
         if self.cfg.sort_by_length and n > 1:
@@ -253,14 +296,56 @@ class SidGenerator:
                                            self.trie, beam)
             rows[idx, :r.shape[1]] = r
             scores[idx, :s.shape[1]] = s
-        return rows, scores
+            if self._capture is not None:  # the prompt pass's state at the last prompt token
+                with torch.inference_mode():
+                    u = self.head(self._capture.pop()[:, -1].float())
+                users[idx] = u.float().cpu().numpy()
+        return rows, scores, users
+
+    def dense_top(self, users: np.ndarray, m: int) -> np.ndarray:
+        """Table rows of the ``m`` active ads nearest each user vector (-1 padded): the ScaNN
+        index when one is set, else exact search over the table's active rows."""
+        out = np.full((len(users), m), -1, np.int64)
+        if m == 0 or not len(users):
+            return out
+        if self.index is not None:
+            found, _ = self.index.search_rows(users, m + 8)  # a few spare for inactive ones
+            rows = np.where(found >= 0, self._index_rows[np.maximum(found, 0)], -1)
+            rows = np.where((rows >= 0) & self.table.active[np.maximum(rows, 0)], rows, -1)
+            for i, r in enumerate(rows):
+                r = r[r >= 0][:m]
+                out[i, :len(r)] = r
+            return out
+        active = np.flatnonzero(self.table.active)
+        m = min(m, len(active))
+        if m == 0:
+            return out
+        scores = users @ self.vectors[active].T
+        part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+        order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
+        out[:, :m] = active[np.take_along_axis(part, order, 1)]
+        return out
+
+    def rank(self, beam_rows: np.ndarray, beam_scores: np.ndarray, users: np.ndarray | None,
+             k: int, weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The final top ``k`` from :meth:`decode`'s output: fused when the model has a dense
+        head and ``cfg.ranking`` is ``fused`` (``weight``: default :attr:`fusion_weight`),
+        else the beam's."""
+        if not self.fused or users is None:
+            return beam_rows[:, :k], beam_scores[:, :k]
+        from leadre.model.dense import fuse
+
+        dense_rows = self.dense_top(users, self.cfg.dense_candidates)
+        return fuse(beam_rows, beam_scores, dense_rows, users, self.vectors,
+                    self.fusion_weight if weight is None else weight,
+                    self.dense_meta.temperature, k)
 
     def generate(self, prompts: list[str], k: int | None = None) -> list[list[Candidate]]:
         """Top-``k`` (default ``cfg.top_k``) distinct active ads per prompt, best first."""
         k = k or self.cfg.top_k
         if k > self.cfg.beam_size:
             raise ValueError(f"k={k} > beam_size={self.cfg.beam_size}")
-        rows, scores = self.generate_rows(prompts)
+        rows, scores = self.rank(*self.decode(prompts), k)
         out: list[list[Candidate]] = []
         for r, s in zip(rows, scores):
             cands = []
@@ -286,8 +371,37 @@ class SidGenerator:
 
         table = load_table(sids_dir)
         check_model(model_dir, table.version, sids_dir)
+        dense = load_dense(model_dir, sids_dir)
         model, tokenizer = load_trained(model_dir)
-        return cls(model, tokenizer, table, cfg)
+        return cls(model, tokenizer, table, cfg, dense=dense,
+                   vectors=table_vectors(table, sids_dir) if dense else None)
+
+
+def table_vectors(table: SidTable, sids_dir: str) -> np.ndarray:
+    """Unit encoder vectors aligned with ``table``'s rows (zeros for an ad without one)."""
+    from leadre.sids.ann import load_embeddings
+
+    ids, emb = load_embeddings(sids_dir)
+    out = np.zeros((len(table), emb.shape[1]), np.float32)
+    rows = table.rows_of(ids)
+    ok = rows >= 0
+    out[rows[ok]] = emb[ok]
+    return out
+
+
+def load_dense(model_dir: str, sids_dir: str) -> tuple[Any, Any] | None:
+    """The dense head saved with ``model_dir`` (None without one), checked against the
+    encoder of ``sids_dir``'s vectors."""
+    from leadre.artifacts import read_manifest
+    from leadre.model import dense
+
+    where = dense.find(model_dir)
+    if where is None:
+        return None
+    head, meta = dense.load_head(where)
+    dense.check_encoder(meta, read_manifest(sids_dir).get("encoder_version"), str(model_dir),
+                        sids_dir)
+    return head, meta
 
 
 # --- the common approach, kept as the reference and the benchmark baseline ----------------

@@ -298,6 +298,45 @@ def train_and_export(cfg: TrainArgs, stage: str, build: BuildFn, context: dict[s
     return info
 
 
+def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
+                batch_size: int) -> dict[str, Any] | None:
+    """Tune the exported model's beam/dense fusion weight on ``rows`` validation users (a
+    seeded sample of ``eval/valid``) and record it in ``<out>/dense/head.json``; None for a
+    model without a dense head. Decodes as eval and serving do by default (20 beams, 50
+    dense candidates), so the weight fits the ranking it will weigh."""
+    import numpy as np
+
+    from leadre.model import dense
+    from leadre.model.config import GenerationConfig
+    from leadre.model.decode import SidGenerator
+
+    where = dense.find(out)
+    if where is None:
+        return None
+    valid = contract.read_split(prompts_dir, "eval", "valid", ["prompt", "target_ad_id"],
+                                required=False)
+    if valid is None or valid.num_rows == 0:
+        log.warning("no eval/valid rows in %s: the dense head keeps fusion weight 0 (the beam "
+                    "alone) until tuned", prompts_dir)
+        return {"weight": 0.0, "rows": 0}
+    pick = np.sort(np.random.default_rng(seed).permutation(valid.num_rows)[:rows])
+    valid = valid.take(pick)
+    gen = SidGenerator.from_stage_dir(out, sids_dir, GenerationConfig(top_k=10,
+                                                                      batch_size=batch_size))
+    beam_rows, beam_scores, users = gen.decode(valid.column("prompt").to_pylist())
+    targets = gen.table.rows_of(valid.column("target_ad_id").to_pylist())
+    weight, curve = dense.tune_fusion(beam_rows, beam_scores,
+                                      gen.dense_top(users, gen.cfg.dense_candidates), users,
+                                      gen.vectors, targets, gen.dense_meta.temperature)
+    tuned = {"rows": len(targets), "split": "valid", "hr@10_by_weight": curve,
+             "dense_only_hr@10": dense.hits_at(gen.dense_top(users, 10), targets)}
+    dense.set_fusion(where, weight, tuned)
+    log.info("dense fusion: weight %g on %d validation users (HR@10 beam %.4f -> fused %.4f; "
+             "dense alone %.4f)", weight, len(targets), curve["0.0"], curve[str(weight)],
+             tuned["dense_only_hr@10"])
+    return {"weight": weight, **tuned}
+
+
 def progress_line(stage: str, points: list[dict[str, Any]]) -> str | None:
     """``sft: step 600/3600 (17%), loss 1.94, eval_loss 1.71, eval_hr@10 0.074, ~12 min left``
     from the points of ``progress.jsonl`` so far (None before the first)."""

@@ -187,6 +187,15 @@ class SftConfig(TrainArgs):
         selection_metric: ``hr@10`` by default here: checkpoints are chosen (and training
             stopped early, with ``early_stopping_patience``) by the validation users' HR@10
             under constrained decoding; ``eval_loss`` when the prompts have no ``eval/valid``.
+        dense_head: also train the dense head (:mod:`leadre.model.dense`): the next ad's
+            vector in the S-ID stage's frozen encoder space, from the state the first S-ID
+            token is decoded from; eval, warm and serve then fuse its candidates with the
+            beam's. ``dense_weight``: its loss's weight beside the S-ID loss.
+            ``dense_temperature``: the softmax temperature of its cosine scores.
+            ``dense_negatives``: ``full`` = a softmax over every ad the model may be trained
+            to answer (active, not held out as cold), ``in_batch`` = over the batch's answers.
+        fusion_rows: validation users the fusion weight is tuned on after training (HR@10 of
+            the fused top 10, default decoding: 20 beams, 50 dense candidates).
     """
 
     out: str = field(default="runs/sft", metadata={
@@ -216,10 +225,25 @@ class SftConfig(TrainArgs):
     selection_metric: Literal["eval_loss", "hr@10"] = field(default="hr@10", metadata={
         "help": "checkpoint choice / early stopping: hr@10 (validation users, constrained "
                 "decoding) or eval_loss"})
+    dense_head: bool = field(default=True, metadata={
+        "help": "also train a dense head predicting the next ad's encoder vector (fused "
+                "ranking, ads never clicked)"})
+    dense_weight: float = field(default=0.5, metadata={
+        "help": "weight of the dense head's loss beside the S-ID loss"})
+    dense_temperature: float = field(default=0.05, metadata={
+        "help": "softmax temperature of the dense head's cosine scores"})
+    dense_negatives: Literal["full", "in_batch"] = field(default="full", metadata={
+        "help": "dense softmax over every trainable ad (full) or the batch's answers (in_batch)"})
+    fusion_rows: int = field(default=512, metadata={
+        "help": "validation users the beam/dense fusion weight is tuned on after training"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from leadre.config import ConfigError
+
+        if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1:
+            raise ConfigError("dense_weight must be >= 0, dense_temperature > 0 and "
+                              "fusion_rows >= 1")
 
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:

@@ -1,5 +1,6 @@
 """After a Ray Train run: which checkpoint to export, the metrics history it carries, and
-writing ``<out>/adapter`` (LoRA runs) and ``<out>/merged`` (a plain transformers model)."""
+writing ``<out>/adapter`` (LoRA runs), ``<out>/merged`` (a plain transformers model) and
+``<out>/dense`` (the checkpoint's dense head, when it trained one)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from leadre.model.dense import DENSE_DIR
 from leadre.model.factory import ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model, load_tokenizer
 
 
@@ -67,11 +69,13 @@ def export(result, out: str | Path, has_eval: bool, adapter: bool,
     base_dir = out / MODEL_DIR
     checkpoint, metrics = choose_checkpoint(result, has_eval, *selection)
     latest_state = _trainer_state(result.checkpoint)
-    for sub in (ADAPTER_DIR, MERGED_DIR):
+    for sub in (ADAPTER_DIR, MERGED_DIR, DENSE_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
     with checkpoint.as_directory() as d:
         hf = _hf_dir(d)
         step = json.loads((hf / "trainer_state.json").read_text())["global_step"]
+        if (hf / DENSE_DIR).is_dir():  # the dense head of this checkpoint
+            shutil.copytree(hf / DENSE_DIR, out / DENSE_DIR)
         if adapter:
             from peft import PeftModel
 

@@ -14,6 +14,7 @@ completion. Writes (see :mod:`leadre.model.factory`)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from leadre.model.factory import (MODEL_DIR, load_model, load_tokenizer, prepare
                                   with_rendered_prompts)
 from leadre.prompts.contract import read_manifest, read_split
 from leadre.runtime import init_ray
-from leadre.train.common import lora_config, read_splits, summary, to_hf, train_and_export
+from leadre.train.common import (lora_config, read_splits, summary, to_hf, train_and_export,
+                                 tune_fusion)
 from leadre.train.config import SftConfig
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,51 @@ def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], cal
     model = load_model(ctx["model_dir"])
     tokenizer = load_tokenizer(ctx["model_dir"])
     train, valid = ctx["splits"]["train"], ctx["splits"].get("valid")
-    return SFTTrainer(
+    kwargs = dict(
         model=model, processing_class=tokenizer,
         args=SFTConfig(**args, completion_only_loss=True, packing=False),
         train_dataset=to_hf(with_rendered_prompts(train, tokenizer)),
         eval_dataset=to_hf(with_rendered_prompts(valid, tokenizer)),
         peft_config=lora_config(cfg, model) if cfg.finetune == "lora" else None,
         callbacks=callbacks)
+    if not ctx.get("dense"):
+        return SFTTrainer(**kwargs)
+    from leadre.model.dense import DenseHead, attach
+    from leadre.train.dense_sft import DenseSFTTrainer
+
+    meta = ctx["dense"]["meta"]
+    head = DenseHead(meta["hidden_size"], meta["dim"], seed=cfg.seed)
+    attach(model, head)  # before PEFT wraps the model: a submodule, trained and synchronised
+    return DenseSFTTrainer(**kwargs, head=head, dense_setup=ctx["dense"])
+
+
+def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
+                encoder: str | None) -> dict[str, Any] | None:
+    """What the workers need to train the dense head: the unit vectors and S-ID token ids of
+    the ads it may answer (active, not held out as cold) and its meta; None when off."""
+    if not cfg.dense_head:
+        return None
+    import json
+
+    from leadre.model.dense import DenseMeta
+    from leadre.model.decode import table_vectors
+    from leadre.sids.build import load_cold_ads
+
+    vectors = table_vectors(table, sids_dir)
+    cold = load_cold_ads(sids_dir)
+    rows = [r for r in np.flatnonzero(table.active)
+            if str(table.ad_id_array[r]) not in cold and vectors[r].any()]
+    if not rows:
+        raise ArtifactError(f"{sids_dir} has no ad vectors for the dense head (an S-ID stage "
+                            "without embeddings?): set dense_head=false")
+    tokenizer = load_tokenizer(model_dir)
+    token_ids = np.array([tokenizer.convert_tokens_to_ids(table.sid_tokens(table.ad_id_array[r]))
+                          for r in rows], np.int64)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    meta = DenseMeta(encoder_version=encoder, sid_version=table.version, hidden_size=hidden,
+                     dim=int(vectors.shape[1]), temperature=cfg.dense_temperature)
+    return {"vectors": vectors[rows], "token_ids": token_ids, "meta": dataclasses.asdict(meta),
+            "weight": cfg.dense_weight, "negatives": cfg.dense_negatives}
 
 
 def _length_stats(tokenizer, tables, max_length: int) -> dict[str, Any]:
@@ -147,10 +187,14 @@ def run(cfg: SftConfig) -> dict[str, Any]:
 
     context = {"model_dir": str(model_dir), "has_eval": has_eval, "sids_dir": sids_dir,
                "splits": {"train": train, **({"valid": valid} if has_eval else {})},
-               "selection_rows": _selection_rows(cfg) if has_eval else None}
+               "selection_rows": _selection_rows(cfg) if has_eval else None,
+               "dense": dense_setup(cfg, table, sids_dir, model_dir, encoder)}
     info = train_and_export(cfg, STAGE, build_trainer, context,
                             adapter=cfg.finetune == "lora", timings=timings)
     history = info.pop("history")
+    with artifacts.timed(timings, "fusion"):
+        info["fusion"] = tune_fusion(cfg.out, sids_dir, cfg.prompts_dir, cfg.fusion_rows,
+                                     cfg.seed, cfg.generation.batch_size)
     manifest = artifacts.write_manifest(
         cfg.out, STAGE,
         inputs={"prompts_dir": cfg.prompts_dir, "sids_dir": sids_dir,

@@ -1,0 +1,246 @@
+"""The dense head: the generator's second way to retrieve (after LIGER, 2024).
+
+Beside the S-ID tokens, the fine-tuned LM also predicts the next ad's vector in the frozen
+encoder's space (the vectors ``leadre sids`` wrote): a linear map of the backbone's last hidden
+state at the last prompt token, the state the first S-ID token is decoded from, scaled to
+unit length. It trains jointly with the S-ID loss as a softmax over the catalog's ads
+(``full``) or over the batch's targets (``in_batch``), scores ``cos(u, v) / temperature``.
+
+At inference the trie beam's top B and the dense head's top M over the active ads are fused
+(:func:`fuse`): ``log p(S-ID) + weight * cos(u, v) / temperature``, an ad outside the beam
+taking the beam's lowest log-probability. Because the dense side needs only an ad's vector,
+an ad nobody has clicked yet (or added after training) is reachable the day it exists.
+
+Saved with the model as ``<stage dir>/dense/{head.safetensors, head.json}``; ``head.json``
+records the encoder version of the vectors it was trained against, its temperature and the
+fusion weight tuned on validation users (:func:`tune_fusion`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from leadre.artifacts import ArtifactError
+
+log = logging.getLogger(__name__)
+
+DENSE_DIR, WEIGHTS_FILE, META_FILE = "dense", "head.safetensors", "head.json"
+# The attribute the head lives under while it trains: a submodule of the LM, so DDP
+# synchronises its gradients with the rest, but never saved in the LM's own weights.
+ATTRIBUTE = "leadre_dense"
+# Fusion weights tried on the validation users (0 = the beam alone).
+FUSION_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+
+
+@dataclass
+class DenseMeta:
+    """What ``head.json`` records next to the weights."""
+
+    encoder_version: str | None
+    sid_version: str | None
+    hidden_size: int
+    dim: int
+    temperature: float
+    fusion_weight: float = 0.0
+    fusion_tuned_on: dict[str, Any] | None = None
+
+
+class DenseHead(nn.Module):
+    """hidden state -> unit vector in the encoder's space. A bare parameter, not an
+    ``nn.Linear``: PEFT's ``all-linear`` LoRA must not wrap it."""
+
+    def __init__(self, hidden_size: int, dim: int, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(dim, hidden_size, generator=gen)
+                                   * hidden_size ** -0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(F.linear(hidden, self.weight.to(hidden.dtype)), dim=-1)
+
+
+def backbone(model: Any) -> nn.Module:
+    """The decoder stack whose ``last_hidden_state`` feeds the LM head (PEFT unwrapped)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
+class HiddenCapture:
+    """Keeps the backbone's ``last_hidden_state`` (a forward hook): TRL's fused LM head and
+    ``logits_to_keep`` decoding both drop it from the model's outputs. ``keep="last"``
+    (training: one forward per loss) or ``"first"`` until popped (decoding: the prompt's
+    pass, not the S-ID steps after it)."""
+
+    def __init__(self, model: Any, keep: str = "last"):
+        self.hidden: torch.Tensor | None = None
+        self.keep_first = keep == "first"
+        self._handle = backbone(model).register_forward_hook(self._keep)
+
+    def _keep(self, _module, _args, output) -> None:
+        if self.keep_first and self.hidden is not None:
+            return
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") \
+            else output[0]
+
+    def pop(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("no hidden state captured: the backbone did not run")
+        return hidden
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def attach(model: Any, head: DenseHead) -> None:
+    """Make ``head`` a submodule of ``model`` for training, kept out of its saved weights."""
+    model.add_module(ATTRIBUTE, head)
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    model._keys_to_ignore_on_save = ignore | {f"{ATTRIBUTE}.{n}" for n, _ in head.named_parameters()}
+
+
+def sid_keys(token_ids: np.ndarray) -> dict[tuple[int, ...], int]:
+    """S-ID token-id tuple -> catalog index, for the catalog rows ``token_ids`` (n, depth)."""
+    return {tuple(map(int, t)): i for i, t in enumerate(token_ids)}
+
+
+def targets_of(labels: torch.Tensor, keys: dict[tuple[int, ...], int], depth: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position of the last prompt token, catalog index of the answered ad) per row of a
+    batch whose ``labels`` mark the completion (-100 elsewhere); index -1 where the answer
+    is not the S-ID of a catalog ad (an auxiliary task that answers with text)."""
+    labelled = labels != -100
+    first = labelled.float().argmax(dim=1)
+    last_prompt = (first - 1).clamp(min=0)
+    lab = labels.cpu().numpy()
+    index = []
+    for r, f in enumerate(first.tolist()):
+        answer = tuple(int(x) for x in lab[r, f:f + depth])
+        index.append(keys.get(answer, -1) if labelled[r].any() else -1)
+    return last_prompt, torch.tensor(index, dtype=torch.long, device=labels.device)
+
+
+def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
+               index: torch.Tensor, catalog: torch.Tensor, temperature: float,
+               negatives: str = "full") -> tuple[torch.Tensor, float]:
+    """Softmax cross-entropy of each row's answered ad among ``catalog`` (unit vectors) or,
+    ``in_batch``, among the batch's answered ads; returns (loss, top-1 accuracy). Rows
+    without a catalog answer are left out; a batch with none gives a zero that still
+    touches the head (DDP expects a gradient for every trained parameter)."""
+    keep = index >= 0
+    if not keep.any():
+        return head.weight.sum() * 0.0, 0.0
+    rows = torch.nonzero(keep).squeeze(1)
+    user = head(hidden[rows, last_prompt[rows]])
+    target = index[rows]
+    if negatives == "in_batch":
+        ads, target = torch.unique(target, return_inverse=True)
+        bank = catalog[ads]
+    else:
+        bank = catalog
+    logits = user @ bank.to(user.dtype).T / temperature
+    loss = F.cross_entropy(logits.float(), target)
+    accuracy = (logits.argmax(dim=1) == target).float().mean().item()
+    return loss, accuracy
+
+
+# --- saving and loading -------------------------------------------------------------------
+
+def save(directory: str | Path, head: DenseHead, meta: DenseMeta) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(out / WEIGHTS_FILE))
+    (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
+    return out
+
+
+def load_head(directory: str | Path) -> tuple[DenseHead, DenseMeta]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = DenseMeta(**json.loads((directory / META_FILE).read_text()))
+    head = DenseHead(meta.hidden_size, meta.dim)
+    head.weight.data.copy_(load_file(str(directory / WEIGHTS_FILE))["weight"])
+    return head.eval(), meta
+
+
+def find(model_dir: str | Path) -> Path | None:
+    """``<model_dir>/dense`` when the model there was trained with a dense head."""
+    d = Path(model_dir) / DENSE_DIR
+    return d if (d / META_FILE).exists() else None
+
+
+def set_fusion(directory: str | Path, weight: float, tuned_on: dict[str, Any]) -> None:
+    path = Path(directory) / META_FILE
+    meta = json.loads(path.read_text())
+    meta.update(fusion_weight=float(weight), fusion_tuned_on=tuned_on)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def check_encoder(meta: DenseMeta, encoder_version: str | None, where: str, source: str) -> None:
+    """Refuse a head trained against another encoder's vectors than the ones it will score
+    (its cosine would compare two unrelated spaces)."""
+    if meta.encoder_version and encoder_version and meta.encoder_version != encoder_version:
+        raise ArtifactError(f"the dense head in {where} was trained on vectors of encoder "
+                            f"{meta.encoder_version}, but {source} holds vectors of encoder "
+                            f"{encoder_version}: retrain the model on this S-ID stage")
+
+
+# --- fused ranking ------------------------------------------------------------------------
+
+def fuse(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
+         users: np.ndarray, vectors: np.ndarray, weight: float, temperature: float, k: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Fused top ``k`` per prompt: candidates are the beam's rows and the dense head's rows
+    (-1 = none), scored ``beam log-prob + weight * cos(user, ad) / temperature``; an ad the
+    beam did not reach gets the beam's lowest log-probability. ``vectors`` (table rows, d)
+    are unit; ``users`` (prompts, d) unit. Returns (rows, scores), -1 / -inf padded."""
+    n = len(beam_rows)
+    rows = np.full((n, k), -1, np.int64)
+    scores = np.full((n, k), -np.inf, np.float32)
+    for i in range(n):
+        beam = beam_rows[i][beam_rows[i] >= 0]
+        lp = beam_scores[i][:len(beam)]
+        if weight == 0.0:
+            rows[i, :min(k, len(beam))] = beam[:k]
+            scores[i, :min(k, len(beam))] = lp[:k]
+            continue
+        extra = dense_rows[i][dense_rows[i] >= 0]
+        cand = np.concatenate([beam, extra[~np.isin(extra, beam)]])
+        if not len(cand):
+            continue
+        floor = float(lp.min()) if len(lp) else 0.0
+        base = np.concatenate([lp, np.full(len(cand) - len(beam), floor, np.float32)])
+        total = base + weight * (vectors[cand] @ users[i]) / temperature
+        order = np.argsort(-total, kind="stable")[:k]
+        rows[i, :len(order)] = cand[order]
+        scores[i, :len(order)] = total[order]
+    return rows, scores
+
+
+def hits_at(rows: np.ndarray, targets: np.ndarray, k: int = 10) -> float:
+    """Share of prompts whose target row is in their top ``k`` rows."""
+    return float((rows[:, :k] == targets[:, None]).any(axis=1).mean()) if len(rows) else 0.0
+
+
+def tune_fusion(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
+                users: np.ndarray, vectors: np.ndarray, targets: np.ndarray,
+                temperature: float, k: int = 10, grid: Sequence[float] = FUSION_GRID
+                ) -> tuple[float, dict[str, float]]:
+    """The fusion weight of ``grid`` with the best HR@k on these (validation) rows, ties to
+    the smaller weight; and HR@k of every weight tried."""
+    curve = {str(w): hits_at(fuse(beam_rows, beam_scores, dense_rows, users, vectors, w,
+                                  temperature, k)[0], targets, k) for w in grid}
+    best = max(grid, key=lambda w: (curve[str(w)], -w))
+    return float(best), curve
