@@ -345,11 +345,14 @@ class SidGenerator:
         k = k or self.cfg.top_k
         if k > self.cfg.beam_size:
             raise ValueError(f"k={k} > beam_size={self.cfg.beam_size}")
-        rows, scores = self.rank(*self.decode(prompts), k)
+        return self.candidates(*self.rank(*self.decode(prompts), k))
+
+    def candidates(self, rows: np.ndarray, scores: np.ndarray) -> list[list[Candidate]]:
+        """:class:`Candidate` lists from (rows, scores) as :meth:`rank` returns them."""
         out: list[list[Candidate]] = []
         for r, s in zip(rows, scores):
             cands = []
-            for row, score in zip(r[:k], s[:k]):
+            for row, score in zip(r, s):
                 if row < 0:
                     break
                 cands.append(Candidate(str(self.table.ad_id_array[row]),
