@@ -68,7 +68,8 @@ class EvalConfig:
                 "and for the rest, per N"})
     channel_k: int | None = field(default=None, metadata={
         "help": "channel report: SASRec top-K merged with LEADRE top-K vs SASRec top-2K "
-                "(needs beam_size >= K and the sasrec baseline)"})
+                "(needs beam_size >= K, or beam_size + dense_candidates >= K for a model "
+                "with a dense head, and the sasrec baseline)"})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={
         "help": "decoding (beam_size, batch_size, device, ...) and the actor pool "
                 "(num_replicas, num_cpus, num_gpus); top_k is set from ks"})
@@ -99,10 +100,14 @@ class EvalConfig:
                               f"generation.beam_size ({beam}); raise generation.beam_size")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError("eval: max_rows must be >= 1 (or null for all rows)")
-        if self.channel_k is not None and (self.channel_k > beam
+        # a fused ranking lists up to beam + dense candidates (checked per model in run)
+        reach = beam + (self.generation.dense_candidates
+                        if self.generation.ranking == "fused" else 0)
+        if self.channel_k is not None and (self.channel_k > reach
                                            or "sasrec" not in self.baselines):
-            raise ConfigError(f"eval: channel_k={self.channel_k} needs generation.beam_size >= "
-                              f"channel_k (got {beam}) and the sasrec baseline")
+            raise ConfigError(f"eval: channel_k={self.channel_k} needs generation.beam_size "
+                              f"(+ dense_candidates for a model with a dense head) >= channel_k "
+                              f"(got {beam}) and the sasrec baseline")
         if self.ci_resamples < 0:
             raise ConfigError("eval: ci_resamples must be >= 0 (0: no confidence intervals)")
         known = {f.name for f in dataclasses.fields(SasrecConfig)}

@@ -32,7 +32,9 @@ from leadre.model.factory import (ADAPTER_DIR, MERGED_DIR, MODEL_DIR, load_model
                                   read_training_manifest, render_prompts, with_rendered_prompts)
 from leadre.prompts.contract import read_manifest
 from leadre.runtime import init_ray
-from leadre.train.common import lora_config, read_splits, summary, to_hf, train_and_export
+from leadre.model import dense
+from leadre.train.common import (lora_config, read_splits, summary, to_hf, train_and_export,
+                                 tune_fusion)
 from leadre.train.config import DpoConfig
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,17 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                         "accuracy_after": round(after["accuracy"], 4),
                         "reward_margin": round(cfg.beta * (after["margin"] - before["margin"]), 4)}
     info["heldout"] = heldout_info
+    sft_dense = dense.find(sft)
+    if sft_dense is not None:
+        # DPO moves the states the SFT head reads, not the head: the same head, the fusion
+        # weight tuned again on this model
+        shutil.rmtree(out / dense.DENSE_DIR, ignore_errors=True)
+        shutil.copytree(sft_dense, out / dense.DENSE_DIR)
+        with artifacts.timed(timings, "fusion"):
+            fusion = sft_manifest.get("config", {})
+            info["fusion"] = tune_fusion(str(out), sft_manifest["inputs"]["sids_dir"],
+                                         cfg.prompts_dir, fusion.get("fusion_rows", 512),
+                                         cfg.seed, cfg.generation.batch_size)
     manifest = artifacts.write_manifest(
         cfg.out, STAGE,
         inputs={"prompts_dir": cfg.prompts_dir, "sft_dir": cfg.sft_dir, "sids_dir": sft_manifest["inputs"].get("sids_dir"),
