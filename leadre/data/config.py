@@ -76,7 +76,17 @@ class SynthConfig:
 
 @dataclass
 class IngestConfig:
-    """Where raw logs come from, what counts as valid, and where the tables go."""
+    """Where raw logs come from, what counts as valid, and where the tables go.
+
+    ``cold_fraction`` turns on the cold-start split (issue 24): the ``round(cold_fraction *
+    active ads)`` active ads with the smallest hash of (``cold_seed``, ad_id) get
+    ``cold = true`` in the written ``ads`` table (the column is only written when the split is
+    on; without it no ad is cold). Ingest only marks them: ``leadre sids`` fits its encoder
+    and quantiser on the warm ads and records the cold set in its manifest
+    (:func:`leadre.sids.build.load_cold_ads`, how every later stage finds it), ``leadre
+    prompts`` keeps cold ads out of every training interaction, and ``leadre eval`` scores
+    cold and warm targets apart.
+    """
 
     input_dir: str = field(default="runs/world", metadata={
         "help": "for source=parquet a directory with ads/, users/, events/ parquet "
@@ -106,6 +116,14 @@ class IngestConfig:
         "help": "fail the job when more than this share of any table is quarantined (a broken "
                 "upstream, not dirty data); the quarantine table is still written"})
     batch_size: int = field(default=100_000, metadata={"help": "rows per validation batch"})
+    cold_fraction: float = field(default=0.0, metadata={
+        "help": "cold-start split: mark this share of the active ads cold (0 = off; 0.1 is the "
+                "usual setting, at most 0.5). The S-ID stage fits its quantiser without them "
+                "and the prompts stage keeps them out of every training interaction, so they "
+                "appear only as test targets; eval reports cold and warm targets apart"})
+    cold_seed: int = field(default=0, metadata={
+        "help": "seed of the cold-start split: which ads are cold is a hash of "
+                "(cold_seed, ad_id)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={
         "help": "Ray connection (address, num_cpus, object_store_mb)"})
 
@@ -126,6 +144,10 @@ class IngestConfig:
         if not 0.0 <= self.max_quarantine_share <= 1.0:
             raise ConfigError(f"max_quarantine_share is a share in [0, 1], got "
                               f"{self.max_quarantine_share}")
+        if not 0.0 <= self.cold_fraction <= 0.5:
+            raise ConfigError(f"cold_fraction is the share of active ads held out as cold-start "
+                              f"targets, in [0, 0.5] (0 = off, 0.1 = the usual split); got "
+                              f"{self.cold_fraction}")
 
     @property
     def text_limits(self) -> schema.TextLimits:

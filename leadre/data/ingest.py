@@ -15,10 +15,16 @@ duplicate events per user shard with a Ray Data group-by, so events scale with t
 ``events`` and ``users`` are written user-partitioned (:mod:`leadre.data.shards`): shard k of
 both holds the same users, no user is split across files, and events are sorted by
 (user_id, ts); the manifest records the layout, so the prompt stage needs no shuffle.
+
+With the cold-start split on (``IngestConfig.cold_fraction`` > 0), the written ``ads`` table
+carries one column beyond the clean schema, ``cold`` (bool, :func:`mark_cold`); off, the
+table is exactly the clean schema (readers treat a missing column as "no ad is cold"). The
+manifest's ``cold_split`` records the fraction, seed and count either way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -101,6 +107,37 @@ def _quarantine_rows(batch: pa.Table, name: str) -> pa.Table:
     return pa.table({"table": pa.array([name] * q.num_rows, pa.string()),
                      "reason": q.column("_reason"), "detail": q.column("_detail"),
                      "row": q.column("_row")}, schema=schema.QUARANTINE)
+
+
+# --------------------------------------------------------------------------- cold-start split
+
+COLD = "cold"  # the ads table's column: held out of training (the cold-start split)
+
+
+def _cold_hash(seed: int, ad_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{ad_id}".encode(), digest_size=8).digest(),
+                          "little")
+
+
+def mark_cold(ads: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """``ads`` with a bool column ``cold``: the ``round(fraction * active)`` active ads with the
+    smallest hash of (``seed``, ad_id), at least one when ``fraction > 0`` and two or more ads
+    are active (an inactive ad can never be a target, so it is never cold). Which ads are
+    cold depends on the seed and the ids only, not on row order or workers."""
+    active = [bool(a) for a in ads.column("active").to_pylist()]
+    ids = ads.column("ad_id").to_pylist()
+    n_active = sum(active)
+    n_cold = round(fraction * n_active)
+    if fraction > 0 and n_cold == 0 and n_active >= 2:
+        n_cold = 1
+    ranked = sorted((i for i, a in enumerate(active) if a), key=lambda i: _cold_hash(seed, ids[i]))
+    cold = [False] * len(ids)
+    for i in ranked[:n_cold]:
+        cold[i] = True
+    if COLD in ads.column_names:  # a re-ingested ingest output: the new split replaces it
+        ads = ads.drop_columns([COLD])
+    return ads.append_column(pa.field(COLD, pa.bool_(), nullable=False),
+                             pa.array(cold, pa.bool_()))
 
 
 # --------------------------------------------------------------------------- stage
@@ -330,6 +367,8 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
                       .materialize())
 
     with artifacts.timed(timings, "write"):
+        if cfg.cold_fraction > 0:  # (off: the table keeps exactly the clean ADS schema)
+            ads = mark_cold(ads, cfg.cold_fraction, cfg.cold_seed)
         artifacts.write_table(ads, cfg.out, "ads")
         shards.write_users(users, cfg.out, n_shards)
         q_all = pa.concat_tables([q_ads, q_users, *q_events,
@@ -342,13 +381,19 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
                                          "events": n_events_clean}, q_all)
     _refuse(cfg, _unreferenced(cfg, users, counts), [q_all], written=True)
     _check_quarantine_share(cfg, counts)
+    n_cold = int(pc.sum(ads.column(COLD)).as_py() or 0) if COLD in ads.column_names else 0
+    cold_split = {"fraction": cfg.cold_fraction, "seed": cfg.cold_seed, "ads": n_cold,
+                  "active_ads": int(pc.sum(ads.column("active")).as_py() or 0)}
     manifest = artifacts.write_manifest(cfg.out, "ingest", inputs={"input_dir": cfg.input_dir,
                                         "source": cfg.source, **notes}, config=cfg,
                                         counts=counts, timings=timings,
-                                        extra={shards.LAYOUT_KEY: shards.layout(n_shards)})
+                                        extra={shards.LAYOUT_KEY: shards.layout(n_shards),
+                                               "cold_split": cold_split})
     manifest["summary"] = {
         "out": cfg.out,
         **{name: f"{c['clean']} clean / {c['quarantined']} quarantined" for name, c in counts.items()},
+        **({"cold_ads": f"{n_cold} of {cold_split['active_ads']} active ads held out of "
+                        f"training (cold_fraction={cfg.cold_fraction})"} if n_cold else {}),
         "quarantine_reasons": _reason_counts(q_all),
         "seconds": round(sum(timings.values()), 2),
     }

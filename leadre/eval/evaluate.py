@@ -51,6 +51,7 @@ from leadre.artifacts import (ArtifactError, check_model, check_sid_version, exi
                               write_table, write_text)
 from leadre.eval import report
 from leadre.eval.channel import channel_report, history_groups
+from leadre.eval.cold import add_cold_warm
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
 from leadre.eval.config import EvalConfig
@@ -284,6 +285,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.history_groups:
             methods[name]["groups"] = history_groups(recs, targets, histories,
                                                      cfg.history_groups)
+    # the cold-start split (when the S-IDs were built with one): cold and warm targets apart
+    add_cold_warm(methods, ranked, targets, sids_dir, cfg.ks)
     # LEADRE (the first model) against each sequential baseline, as a paired difference
     differences = {}
     if model_dirs and cfg.ci_resamples:

@@ -9,11 +9,12 @@ write them as ``<out>/<kind>/<split>/part-<k>.parquet``; only counts go back to 
 
 :func:`build_shard` does per shard, with Arrow compute and numpy, what
 :func:`leadre.prompts.examples.build_user` does per user in Python: dropping unusable events
-(counted by reason), finding targets, splitting them, the visible window of every split and
-which users are skipped. Prompts come from :class:`leadre.prompts.incremental.ShardPrompts`
-(the history pieces rendered once per event, checked against :func:`compose_prompt`, the one
-prompt implementation, also used online; over-budget prompts go through its truncation,
-:func:`fit_prompt`); template and mixing hashes and DPO sampling are the functions
+(counted by reason; the cold-start split's events on cold ads too), finding targets,
+splitting them, the visible window of every split and which users are skipped. Prompts come
+from :class:`leadre.prompts.incremental.ShardPrompts` (the history pieces rendered once per
+event, checked against :func:`compose_prompt`, the one prompt implementation, also used
+online; over-budget prompts go through its truncation, :func:`fit_prompt`); template and
+mixing hashes and DPO sampling are the functions
 ``build_user`` calls (:func:`pick_template`, :func:`share_picked`, :func:`dpo_pairs`). Rows
 are kept as catalog rows and indices and become Arrow columns by ``take`` once per shard.
 A user who gets a ``skipped`` row goes through ``build_user`` itself, so rare
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 # Why an event is dropped, in build_user's order of checks (0 = kept).
 _DROPS = ("", "dropped_missing_timestamp", "dropped_unknown_action", "dropped_unknown_ad",
-          "dropped_ad_without_sid", "dropped_content_without_title")
+          "dropped_ad_without_sid", "dropped_content_without_title", "dropped_cold_ad")
+_COLD = _DROPS.index("dropped_cold_ad")
 _LEGAL_KEYS = pa.array(sorted(f"{d}\x1f{a}" for d, a in _LEGAL), pa.string())
 _ENGAGEMENTS = pa.array(sorted(ENGAGEMENTS), pa.string())
 
@@ -162,6 +164,25 @@ def _drop_reasons(ev: pa.Table, catalog: Catalog, has_sid: np.ndarray
     return reason, row, is_ad
 
 
+def _drop_cold(reason: np.ndarray, row: np.ndarray, is_ad: np.ndarray, is_eng: np.ndarray,
+               user_of: np.ndarray, ts: np.ndarray, catalog: Catalog, plan: SplitPlan) -> None:
+    """The cold-start split, in place: an event on a cold ad that is not a test target gets
+    reason ``dropped_cold_ad`` (what :func:`leadre.prompts.examples.drop_cold` does per user:
+    under leave-one-out the user's last engagement is kept, under the time split an
+    engagement at or after ``test_start``)."""
+    is_cold = np.array([*catalog.is_cold, False], bool)
+    cold = (reason == 0) & is_ad & (row >= 0) & is_cold[np.maximum(row, 0)]
+    if not cold.any():
+        return
+    if plan.mode == "leave_one_out":
+        eng = np.flatnonzero((reason == 0) & is_eng)
+        keep = np.zeros(len(reason), bool)
+        keep[eng[np.append(user_of[eng][1:] != user_of[eng][:-1], True)]] = True
+    else:
+        keep = is_eng & (ts >= plan.test_start_ms)
+    reason[cold & ~keep] = _COLD
+
+
 def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalog,
                 cfg: PromptConfig, plan: SplitPlan) -> tuple[dict[tuple[str, str | None],
                                                               pa.Table], Counter]:
@@ -185,15 +206,19 @@ def build_shard(events: pa.Table | None, users: pa.Table | None, catalog: Catalo
 
     has_sid = np.array([s is not None for s in catalog.sid] or [False])
     reason, row, is_ad = _drop_reasons(ev, catalog, has_sid)
+    is_eng = pc.fill_null(pc.is_in(ev.column("action"), _ENGAGEMENTS), False).to_numpy(
+        zero_copy_only=False) & is_ad
+    ts_all = pc.fill_null(ev.column("ts"), 0).to_numpy()
+    if catalog.cold:
+        _drop_cold(reason, row, is_ad, is_eng, user_of, ts_all, catalog, plan)
     drops = np.bincount(user_of * len(_DROPS) + reason,
                         minlength=n_users * len(_DROPS)).reshape(n_users, len(_DROPS))
     kept = np.flatnonzero(reason == 0)
     k_user, k_row = user_of[kept], row[kept]
-    k_ts = pc.fill_null(ev.column("ts"), 0).to_numpy()[kept]
+    k_ts = ts_all[kept]
     n_kept = np.bincount(k_user, minlength=n_users)
     k_start = np.concatenate([[0], np.cumsum(n_kept)])
-    k_eng = (pc.fill_null(pc.is_in(ev.column("action"), _ENGAGEMENTS), False).to_numpy(
-        zero_copy_only=False) & is_ad)[kept]
+    k_eng = is_eng[kept]
 
     loo = plan.mode == "leave_one_out"
     eng = np.flatnonzero(k_eng)

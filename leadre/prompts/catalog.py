@@ -26,16 +26,21 @@ class Catalog:
     sid_version: str = ""
     # title -> the text a content event shows (PromptConfig.content_object); empty: titles
     content: dict[str, str] = field(default_factory=dict, repr=False)
+    # the cold-start split's ads (leadre.sids.build.load_cold_ads): test targets only, never
+    # in a training interaction, an ad-level example or a DPO pair
+    cold: frozenset[str] = field(default_factory=frozenset, repr=False)
     index: dict[str, int] = field(init=False, repr=False)
-    candidates: list[int] = field(init=False, repr=False)  # active ads with an S-ID
+    is_cold: list[bool] = field(init=False, repr=False)  # per catalog row
+    candidates: list[int] = field(init=False, repr=False)  # active warm ads with an S-ID
     by_first: dict[int, list[int]] = field(init=False, repr=False)
     by_category: dict[str, list[int]] = field(init=False, repr=False)  # + eCPM known
 
     def __post_init__(self) -> None:
         self.index = {a: i for i, a in enumerate(self.ad_ids)}
+        self.is_cold = [a in self.cold for a in self.ad_ids]
         self.candidates, self.by_first, self.by_category = [], {}, {}
         for i, (s, act) in enumerate(zip(self.sid, self.active)):
-            if s is None or not act:
+            if s is None or not act or self.is_cold[i]:
                 continue
             self.candidates.append(i)
             self.by_first.setdefault(self.first_code[i], []).append(i)
@@ -44,10 +49,10 @@ class Catalog:
                 self.by_category.setdefault(cat, []).append(i)
 
     @classmethod
-    def from_tables(cls, ads, sid_table) -> "Catalog":
+    def from_tables(cls, ads, sid_table, cold: frozenset[str] = frozenset()) -> "Catalog":
         """``ads``: a pyarrow table in the ingest ``ADS`` schema; ``sid_table``: a
-        ``leadre.sids.SidTable``. Ads missing from the S-ID table get ``sid=None`` (their
-        events are dropped and counted)."""
+        ``leadre.sids.SidTable``; ``cold``: the cold-start split's ad ids. Ads missing from
+        the S-ID table get ``sid=None`` (their events are dropped and counted)."""
         ad_ids = ads.column("ad_id").to_pylist()
         rows = sid_table.rows_of(ad_ids)
         sids = sid_table.sids(ad_ids)
@@ -57,7 +62,7 @@ class Catalog:
         ecpm = [None if e is None or e != e else float(e) for e in ads.column("ecpm").to_pylist()]
         return cls(ad_ids, sids, ads.column("title").to_pylist(), cats, ecpm,
                    [bool(a) for a in ads.column("active").to_pylist()], first,
-                   getattr(sid_table, "version", ""))
+                   getattr(sid_table, "version", ""), cold=frozenset(cold))
 
     def sid_of(self, ad_id: str) -> str | None:
         i = self.index.get(ad_id)

@@ -26,6 +26,12 @@ Definitions (the contract the trainers and the evaluator rely on):
   (all of them).
 * **Relevant ad** (value pairs): an active ad with an S-ID and a known eCPM in the same category
   as the true target. A value pair is the target and one relevant ad, the higher eCPM chosen.
+* **Cold ads** (the cold-start split, ``Catalog.cold``): every event on a cold ad is dropped
+  (counted as ``dropped_cold_ad``) before targets are found, except a test target: under
+  leave-one-out the user's last ad engagement, under the time split an engagement at or after
+  ``test_start``. So a cold ad is never a training or valid target, never in a history, a
+  ``sequence_ad_ids``, a DPO pair (not even as a negative) or an ad-level example; it is
+  only ever a test target.
 """
 
 from __future__ import annotations
@@ -164,6 +170,29 @@ def clean_events(events: Sequence[Event], catalog: Catalog, notes: Counter) -> l
     return out
 
 
+def drop_cold(events: list[Event], catalog: Catalog, plan: "SplitPlan", notes: Counter
+              ) -> list[Event]:
+    """The cold-start split: drop (and count as ``dropped_cold_ad``) every event on a cold ad
+    that is not a test target (see the module docstring). ``events`` come from
+    :func:`clean_events` (every ad event names a catalog ad), in time order."""
+    if not catalog.cold:
+        return events
+    cold, index = catalog.is_cold, catalog.index
+    if plan.mode == "leave_one_out":
+        last = next((i for i in range(len(events) - 1, -1, -1) if events[i].domain == "ad"
+                     and events[i].action in ENGAGEMENTS), -1)
+        keep = lambda i, e: i == last  # noqa: E731
+    else:
+        keep = lambda i, e: e.action in ENGAGEMENTS and e.ts >= plan.test_start_ms  # noqa: E731
+    out = []
+    for i, e in enumerate(events):
+        if e.domain == "ad" and cold[index[e.ad_id]] and not keep(i, e):
+            notes["dropped_cold_ad"] += 1
+        else:
+            out.append(e)
+    return out
+
+
 def _targets(events: list[Event], loo: bool) -> list[int]:
     """Indices of target events (see the module docstring)."""
     idx, last_ad = [], None
@@ -278,7 +307,7 @@ def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence
         rows.add("skipped", None, "no_events", user_id, detail="profile only, no events")
         _note(rows, user_id, notes)
         return rows
-    evs = clean_events(events, catalog, notes)
+    evs = drop_cold(clean_events(events, catalog, notes), catalog, plan, notes)
     if not evs:
         rows.add("skipped", None, "no_valid_events", user_id,
                  detail=f"all {len(events)} events were unusable: " + ", ".join(
@@ -360,12 +389,17 @@ def build_user(user_id: str, profile: Mapping[str, Any] | None, events: Sequence
 
 def build_ad_rows(catalog: Catalog, cfg: PromptConfig, rows: Rows | None = None) -> Rows:
     """Ad-level auxiliary SFT examples (train split): ad text -> S-ID and S-ID -> ad text,
-    for every ad with an S-ID picked by the mixing shares."""
+    for every warm ad with an S-ID picked by the mixing shares (a cold ad has none: the model
+    meets its S-ID first as a test target; counted as ``cold_ads_without_ad_tasks``)."""
     rows = rows if rows is not None else Rows()
     n_variants = len(T.TEXT2SID_PROMPTS)
+    skipped_cold = 0
     for i, ad in enumerate(catalog.ad_ids):
         sid = catalog.sid[i]
         if sid is None:
+            continue
+        if catalog.is_cold[i]:
+            skipped_cold += 1
             continue
         title = catalog.title[i]
         cat = catalog.category[i] or T.UNKNOWN_CATEGORY
@@ -378,5 +412,7 @@ def build_ad_rows(catalog: Catalog, cfg: PromptConfig, rows: Rows | None = None)
             rows.add("sft", "train", "aux_sid2text", None, target_ad_id=ad, template=v,
                      prompt=T.SID2TEXT_PROMPTS[v % len(T.SID2TEXT_PROMPTS)].format(sid=sid),
                      completion=T.SID2TEXT_COMPLETION.format(title=title, category=cat))
+    if skipped_cold:
+        rows.add("note", None, "cold_ads_without_ad_tasks", None, count=skipped_cold)
     return rows
 

@@ -60,11 +60,17 @@ log = logging.getLogger(__name__)
 
 def load_catalog(cfg: PromptConfig) -> tuple[Catalog, dict[str, Any], dict[str, Any]]:
     """(catalog, ingest manifest, sids manifest); ArtifactError on missing/wrong inputs."""
+    from leadre.sids.build import load_cold_ads  # (here: the S-ID stage's module loads torch)
+
     ingest = artifacts.read_manifest(cfg.ingest_dir, stage="ingest")
     sids = artifacts.read_manifest(cfg.sids_dir, stage="sids")
     table = SidTable.load(cfg.sids_dir)
     ads = artifacts.read_table(cfg.ingest_dir, "ads")
-    catalog = Catalog.from_tables(ads, table)
+    # the cold-start split the S-IDs were built with (empty when off)
+    catalog = Catalog.from_tables(ads, table, load_cold_ads(cfg.sids_dir))
+    if catalog.cold:
+        log.info("prompts: cold-start split: %d cold ads are test targets only",
+                 len(catalog.cold))
     if cfg.content_object != "title":
         codes = ContentCodes.from_sids_dir(cfg.sids_dir, cfg.content_code_levels, table.prefixes)
         if codes is None:
@@ -288,7 +294,7 @@ def _finish(cfg: PromptConfig, flat: Counter, timings: dict[str, float], catalog
         extra={"sid_version": sid_version, "encoder_version": sids.get("encoder_version"),
                "content_titles_coded": len(catalog.content), "split": split_info,
                "templates_version": templates_version(), "template_variants": len(PROMPT_TEMPLATES),
-               "layout": LAYOUT,
+               "layout": LAYOUT, "cold_ads": len(catalog.cold),
                **(extra or {})})
     manifest["summary"] = {
         "out": cfg.out, "split": split_info["mode"], "sid_version": sid_version,
@@ -296,6 +302,9 @@ def _finish(cfg: PromptConfig, flat: Counter, timings: dict[str, float], catalog
         "sft": {s: sum(v.values()) for s, v in counts["sft"].items()},
         "dpo": {s: sum(v.values()) for s, v in counts["dpo"].items()},
         "eval": counts["eval"], "skipped_users": counts["skipped_users"],
+        **({"cold_split": {"cold_ads": len(catalog.cold),
+                           "events_dropped": counts["dropped_events"].get("cold_ad", 0)}}
+           if catalog.cold else {}),
         "seconds": round(seconds, 2),
         "examples_per_s": round(counts["totals"]["examples"] / seconds, 1) if seconds else None,
     }

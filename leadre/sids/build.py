@@ -7,7 +7,8 @@ unique S-IDs, written as an artifact directory::
     <out>/embeddings/part-*.parquet  ad_id, embedding (for the ScaNN index stage)
     <out>/titles/part-*.parquet      content title, embedding, codes, fallback reason
     <out>/sid_config.json            the SidConfig used
-    <out>/manifest.json              inputs, counts, timings, version, quality report
+    <out>/manifest.json              inputs, counts, timings, version, quality report,
+                                     cold_ads (the cold-start split, :func:`load_cold_ads`)
 
 Only flags of *active* ads live in the trie, so it is rebuilt by :func:`load_trie` from the
 table rather than stored.
@@ -73,6 +74,21 @@ def load_ads(ingest_dir: str) -> pa.Table:
     return ads
 
 
+def cold_mask(ads: pa.Table) -> np.ndarray:
+    """Which ads the cold-start split holds out (the ingest ``ads`` table's ``cold`` column;
+    all false for a table without one, e.g. from an older ingest)."""
+    if "cold" not in ads.column_names:
+        return np.zeros(ads.num_rows, bool)
+    return np.asarray(pc.fill_null(ads.column("cold"), False).to_pylist(), bool)
+
+
+def _cold_record(ad_ids: list[str], cold: np.ndarray) -> dict:
+    """The manifest's record of the cold-start split (read back by :func:`load_cold_ads`)."""
+    ids = sorted(a for a, c in zip(ad_ids, cold.tolist()) if c)
+    return {"cold_ads": ids, "cold_split": {"cold_ads": len(ids),
+                                            "warm_ads": len(ad_ids) - len(ids)}}
+
+
 def make_encoder(cfg: SidConfig) -> TextEncoder:
     if cfg.encoder == "hf":
         return HfEncoder(cfg.model_path, cfg.max_length, device="cpu", cache_dir=cfg.model_cache)
@@ -117,10 +133,11 @@ def _embed(cfg: SidConfig, texts: list[str], encoder_dir: str) -> np.ndarray:
 
 def _run_byo(cfg: SidConfig, timings: dict[str, float]) -> dict:
     with timed(timings, "load_index"):
-        active = None
+        active, cold = None, {"cold_ads": [], "cold_split": {"cold_ads": 0}}
         if cfg.ingest_dir:
             ads = load_ads(cfg.ingest_dir)
             active = dict(zip(ads.column("ad_id").to_pylist(), ads.column("active").to_pylist()))
+            cold = _cold_record(ads.column("ad_id").to_pylist(), cold_mask(ads))
         table = SidTable.from_index_json(cfg.index_json, active)
         if active is not None:
             missing = sorted(set(active) - set(table.ad_id_array.tolist()))
@@ -132,11 +149,12 @@ def _run_byo(cfg: SidConfig, timings: dict[str, float]) -> dict:
         write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
     codes = table.codes[:, :-1]
     report = quality_report(codes, table, None)
-    return _finish(cfg, table, report, timings, {"index_json": cfg.index_json})
+    # (bring-your-own S-IDs were made elsewhere: the split can only be recorded, not honoured)
+    return _finish(cfg, table, report, timings, {"index_json": cfg.index_json}, cold=cold)
 
 
 def _finish(cfg: SidConfig, table: SidTable, report: dict, timings: dict[str, float],
-            inputs: dict, encoder: str | None = None) -> dict:
+            inputs: dict, encoder: str | None = None, cold: dict | None = None) -> dict:
     with timed(timings, "trie"):
         trie = SidTrie.from_table(table)
     counts = {"ads": len(table), "active_ads": int(table.active.sum()),
@@ -158,11 +176,16 @@ def _finish(cfg: SidConfig, table: SidTable, report: dict, timings: dict[str, fl
         summary["title_fallbacks"] = sum(report["titles"]["fallback"].values())
     if "first_level_same_category" in report:
         summary["first_level_same_category"] = report["first_level_same_category"]
+    cold = cold or {"cold_ads": [], "cold_split": {"cold_ads": 0}}
+    counts["cold_ads"] = cold["cold_split"]["cold_ads"]
+    if counts["cold_ads"]:
+        summary["cold_split"] = cold["cold_split"]
     return write_manifest(cfg.out, STAGE, inputs=inputs, config=cfg, counts=counts,
                           timings=timings, extra={"version": table.version,
                                                   "encoder_version": encoder,
                                                   "sid_meta": table.meta(),
-                                                  "quality": report, "summary": summary})
+                                                  "quality": report, "summary": summary,
+                                                  **cold})
 
 
 def run(cfg: SidConfig) -> dict:
@@ -175,11 +198,18 @@ def run(cfg: SidConfig) -> dict:
         ads = load_ads(cfg.ingest_dir)
         ad_ids = ads.column("ad_id").to_pylist()
         texts = ad_texts(ads)
+        cold = cold_mask(ads)
+        warm = np.flatnonzero(~cold)
     log.info("sids: %d ads from %s", len(ad_ids), cfg.ingest_dir)
+    if cold.any():
+        log.info("sids: cold-start split: the encoder and quantiser are fitted on the %d warm "
+                 "ads; the %d cold ads are only encoded", len(warm), int(cold.sum()))
 
     encoder_dir = join(cfg.out, "encoder")
     with timed(timings, "encoder_fit"):
-        make_encoder(cfg).fit(texts).save(encoder_dir)
+        # Fitted on the warm ads only (all of them without a cold-start split), so a cold ad
+        # gets its vector and codes the way an ad added after training would.
+        make_encoder(cfg).fit([texts[i] for i in warm]).save(encoder_dir)
     titles = content_titles(cfg.ingest_dir) if cfg.titles else []
     reasons = [title_problem(t, cfg.max_title_chars) for t in titles]
     good = [t for t, r in zip(titles, reasons) if r is None]
@@ -190,7 +220,8 @@ def run(cfg: SidConfig) -> dict:
         emb = vecs[:len(texts)]
         title_emb = with_fallback(reasons, vecs[len(texts):], fallback_vector(emb))
     with timed(timings, "quantize"):
-        quantizer = make_quantizer(cfg, len(ad_ids)).fit(emb)
+        # (codebook size from the whole catalog: the split changes what is learned, not how much)
+        quantizer = make_quantizer(cfg, len(ad_ids)).fit(emb[warm])
         codes = quantizer.encode(emb)
         title_codes = (quantizer.encode(title_emb) if titles
                        else np.zeros((0, cfg.levels), np.int64))
@@ -225,7 +256,18 @@ def run(cfg: SidConfig) -> dict:
                             "fallback": {r: reasons.count(r) for r in FALLBACK_REASONS}}
     inputs = {"ingest_dir": cfg.ingest_dir,
               "ingest_created_at": read_manifest(cfg.ingest_dir).get("created_at")}
-    return _finish(cfg, table, report, timings, inputs, encoder_version(encoder_dir))
+    cold_info = _cold_record(ad_ids, cold)
+    cold_info["cold_split"]["quantizer_fit_ads"] = len(warm)
+    return _finish(cfg, table, report, timings, inputs, encoder_version(encoder_dir),
+                   cold=cold_info)
+
+
+def load_cold_ads(sids_dir: str) -> frozenset[str]:
+    """The ads of the cold-start split (``IngestConfig.cold_fraction``) that the S-IDs of
+    ``sids_dir`` were built with: held out of quantiser training, and of every training
+    interaction downstream. Empty when the split is off or the manifest predates it. The one
+    place later stages (prompts, eval) learn the cold set from."""
+    return frozenset(read_manifest(sids_dir, stage=STAGE).get("cold_ads") or ())
 
 
 def load_table(sids_dir: str) -> SidTable:
