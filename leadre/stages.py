@@ -99,6 +99,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", "leadre.index", "leadre.index.config:IndexConfig",
           "build the ScaNN index over the active ads' embeddings (recall@10 vs exact search)",
           "index", inputs=(_in("sids_dir", "sids"), _in("ingest_dir", "ingest"))),
+    Stage("add-ads", "leadre.index.add_ads", "leadre.index.config:AddAdsConfig",
+          "add new ads without retraining: S-IDs from the frozen encoder + trained quantiser "
+          "(same S-ID version), appended to the S-ID table, and a new index version", "add_ads",
+          inputs=(_in("sids_dir", "sids"), _in("index_dir", "index"))),
     Stage("warm", "leadre.serve.warm", "leadre.serve.config:WarmConfig",
           "fill the candidate store for all active users in bulk (Ray Data + generator actors)",
           "warm", inputs=(_in("ingest_dir", "ingest"), _in("sids_dir", "sids"),

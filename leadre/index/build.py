@@ -67,11 +67,16 @@ def _active_and_meta(cfg: IndexConfig, ad_ids: np.ndarray) -> tuple[np.ndarray, 
         pos = np.array([idx.get(a, -1) for a in ads.column("ad_id").to_pylist()])
         ok = pos >= 0
         act = ads.column("active").to_numpy(zero_copy_only=False)
-        active = np.zeros(len(ad_ids), bool)  # the catalog is the truth: unknown ads are off
+        # The catalog is the truth: unknown ads are off, except those `leadre add-ads` added
+        # after the ingest (the S-ID table holds their flags, `added_ads` their eCPM).
+        added = _added_ads(cfg.sids_dir, idx)
+        active = np.zeros(len(ad_ids), bool)
+        active[added] = np.where(rows[added] >= 0, table.active[rows[added].clip(min=0)], False)
         active[pos[ok]] = act[ok]
         if "ecpm" in ads.column_names:
             e = ads.column("ecpm").fill_null(0.0).to_numpy(zero_copy_only=False)
             ecpm[pos[ok]] = e[ok]
+        ecpm[added] = _added_ecpm(cfg.sids_dir, ad_ids[added])
         if exists(join(cfg.ingest_dir, "events")):
             ev = read_table(cfg.ingest_dir, "events").select(["action", "ad_id"])
             ev = ev.filter(pc.is_in(ev.column("action"), pa.array(ENGAGE)))
@@ -81,6 +86,26 @@ def _active_and_meta(cfg: IndexConfig, ad_ids: np.ndarray) -> tuple[np.ndarray, 
                 if a in idx:
                     popularity[idx[a]] = c
     return active, ecpm, popularity, table.version
+
+
+def _added_ads(sids_dir: str, idx: dict[str, int]) -> np.ndarray:
+    """Embedding rows of the ads ``leadre add-ads`` added to ``sids_dir``."""
+    from leadre.sids.extend import ADDED
+
+    if not exists(join(sids_dir, ADDED)):
+        return np.zeros(0, np.int64)
+    ids = read_table(sids_dir, ADDED, columns=["ad_id"]).column("ad_id").to_pylist()
+    return np.asarray([idx[a] for a in ids if a in idx], np.int64)
+
+
+def _added_ecpm(sids_dir: str, ad_ids: np.ndarray) -> np.ndarray:
+    from leadre.sids.extend import ADDED
+
+    if not len(ad_ids):
+        return np.zeros(0, np.float32)
+    t = read_table(sids_dir, ADDED, columns=["ad_id", "ecpm"])
+    of = dict(zip(t.column("ad_id").to_pylist(), t.column("ecpm").to_pylist()))
+    return np.asarray([of.get(a) or 0.0 for a in ad_ids.tolist()], np.float32)
 
 
 def history_queries(cfg: IndexConfig, n: int) -> np.ndarray | None:
@@ -136,6 +161,7 @@ def run(cfg: IndexConfig) -> dict:
     order = np.lexsort((-ecpm[keep], -popularity[keep]))[:cfg.fallback_size]
     version = _version(sid_version, kept_ids, info)
     info.update({"version": version, "sid_version": sid_version, "ads": int(len(keep)),
+                 "sid_catalog": int(len(ad_ids)),  # ads with vectors: grows with add-ads
                  "dim": int(db.shape[1]), "popular_rows": order.tolist(),
                  "sids_dir": cfg.sids_dir})
 

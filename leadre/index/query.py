@@ -54,6 +54,13 @@ class QueryBuilder:
             self._encoder = load_encoder(join(self.sids_dir, "encoder"))
         return self._encoder
 
+    def with_embeddings(self, ad_ids: Sequence[str], emb: np.ndarray) -> "QueryBuilder":
+        """This builder (its loaded encoder, its title cache) over another set of ad vectors:
+        the catalog grew (``leadre add-ads``)."""
+        qb = type(self)(list(ad_ids), emb, self.sids_dir, self._cache_titles)
+        qb._encoder, qb._titles = self._encoder, self._titles
+        return qb
+
     @classmethod
     def from_arrays(cls, ad_ids: Sequence[str], emb: np.ndarray) -> "QueryBuilder":
         return cls(list(ad_ids), emb)

@@ -9,8 +9,10 @@ port (``matcher._admin_body``):
     public port ──> Matcher replicas (/recommend, /healthz; /admin/* -> 404)
     admin port  ──> Admin (1 replica) ──> candidate store + every Matcher replica (handle)
 
-``POST /admin/model`` has one matcher replica check the model and record the rollout in the
-store, which every generator replica follows. ``POST /admin/ads`` writes the ad status to the store (every matcher replica polls its version)
+``POST /admin/ads/new`` has one matcher replica add the ads (S-IDs, a new index version
+beside the one in use) and record it, then every replica swaps to the new index and every
+generator reloads the S-ID table. ``POST /admin/model`` has one matcher replica check the
+model and record the rollout in the store, which every generator replica follows. ``POST /admin/ads`` writes the ad status to the store (every matcher replica polls its version)
 and tells every replica at once, as the matcher's own route does; ``POST /admin/index`` has one
 matcher replica check and load the directory (index root, no pickle, content hash) and record
 the swap in the store, then tells every replica. So the Admin holds no index and works with any
@@ -59,6 +61,23 @@ async def admin_body(request: Request, model, cfg: MatcherConfig):
         return model.model_validate(data), None
     except ValidationError as e:
         return None, api.error(422, "invalid request", api.field_errors(e))
+
+
+async def admin_add_ads(adding, everyone):
+    """``POST /admin/ads/new`` on either port: ``adding`` is one Matcher replica's
+    :meth:`Matcher.add_ads` (its coroutine on that replica, a handle's response from the
+    Admin tier); then
+    every replica of ``everyone`` swaps to the new index."""
+    try:
+        out = await adding
+    except Exception as e:  # noqa: BLE001 - nothing was added (the extension rolls back)
+        return api.error(400, f"adding ads rejected: {api.cause(e)}")
+    if out.get("status") == "refused":
+        return api.error(400, out["error"], out["problems"])
+    results = await everyone.broadcast("swap_index", out["index_dir"], persist=False
+                                       ).results_async(timeout_s=120, return_exceptions=True)
+    told = sum(1 for r in results if not isinstance(r, BaseException))
+    return {**out, "replicas": told}
 
 
 def bind_socket(host: str, port: int, wait_s: float = 30.0) -> socket.socket:
@@ -160,7 +179,20 @@ class Admin:
                 return err
             return await self._on_replica_loop(self.set_ads_active(req.ad_ids, req.active))
 
+        @app.post("/admin/ads/new")
+        async def add_ads(request: Request):
+            req, err = await admin_body(request, api.AdsAdd, self.cfg)
+            if err is not None:
+                return err
+            return await self._on_replica_loop(self.add_ads(req.ads))
+
         return app
+
+    async def add_ads(self, ads: list[dict]):
+        """One matcher replica adds the ads (S-IDs, a new index version, the store records
+        both); then every replica swaps to the new index."""
+        matchers = self._matchers()
+        return await admin_add_ads(matchers.add_ads.remote(ads), matchers)
 
     async def _on_replica_loop(self, coro):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))

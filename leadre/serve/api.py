@@ -71,6 +71,15 @@ class AdStatusChange(BaseModel):
     active: bool
 
 
+class AdsAdd(BaseModel):
+    """``POST /admin/ads/new``: ads new to the catalog, one object per ad with the ingest
+    ``ads`` columns (ad_id, title, category required; description, advertiser, ecpm, active).
+    The ads themselves are checked by :func:`leadre.sids.extend.check_new_ads`, which names
+    each unusable ad and its reason."""
+    model_config = ConfigDict(extra="forbid")
+    ads: list[dict] = Field(min_length=1, max_length=10_000)
+
+
 def field_errors(e: ValidationError) -> list[dict]:
     return [{"field": ".".join(str(p) for p in err["loc"]) or "body", "error": err["msg"]}
             for err in e.errors(include_url=False)]

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # Store meta key of the model rolled out: {"model_dir": ..., "version": ...}, written by the
 # admin call; every generator replica follows it, the matcher reads its version.
 MODEL_META_KEY = "model"
+# Store meta key of the catalog grown by `POST /admin/ads/new`: {"ads": n, "index_dir": ...,
+# "sid_version": ..., "catalog": ...}; every generator replica reloads the S-ID table (and
+# its trie, or the embedding engine's index) when ``ads`` differs from its own table.
+CATALOG_META_KEY = "catalog"
 
 
 @dataclass
@@ -143,6 +147,35 @@ class GeneratorCore:
             if off - self.off:
                 self.llm.set_active(sorted(off - self.off), False)
         self.off, self.ad_status_version = off, version
+        return True
+
+    def follow_catalog(self) -> bool:
+        """Ads added to the catalog since this table was loaded (the store's
+        :data:`CATALOG_META_KEY`): reload the S-ID table (same version, a pure append) into
+        the decoder's trie, or the new index into the embedding engine. True when it did."""
+        raw = self.store.get_meta(CATALOG_META_KEY)
+        target = json.loads(raw) if raw else None
+        if not target or target["ads"] == len(self.table):
+            return False
+        from leadre.sids import load_table
+        from leadre.sids.ann import load_embeddings
+
+        table = load_table(self.paths.sids_dir)
+        if table.version != self.table.version:
+            log.error("generator: %s holds S-ID version %s, not %s: catalog not followed",
+                      self.paths.sids_dir, table.version, self.table.version)
+            return False
+        if self.engine == "llm":
+            self.llm.refresh_active(table)
+            if self.off:
+                self.llm.set_active(sorted(self.off), False)
+        else:
+            from leadre.index.ann import AdIndex
+
+            self.index = AdIndex.load(target["index_dir"], root=self.paths.index_root)
+            self.queries = self.queries.with_embeddings(*load_embeddings(self.paths.sids_dir))
+        self.table = table
+        log.info("generator: catalog now %d ads", len(table))
         return True
 
     def candidates(self, contexts: list[dict | None]) -> list[list[tuple[str, float]]]:
@@ -261,6 +294,7 @@ class Generator:
                 stale = await asyncio.to_thread(self.core.store.users_not_of_model, version)
                 await asyncio.to_thread(self.core.store.enqueue, stale, True)
                 log.info("generator: %d users queued first for the new model", len(stale))
+        await asyncio.to_thread(self.core.follow_catalog)
         await asyncio.to_thread(self.core.follow_ad_status)
 
     async def _drain_queue(self) -> None:
@@ -309,4 +343,5 @@ class Generator:
 
     async def info(self) -> dict:
         return {"engine": self.core.engine, "model_version": self.core.model_version,
-                "device": self.core.device(), "sid_version": self.core.table.version}
+                "device": self.core.device(), "sid_version": self.core.table.version,
+                "catalog_ads": len(self.core.table)}

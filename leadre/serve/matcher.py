@@ -11,7 +11,8 @@ nothing here waits for it.
 
 Routes: ``POST /recommend``, ``GET /healthz``, ``POST /admin/index`` (swap the index on every
 replica), ``POST /admin/ads`` (switch ads off/on on every replica, no rebuild),
-``POST /admin/model`` (roll out a new model to the generators); all three answer 404 here
+``POST /admin/ads/new`` (add ads new to the catalog, no retraining), ``POST /admin/model``
+(roll out a new model to the generators); the admin routes answer 404 here
 when ``matcher.admin_port`` moves them to the ``Admin`` deployment's own port
 (:mod:`leadre.serve.admin`). The request models and limits are in :mod:`leadre.serve.api`.
 Overload is shed with 503 by Serve itself (``max_queued_requests``), never a hang.
@@ -41,7 +42,7 @@ from ray import serve
 from leadre.index.context import merge_events
 from leadre.serve import api
 from leadre.serve.config import MatcherConfig, ServePaths
-from leadre.serve.generator import MODEL_META_KEY, start_rollout
+from leadre.serve.generator import CATALOG_META_KEY, MODEL_META_KEY, start_rollout
 from leadre.serve.matching import UNAVAILABLE, MatcherCore, newer_events
 from leadre.serve.metrics import MATCHER_BUCKETS_MS, counter, gauge, tier_latency
 from leadre.serve.store import StoreUnavailable, open_store
@@ -280,6 +281,19 @@ class Matcher:
                 "ads": len(set(req.ad_ids)), "active": req.active, "replicas": told,
                 "ads_switched_off": len(self.core.off)}
 
+    @app.post("/admin/ads/new")
+    async def http_add_ads(self, request: Request):
+        """Add ads new to the catalog without retraining (``leadre add-ads``): their S-IDs
+        and a new index version are written here, then every replica swaps to the index and
+        every generator reloads the S-ID table. 400 names each unusable ad; nothing is added
+        then."""
+        req, err = await self._admin_body(request, api.AdsAdd)
+        if err is not None:
+            return err
+        from leadre.serve.admin import admin_add_ads
+
+        return await admin_add_ads(self.add_ads(req.ads), self._everyone())
+
     @app.post("/admin/model")
     async def http_rollout(self, request: Request):
         """Roll out a new model: checked here, recorded in the store; every Generator replica
@@ -327,6 +341,26 @@ class Matcher:
                  "user_config": meta.get("user_config")}))
         return info
 
+    async def add_ads(self, ads: list[dict]) -> dict:
+        """Extend the catalog by ``ads`` next to the index in use (a new index version beside
+        it), swap this replica to it and record both in the store (the index for the other
+        matcher replicas, the catalog for the generators). Unusable ads: ``{"status":
+        "refused", "error", "problems"}`` and nothing written."""
+        from leadre.index.add_ads import add_ads
+        from leadre.sids.extend import AdsRefused
+
+        try:
+            out = await asyncio.to_thread(add_ads, self.sids_dir, ads=ads,
+                                          index_dir=self.core.index.location)
+        except AdsRefused as e:
+            return {"status": "refused", "error": str(e),
+                    "problems": [{"ad": a, "reason": r} for a, r in e.problems]}
+        await self.swap_index(out["index_dir"])
+        await asyncio.to_thread(self.bg_store.set_meta, CATALOG_META_KEY, json.dumps(
+            {k: out[k] for k in ("ads", "catalog", "sid_version", "index_dir",
+                                 "index_version")}))
+        return out
+
     async def start_rollout(self, model_dir: str) -> dict:
         out = await asyncio.to_thread(start_rollout, self.bg_store, model_dir, self.sids_dir)
         self.core.model_version = out["model_version"]  # the other replicas: at their watch
@@ -363,3 +397,4 @@ class Matcher:
     async def check_health(self) -> None:
         if self.core.index is None or len(self.core.index) == 0:
             raise RuntimeError("matcher has no index")
+

@@ -71,6 +71,7 @@ class MatcherCore:
         self._ad_of_sid = dict(zip(self.table.sids(self.table.ad_id_array.tolist()),
                                    self.table.ad_id_array.tolist()))
         self.queries = QueryBuilder.from_sids_dir(paths.sids_dir)
+        self.sids_dir = paths.sids_dir
         self.store = open_store(paths.store_url)
         self.history_events = history_events
         self.fresh_share = fresh_share
@@ -102,9 +103,29 @@ class MatcherCore:
             if self.index.location == index_dir and version in (None, self.index.version):
                 return self.index_info()
             new = self._load(index_dir)
+            self._follow_catalog(new)
             old, self.index = self.index, new  # atomic reference swap
             log.info("matcher: index %s -> %s (%d ads)", old.version, new.version, len(new))
             return self.index_info()
+
+    def _follow_catalog(self, ix: AdIndex) -> None:
+        """An index built after ads were added to the catalog (``leadre add-ads``) covers
+        more ads than this replica's S-ID table: reload the table and the ad vectors (same
+        S-ID version, existing S-IDs unchanged) before the index goes live."""
+        n = ix.info.get("sid_catalog")
+        if n is None or n == len(self.table):
+            return
+        from leadre.sids import load_table
+        from leadre.sids.ann import load_embeddings
+
+        table = load_table(self.sids_dir)
+        if table.version != self.table.version:
+            raise ValueError(f"{self.sids_dir} now holds S-ID version {table.version}, "
+                             f"serving uses {self.table.version}")
+        queries = self.queries.with_embeddings(*load_embeddings(self.sids_dir))
+        ad_of_sid = dict(zip(table.sids(table.ad_id_array.tolist()), table.ad_id_array.tolist()))
+        self.queries, self._ad_of_sid, self.table = queries, ad_of_sid, table
+        log.info("matcher: catalog now %d ads (S-ID version %s)", len(table), table.version)
 
     def set_ad_status(self, version: int, off: set[str]) -> bool:
         """Apply a status read from the store (newer versions only); True if it changed."""
@@ -124,6 +145,7 @@ class MatcherCore:
         ix = self.index
         return {"index_version": ix.version, "index_dir": ix.location, "ads": len(ix),
                 "mode": ix.info.get("mode"), "sid_version": self.table.version,
+                "catalog_ads": len(self.table),
                 "ads_switched_off": len(self.off), "ad_status_version": self.ad_status_version}
 
     # --- requests -----------------------------------------------------------------------

@@ -159,6 +159,24 @@ class Quantizer(ABC):
     def codebooks(self) -> np.ndarray:
         return self.tensors()["codebooks"].cpu().numpy()
 
+    @abstractmethod
+    def _last_residual(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes of the first ``levels - 1`` levels (n, L-1), the residual entering the last
+        level (n, d)), both as :meth:`encode` computes them."""
+
+    @torch.no_grad()
+    def rank_last_level(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes, ranked)``: :meth:`encode`'s codes (n, L) and, per row, every code of the
+        last level nearest first (n, K); ``ranked[:, 0] == codes[:, -1]``. Adding an ad after
+        training uses it: when the S-ID group of its codes is full, the next-best last-level
+        code is the nearest code tuple to try (:func:`leadre.sids.extend.assign_sids`)."""
+        prefix, r = self._last_residual(x)
+        book = self.tensors()["codebooks"][-1].to(r.device)
+        d = (book * book).sum(1)[None, :] - 2.0 * r @ book.T  # as ``assign`` ranks them
+        ranked = torch.argsort(d, dim=1, stable=True)
+        codes = torch.cat([prefix, ranked[:, :1]], 1)
+        return codes.cpu().numpy(), ranked.cpu().numpy()
+
     def fingerprint(self) -> bytes:
         """Canonical bytes of kind, settings and tensors, for version hashing. (The
         safetensors file itself is not byte-stable: its header order varies run to run.)"""
@@ -203,6 +221,15 @@ class RqKMeans(Quantizer):
             codes.append(idx)
             r = r - book[idx]
         return torch.stack(codes, 1).cpu().numpy()
+
+    def _last_residual(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        r = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        codes = []
+        for book in self.books[:-1]:
+            idx = assign(r, book)
+            codes.append(idx)
+            r = r - book[idx]
+        return torch.stack(codes, 1) if codes else r.new_zeros((len(r), 0), dtype=torch.long), r
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codebooks": self.books}
@@ -345,6 +372,16 @@ class RqVae(Quantizer):
         out = [self.model.quantize(self.model.encoder(xt[s:s + ASSIGN_BLOCK]))[0]
                for s in range(0, len(xt), ASSIGN_BLOCK)]
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.levels), np.int64)
+
+    def _last_residual(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        r = self.model.encoder(torch.as_tensor(x, dtype=torch.float32, device=self.device))
+        codes = []
+        for book in self.model.codebooks[:-1]:
+            idx = assign(r, book)
+            codes.append(idx)
+            r = r - book[idx]
+        return torch.stack(codes, 1) if codes else r.new_zeros((len(r), 0), dtype=torch.long), r
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codebooks": self.model.codebooks.data,
