@@ -67,7 +67,14 @@ class DemoConfig:
         "help": "DPO optimiser steps on the business-value pairs"})
     eval_rows: int | None = field(default=None, metadata={
         "help": "test users scored by the evaluator (null: all of them)"})
-    beam_size: int = field(default=10, metadata={"help": "beam width of constrained decoding"})
+    cold_fraction: float = field(default=0.1, metadata={
+        "help": "share of ads held out of training (quantiser and every interaction): test "
+                "targets only, reached through the dense head (0: off)"})
+    beam_size: int = field(default=20, metadata={
+        "help": "beam width of constrained decoding (the dense head adds 50 candidates; its "
+                "fusion weight is tuned with 20 beams)"})
+    channel_k: int = field(default=50, metadata={
+        "help": "channel view: SASRec top K + LEADRE top K against SASRec top 2K"})
     port: int = field(default=8000, metadata={"help": "HTTP port of the demo's Serve app"})
     requests: int = field(default=3, metadata={"help": "users to query over HTTP at the end"})
     verbose: bool = field(default=False, metadata={
@@ -85,7 +92,7 @@ def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     return {
         "generate": {"users": cfg.users, "ads": cfg.ads, "corrupt_share": cfg.corrupt_share,
                      **seed},
-        "ingest": ray,
+        "ingest": {"cold_fraction": cfg.cold_fraction, **ray},
         # MiniLM vectors, RQ-VAE codes: chosen on valid (bench/bench_knowledge.py)
         "sids": {**seed, **ray},
         "prompts": {"max_events": cfg.max_events, "instruction": not cfg.short_prompts,
@@ -99,7 +106,8 @@ def _settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
                 "learning_rate": 1e-4, "save_steps": cfg.dpo_steps, **seed, **ray},
         # Both training stages are scored on the same users, so the table shows what DPO did.
         "eval": {"max_rows": cfg.eval_rows, "generation": {"beam_size": cfg.beam_size},
-                 "compare_dirs": [_stage_dir(cfg, "sft")], **seed, **ray},
+                 "compare_dirs": [_stage_dir(cfg, "sft")], "channel_k": cfg.channel_k,
+                 **seed, **ray},
         "index": seed,
         "warm": {**store, "contexts_only": True, **ray},
         "serve": {**store, "port": cfg.port, "blocking": False, **ray},
@@ -235,7 +243,8 @@ def _fmt(v: Any) -> str:
 
 
 def metrics_table(metrics: dict[str, Any], k: int = SUMMARY_K) -> list[str]:
-    """LEADRE and the baselines side by side (``metrics.json`` of the eval stage)."""
+    """LEADRE (fused, then the beam alone) and the baselines side by side, with recall on
+    cold and warm targets when the split held ads out (``metrics.json`` of the eval stage)."""
     cols = [f"hr@{k}", f"ndcg@{k}", f"coverage@{k}"]
     methods = metrics.get("methods", {})
     if not methods:
@@ -244,11 +253,27 @@ def metrics_table(metrics: dict[str, Any], k: int = SUMMARY_K) -> list[str]:
     head = "".join(f"{c.upper().replace('COVERAGE', 'coverage'):>13}" for c in cols)
     with_ci = any(isinstance(m.get(f"hr@{k}_ci"), list) for m in methods.values())
     head += f"{f'HR@{k} 95% CI':>18}" if with_ci else ""
+    groups = [g for g in ("cold", "warm") if any(g in m for m in methods.values())]
+    head += "".join(f"{f'{g} R@{k}':>12}" for g in groups)
     lines = [f"  {'method':<{width}}{head}"]
     for name, m in sorted(methods.items(), key=lambda nm: not nm[0].startswith("leadre")):
         ci = m.get(f"hr@{k}_ci") if with_ci else None
         lines.append(f"  {name:<{width}}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols)
-                     + (f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>18}" if isinstance(ci, list) else ""))
+                     + (f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>18}" if isinstance(ci, list) else "")
+                     + "".join(f"{_fmt((m.get(g) or {}).get(f'recall@{k}')):>12}"
+                               for g in groups))
+    if groups:
+        cold = next(m["cold"]["targets"] for m in methods.values() if "cold" in m)
+        lines.append(f"  cold: {cold} test users whose next ad was held out of all training "
+                     "(ID-only SASRec cannot rank it: 0 by construction); -beam: the trie "
+                     "beam alone, without the dense head")
+    ch = metrics.get("channel")
+    if ch:
+        kk = ch["k"]
+        gain, ci = ch[f"incremental_recall@{2 * kk}"], ch.get(f"incremental_recall@{2 * kk}_ci")
+        lines.append(f"  channel: SASRec top {kk} + LEADRE top {kk} vs SASRec top {2 * kk}: "
+                     f"recall@{2 * kk} {gain:+.4f}"
+                     + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
     for name, d in (metrics.get("differences") or {}).items():
         hr, nd = d.get(f"hr@{k}"), d.get(f"ndcg@{k}")
         if hr and nd:

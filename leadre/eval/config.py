@@ -101,9 +101,7 @@ class EvalConfig:
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError("eval: max_rows must be >= 1 (or null for all rows)")
         # a fused ranking lists up to beam + dense candidates (checked per model in run)
-        reach = beam + (self.generation.dense_candidates
-                        if self.generation.ranking == "fused" else 0)
-        if self.channel_k is not None and (self.channel_k > reach
+        if self.channel_k is not None and (self.channel_k > self.generation.reach()
                                            or "sasrec" not in self.baselines):
             raise ConfigError(f"eval: channel_k={self.channel_k} needs generation.beam_size "
                               f"(+ dense_candidates for a model with a dense head) >= channel_k "

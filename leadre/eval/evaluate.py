@@ -54,7 +54,9 @@ from leadre.eval.channel import channel_report, history_groups
 from leadre.eval.cold import add_cold_warm
 from leadre.eval.rows import (early_stopping_slice, kept_after_history, load_eval_rows,
                               sample_users, train_sequences, user_set_hash)
+from leadre.config import ConfigError
 from leadre.eval.config import EvalConfig
+from leadre.model import dense
 from leadre.model.config import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -108,13 +110,18 @@ class GenerateBatch:
         self.gen = SidGenerator.from_stage_dir(model_dir, sids_dir, GenerationConfig(**gen_cfg))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = self.gen.generate(batch["prompt"].tolist())
-        return pd.DataFrame({
-            "row": batch["row"].to_numpy(),
-            "rec_ad_ids": [[c.ad_id for c in cands] for cands in out],
-            "rec_sids": [[c.sid for c in cands] for cands in out],
-            "rec_scores": [[c.score for c in cands] for cands in out],
-        })
+        gen = self.gen
+        rows, scores, users = gen.decode(batch["prompt"].tolist())
+        k = gen.cfg.top_k
+        lists = {"rec": gen.candidates(*gen.rank(rows, scores, users, k))}
+        if gen.fused:  # the beam alone too, from the same pass
+            lists["beam"] = gen.candidates(rows[:, :k], scores[:, :k])
+        out = {"row": batch["row"].to_numpy()}
+        for prefix, cands in lists.items():
+            out[f"{prefix}_ad_ids"] = [[c.ad_id for c in cs] for cs in cands]
+            out[f"{prefix}_sids"] = [[c.sid for c in cs] for cs in cands]
+            out[f"{prefix}_scores"] = [[c.score for c in cs] for cs in cands]
+        return pd.DataFrame(out)
 
 
 def generate_all(cfg: EvalConfig, model_dir: str, sids_dir: str, prompts: list[str]
@@ -219,6 +226,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         for model_dir in [cfg.model_dir, *cfg.compare_dirs]:
             if model_dir:  # before any generation actor loads it
                 check_model(model_dir, table.version, sids_dir)
+        if cfg.channel_k and cfg.model_dir and cfg.channel_k > cfg.generation.beam_size \
+                and not (cfg.generation.ranking == "fused" and dense.find(cfg.model_dir)):
+            raise ConfigError(f"eval: channel_k={cfg.channel_k} > generation.beam_size="
+                              f"{cfg.generation.beam_size} and {cfg.model_dir} has no dense "
+                              "head to fill its list: raise generation.beam_size")
         if ingest_dir:
             read_manifest(ingest_dir, stage="ingest")
         rows = load_eval_rows(cfg.prompts_dir, cfg.split)
@@ -247,33 +259,41 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     rec_tables = []
     model_dirs = [d for d in [cfg.model_dir, *cfg.compare_dirs] if d]
     for model_dir in model_dirs:
-        name = method_name(model_dir, set(methods))
+        base_name = method_name(model_dir, set(methods))
         t0 = time.perf_counter()
         res = generate_all(cfg, model_dir, sids_dir, rows["prompt"].tolist())
         secs = time.perf_counter() - t0
-        timings[f"generate_{name}"] = secs
-        sids = [s for lst in res["rec_sids"] for s in lst]
-        cols = {c: [list(x) for x in res[c]] for c in ("rec_ad_ids", "rec_sids", "rec_scores")}
-        if cfg.filter_history:
-            keep = kept_after_history(cols["rec_ad_ids"], histories, k)
-            cols = {c: [[x[j] for j in kp] for x, kp in zip(v, keep)] for c, v in cols.items()}
-        generation[name] = {
-            "model_dir": model_dir, "rows": len(res), "seconds": round(secs, 3),
-            "rows_per_s": round(len(res) / secs, 2) if secs else None,
-            "generated": len(sids), "invalid_rate": invalid_rate(sids, table),
-            "short_lists": int(sum(len(x) < k for x in cols["rec_ad_ids"])),
-        }
-        ranked[name] = cols["rec_ad_ids"]
-        m = score([r[:k] for r in cols["rec_ad_ids"]])
-        m["invalid_rate"] = generation[name]["invalid_rate"]
-        methods[name] = m
-        rec_tables.append(pa.table({
-            "method": [name] * len(res), "user_id": users, "target_ad_id": targets,
-            "rec_ad_ids": pa.array(cols["rec_ad_ids"], pa.list_(pa.string())),
-            "rec_sids": pa.array(cols["rec_sids"], pa.list_(pa.string())),
-            "rec_scores": pa.array([list(map(float, x)) for x in cols["rec_scores"]],
-                                   pa.list_(pa.float32())),
-        }))
+        timings[f"generate_{base_name}"] = secs
+        # a model with a dense head: its fused ranking under its name, the beam alone beside
+        rankings = {base_name: "rec"}
+        if "beam_ad_ids" in res:
+            rankings[f"{base_name}-beam"] = "beam"
+        for name, prefix in rankings.items():
+            cols = {c: [list(x) for x in res[f"{prefix}_{c}"]]
+                    for c in ("ad_ids", "sids", "scores")}
+            sids = [s for lst in cols["sids"] for s in lst]
+            if cfg.filter_history:
+                keep = kept_after_history(cols["ad_ids"], histories, k)
+                cols = {c: [[x[j] for j in kp] for x, kp in zip(v, keep)]
+                        for c, v in cols.items()}
+            generation[name] = {
+                "model_dir": model_dir, "ranking": "fused" if prefix == "rec" and
+                len(rankings) > 1 else "beam", "rows": len(res), "seconds": round(secs, 3),
+                "rows_per_s": round(len(res) / secs, 2) if secs else None,
+                "generated": len(sids), "invalid_rate": invalid_rate(sids, table),
+                "short_lists": int(sum(len(x) < k for x in cols["ad_ids"])),
+            }
+            ranked[name] = cols["ad_ids"]
+            m = score([r[:k] for r in cols["ad_ids"]])
+            m["invalid_rate"] = generation[name]["invalid_rate"]
+            methods[name] = m
+            rec_tables.append(pa.table({
+                "method": [name] * len(res), "user_id": users, "target_ad_id": targets,
+                "rec_ad_ids": pa.array(cols["ad_ids"], pa.list_(pa.string())),
+                "rec_sids": pa.array(cols["sids"], pa.list_(pa.string())),
+                "rec_scores": pa.array([list(map(float, x)) for x in cols["scores"]],
+                                       pa.list_(pa.float32())),
+            }))
 
     base_recs, base_info = run_baselines(cfg, rows, table, sids_dir, sequences, valid,
                                          max(k, 2 * (cfg.channel_k or 0)), timings)

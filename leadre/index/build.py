@@ -163,7 +163,9 @@ def run(cfg: IndexConfig) -> dict:
     info.update({"version": version, "sid_version": sid_version, "ads": int(len(keep)),
                  "sid_catalog": int(len(ad_ids)),  # ads with vectors: grows with add-ads
                  "dim": int(db.shape[1]), "popular_rows": order.tolist(),
-                 "sids_dir": cfg.sids_dir})
+                 "sids_dir": cfg.sids_dir,
+                 # a dense head is only fused with an index of its own encoder's vectors
+                 "encoder_version": sids_manifest.get("encoder_version")})
 
     with timed(timings, "write"):
         fs, path = resolve(cfg.out)

@@ -98,14 +98,21 @@ class GenerationConfig:
         if min(self.beam_size, self.top_k, self.batch_size, self.max_prompt_tokens) < 1:
             raise ConfigError("generation: beam_size, top_k, batch_size and max_prompt_tokens "
                               "must be >= 1")
-        if self.top_k > self.beam_size:
-            raise ConfigError(f"generation: top_k={self.top_k} > beam_size={self.beam_size}: "
-                              "beam search returns at most beam_size distinct ads; raise "
-                              "beam_size")
+        if self.top_k > self.reach():
+            raise ConfigError(f"generation: top_k={self.top_k} > beam_size={self.beam_size}"
+                              + (f" + dense_candidates={self.dense_candidates}"
+                                 if self.ranking == "fused" else "")
+                              + ": beam search returns at most beam_size distinct ads (and a "
+                              "dense head dense_candidates more); raise beam_size")
         if self.num_replicas < 1:
             raise ConfigError(f"generation: num_replicas must be >= 1, got {self.num_replicas}")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ConfigError("generation: num_cpus and num_gpus must be >= 0")
+
+    def reach(self) -> int:
+        """The longest candidate list: the beam's, plus the dense head's when fused (a model
+        without a dense head lists at most ``beam_size``)."""
+        return self.beam_size + (self.dense_candidates if self.ranking == "fused" else 0)
 
     def gpus(self) -> float:
         """GPUs per copy, ``num_gpus`` or, unset, decided on the driver where the cluster is

@@ -343,8 +343,11 @@ class SidGenerator:
     def generate(self, prompts: list[str], k: int | None = None) -> list[list[Candidate]]:
         """Top-``k`` (default ``cfg.top_k``) distinct active ads per prompt, best first."""
         k = k or self.cfg.top_k
-        if k > self.cfg.beam_size:
-            raise ValueError(f"k={k} > beam_size={self.cfg.beam_size}")
+        reach = self.cfg.reach() if self.fused else self.cfg.beam_size
+        if k > reach:
+            raise ValueError(f"k={k} > {reach} candidates (beam_size={self.cfg.beam_size}"
+                             + (f" + dense_candidates={self.cfg.dense_candidates})"
+                                if self.fused else ")"))
         return self.candidates(*self.rank(*self.decode(prompts), k))
 
     def candidates(self, rows: np.ndarray, scores: np.ndarray) -> list[list[Candidate]]:

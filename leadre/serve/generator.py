@@ -74,6 +74,7 @@ class GeneratorCore:
 
             self.llm = SidGenerator.from_stage_dir(
                 paths.model_dir, paths.sids_dir, cfg.generation)
+            self._dense_index(self.llm)
             self.table = self.llm.table
             self.model_version = model_version(paths.model_dir)
             self.prompt_cfg = trained_prompt_config(paths.model_dir)
@@ -100,6 +101,7 @@ class GeneratorCore:
 
         check_model(model_dir, self.table.version, self.paths.sids_dir)
         llm = SidGenerator.from_stage_dir(model_dir, self.paths.sids_dir, self.cfg.generation)
+        self._dense_index(llm)
         if self.off:
             llm.set_active(sorted(self.off), False)
         self.llm, self.table, self.engine = llm, llm.table, "llm"
@@ -108,6 +110,20 @@ class GeneratorCore:
         self.model_version = model_version(model_dir)
         log.info("generator: now generating with %s (%s)", model_dir, self.model_version)
         return self.model_version
+
+    def _dense_index(self, llm, index_dir: str | None = None) -> None:
+        """With a dense head, the ScaNN index of the serving graph answers its query (the
+        ads' vectors of the same encoder, checked), so fusing adds no hop to the hot path."""
+        index_dir = index_dir or self.paths.index_dir
+        if llm.head is None or not index_dir:
+            return
+        from leadre.index.ann import AdIndex
+        from leadre.model.dense import check_encoder
+
+        index = AdIndex.load(index_dir, root=self.paths.index_root)
+        check_encoder(llm.dense_meta, index.info.get("encoder_version"), self.paths.model_dir
+                      or "the model", index_dir)
+        llm.use_index(index)
 
     def _content_codes(self):
         """The knowledge tokens of content titles, with the S-ID stage's encoder and quantiser

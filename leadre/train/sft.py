@@ -73,13 +73,17 @@ def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
     from leadre.model.decode import table_vectors
     from leadre.sids.build import load_cold_ads
 
+    if not artifacts.exists(artifacts.join(sids_dir, "embeddings")):
+        log.warning("%s holds no ad vectors (S-IDs brought from elsewhere): training without "
+                    "the dense head", sids_dir)
+        return None
     vectors = table_vectors(table, sids_dir)
     cold = load_cold_ads(sids_dir)
     rows = [r for r in np.flatnonzero(table.active)
             if str(table.ad_id_array[r]) not in cold and vectors[r].any()]
     if not rows:
-        raise ArtifactError(f"{sids_dir} has no ad vectors for the dense head (an S-ID stage "
-                            "without embeddings?): set dense_head=false")
+        raise ArtifactError(f"{sids_dir}: no active ad has a vector for the dense head to "
+                            "learn from; set dense_head=false")
     tokenizer = load_tokenizer(model_dir)
     token_ids = np.array([tokenizer.convert_tokens_to_ids(table.sid_tokens(table.ad_id_array[r]))
                           for r in rows], np.int64)

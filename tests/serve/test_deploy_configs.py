@@ -98,7 +98,8 @@ def test_builder_rejects_unknown_args():
     with pytest.raises(ConfigError, match="unknown GeneratorConfig option"):
         build_app({"generator.ttl": "5"})
     with pytest.raises(ConfigError, match="top_k"):
-        build_app({"generator": {"generation": {"top_k": 30, "beam_size": 20}}})
+        build_app({"generator": {"generation": {"top_k": 30, "beam_size": 20,
+                                                 "ranking": "beam"}}})
     with pytest.raises(ConfigError, match="unknown ServeConfig option"):
         build_app({"ingress.k_max": "5"})  # the HTTP limits are the matcher's now
 

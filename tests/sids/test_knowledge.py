@@ -7,6 +7,7 @@ Ray Data actor pool, real quantisers, the real prompts stage, real transformers 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -232,10 +233,18 @@ def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_b
     assert sft["model"]["sid_init"] == "codebook"
     assert sft["encoder_version"] == sids_manifest["encoder_version"]
     assert sft["prompt_config"]["content_object"] == "code"
+    # the dense head trained beside the S-ID loss and its fusion weight was tuned on valid
+    assert any("dense_loss" in point for point in sft["history"])
+    head = json.loads((tmp_path / "sft" / "dense" / "head.json").read_text())
+    assert head["encoder_version"] == sids_manifest["encoder_version"] and head["dim"] == 384
+    assert sft["training"]["fusion"]["rows"] > 0
+    assert head["fusion_weight"] == sft["training"]["fusion"]["weight"]
     dpo = run_stage("dpo", DpoConfig(prompts_dir=prompts, sft_dir=str(tmp_path / "sft"),
                                      out=str(tmp_path / "dpo"), max_steps=2, batch_size=4,
                                      save_steps=2, logging_steps=1, **workers))
     assert dpo["encoder_version"] == sids_manifest["encoder_version"]
+    assert (tmp_path / "dpo" / "dense" / "head.safetensors").exists()
+    assert "weight" in dpo["training"]["fusion"]
     # a model is refused next to S-IDs of another encoder, naming both (eval, warm, serve)
     from leadre.artifacts import check_model
     from leadre.sids import load_table
@@ -246,7 +255,17 @@ def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_b
     ev = run_stage("eval", EvalConfig(prompts_dir=prompts, model_dir=str(tmp_path / "dpo"),
                                       out=str(tmp_path / "eval"), baselines=[], max_rows=20,
                                       generation=GenerationConfig(beam_size=10), ray=ray))
-    assert ev["summary"]["invalid_rate"] == {"leadre-dpo": 0.0}
+    # the fused ranking under the model's name, the beam alone beside it, both valid S-IDs
+    assert ev["summary"]["invalid_rate"] == {"leadre-dpo": 0.0, "leadre-dpo-beam": 0.0}
+    # a dense head trained on another encoder's vectors fails at load, naming both
+    from leadre.model.decode import SidGenerator
+
+    shutil.copytree(tmp_path / "dpo", tmp_path / "dpo_other")
+    meta = tmp_path / "dpo_other" / "dense" / "head.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "encoder_version": "lsa:x"}))
+    with pytest.raises(ArtifactError, match=f"encoder lsa:x.*encoder "
+                       f"{sids_manifest['encoder_version']}"):
+        SidGenerator.from_stage_dir(str(tmp_path / "dpo_other"), sids)
 
     core = GeneratorCore(GeneratorConfig(), ServePaths(sids, f"sqlite:///{tmp_path / 's.db'}",
                                                        model_dir=str(tmp_path / "dpo")))
@@ -260,4 +279,4 @@ def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_b
     assert re.fullmatch(r"<a_\d+><b_\d+>", code)
     assert f"play short video^{code}" in build_prompt(ctx, core.table, cfg=core.prompt_cfg,
                                                        content_of=content_of)
-    assert len(core.candidates([ctx])[0]) > 0
+    assert core.llm.fused and len(core.candidates([ctx])[0]) > 0

@@ -1,0 +1,111 @@
+"""The dense head's pieces on real tensors and a real (tiny) transformers model: which state
+it reads, which ad a row answers, its loss, the fused ranking and the tuning of its weight,
+saving and the encoder check at load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leadre.artifacts import ArtifactError
+from leadre.model import dense
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_targets_are_the_answered_ads_read_at_the_last_prompt_token():
+    keys = dense.sid_keys(np.array([[5, 6, 7], [5, 6, 8]]))
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 8, 2, -100],   # answers ad 1 (+ EOS)
+                           [-100, -100, 5, 6, 7, 2, -100, -100],   # answers ad 0
+                           [-100, -100, -100, 40, 41, 2, -100, -100]])  # text, not an S-ID
+    last_prompt, index = dense.targets_of(labels, keys, depth=3)
+    assert last_prompt.tolist() == [2, 1, 2]
+    assert index.tolist() == [1, 0, -1]
+
+
+def test_dense_loss_learns_to_point_at_the_answered_ad():
+    torch.manual_seed(0)
+    catalog = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+    head = dense.DenseHead(hidden_size=16, dim=8)
+    hidden = torch.randn(12, 4, 16)
+    index = torch.arange(12) % 30
+    last = torch.full((12,), 3)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = None
+    for _ in range(200):
+        loss, top1 = dense.dense_loss(head, hidden, last, index, catalog, 0.05, "full")
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 5 and top1 == 1.0
+    in_batch, _ = dense.dense_loss(head, hidden, last, index, catalog, 0.05, "in_batch")
+    assert in_batch.item() <= loss.item() + 1e-6  # fewer negatives, never a harder softmax
+    # a batch answering no catalog ad still touches the head (DDP needs its gradient)
+    zero, _ = dense.dense_loss(head, hidden, last, torch.full((12,), -1), catalog, 0.05)
+    zero.backward()
+    assert zero.item() == 0.0 and head.weight.grad is not None
+
+
+def test_fused_ranking_lets_the_dense_head_bring_an_ad_the_beam_missed():
+    vectors = _unit(np.eye(6)[:, :4] + 0.01)
+    user = _unit(np.array([[0.0, 0.0, 0.0, 1.0]]))        # points at ad 3 (and 4, 5: padding)
+    beam_rows = np.array([[0, 1, 2]])
+    beam_scores = np.array([[-1.0, -1.5, -2.0]], np.float32)
+    dense_rows = np.array([[3, 0, -1]])
+    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 0.0, 0.05, 3)
+    assert rows.tolist() == [[0, 1, 2]]                   # weight 0: the beam alone
+    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 1.0, 0.05, 3)
+    assert rows[0, 0] == 3 and list(scores[0]) == sorted(scores[0], reverse=True)
+    # an ad outside the beam gets the beam's lowest log-prob: a tiny weight cannot lift it
+    # above the beam's likelier ads
+    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 1e-4, 0.05, 4)
+    assert rows[0, :2].tolist() == [0, 1] and set(rows[0, 2:]) == {2, 3}
+
+
+def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
+    rng = np.random.default_rng(0)
+    vectors = _unit(rng.normal(size=(40, 8)))
+    targets = np.arange(20)
+    users = _unit(vectors[targets] + 0.05 * rng.normal(size=(20, 8)))  # the dense side is right
+    beam_rows = np.stack([np.roll(np.arange(40), -(t + 5))[:10] for t in targets])  # beam misses
+    beam_scores = np.tile(-np.arange(1, 11, dtype=np.float32), (20, 1))
+    dense_rows = np.argsort(-(users @ vectors.T), axis=1)[:, :10]
+    weight, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, users, vectors,
+                                      targets, 0.05)
+    assert curve["0.0"] == 0.0 and weight > 0 and curve[str(weight)] == 1.0
+    assert curve[str(weight)] == max(curve.values())
+
+
+def test_head_saves_and_a_head_of_another_encoder_is_refused(tmp_path):
+    head = dense.DenseHead(16, 8, seed=3)
+    meta = dense.DenseMeta(encoder_version="hf:a:1", sid_version="v", hidden_size=16, dim=8,
+                           temperature=0.05)
+    dense.save(tmp_path / dense.DENSE_DIR, head, meta)
+    dense.set_fusion(tmp_path / dense.DENSE_DIR, 0.5, {"rows": 3})
+    loaded, got = dense.load_head(dense.find(tmp_path))
+    assert torch.equal(loaded.weight, head.weight) and got.fusion_weight == 0.5
+    dense.check_encoder(got, "hf:a:1", "m", "s")
+    with pytest.raises(ArtifactError, match="encoder hf:a:1.*encoder lsa:2"):
+        dense.check_encoder(got, "lsa:2", "the model", "the sids dir")
+    assert dense.find(tmp_path / "nowhere") is None
+
+
+def test_capture_reads_the_backbone_state_the_lm_head_sees():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    capture = dense.HiddenCapture(model, keep="first")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        model(input_ids=ids[:, :2])                     # a later step is not kept
+    hidden = capture.pop()
+    assert hidden.shape == (2, 5, 16)
+    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-5)
+    capture.close()
