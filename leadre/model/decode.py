@@ -335,10 +335,16 @@ class SidGenerator:
             return beam_rows[:, :k], beam_scores[:, :k]
         from leadre.model.dense import fuse
 
-        dense_rows = self.dense_top(users, self.cfg.dense_candidates)
-        return fuse(beam_rows, beam_scores, dense_rows, users, self.vectors,
-                    self.fusion_weight if weight is None else weight,
-                    self.dense_meta.temperature, k)
+        return fuse(beam_rows, beam_scores, self.dense_top(users, self.cfg.dense_candidates),
+                    self.dense_log_probs(users), self.fusion_weight if weight is None else weight,
+                    k)
+
+    def dense_log_probs(self, users: np.ndarray) -> np.ndarray:
+        """The dense head's log-probability of every table row (inactive: -inf)."""
+        from leadre.model.dense import dense_log_probs
+
+        return dense_log_probs(users, self.vectors, self.table.active,
+                               self.dense_meta.temperature)
 
     def generate(self, prompts: list[str], k: int | None = None) -> list[list[Candidate]]:
         """Top-``k`` (default ``cfg.top_k``) distinct active ads per prompt, best first."""

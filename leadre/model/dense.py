@@ -7,13 +7,15 @@ unit length. It trains jointly with the S-ID loss as a softmax over the catalog'
 (``full``) or over the batch's targets (``in_batch``), scores ``cos(u, v) / temperature``.
 
 At inference the trie beam's top B and the dense head's top M over the active ads are fused
-(:func:`fuse`): ``log p(S-ID) + weight * cos(u, v) / temperature``, an ad outside the beam
-taking the beam's lowest log-probability. Because the dense side needs only an ad's vector,
-an ad nobody has clicked yet (or added after training) is reachable the day it exists.
+(:func:`fuse`) as a mixture of the two distributions, ``(1 - w) p_beam(ad) + w p_dense(ad)``:
+``p_beam`` is the S-ID's probability under the LM (0 for an ad the beam did not reach),
+``p_dense`` the head's softmax over every active ad. A mixture, not a product: either side can
+vouch for an ad, so an ad nobody has clicked yet (or added after training), which the LM
+never learnt to emit, is still reachable through its vector the day it exists.
 
 Saved with the model as ``<stage dir>/dense/{head.safetensors, head.json}``; ``head.json``
-records the encoder version of the vectors it was trained against, its temperature and the
-fusion weight tuned on validation users (:func:`tune_fusion`).
+records the encoder version of the vectors it was trained against, its (learnt) temperature
+and the fusion weight tuned on validation users (:func:`tune_fusion`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ DENSE_DIR, WEIGHTS_FILE, META_FILE = "dense", "head.safetensors", "head.json"
 # The attribute the head lives under while it trains: a submodule of the LM, so DDP
 # synchronises its gradients with the rest, but never saved in the LM's own weights.
 ATTRIBUTE = "leadre_dense"
-# Fusion weights tried on the validation users (0 = the beam alone).
-FUSION_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+# Dense shares of the mixture tried on the validation users (0 = the beam alone, 1 = the
+# dense head alone).
+FUSION_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -55,17 +58,28 @@ class DenseMeta:
 
 
 class DenseHead(nn.Module):
-    """hidden state -> unit vector in the encoder's space. A bare parameter, not an
-    ``nn.Linear``: PEFT's ``all-linear`` LoRA must not wrap it."""
+    """hidden state -> unit vector in the encoder's space, and the softmax's inverse
+    temperature, learnt from ``1 / temperature`` (CLIP's logit scale: the frozen ads' vectors
+    sit close together, so a fixed temperature leaves the head's distribution flat). Bare
+    parameters, not an ``nn.Linear``: PEFT's ``all-linear`` LoRA must not wrap them."""
 
-    def __init__(self, hidden_size: int, dim: int, seed: int = 0):
+    MAX_SCALE = 100.0
+
+    def __init__(self, hidden_size: int, dim: int, seed: int = 0, temperature: float = 0.05):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(torch.randn(dim, hidden_size, generator=gen)
                                    * hidden_size ** -0.5)
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / temperature))))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(F.linear(hidden, self.weight.to(hidden.dtype)), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.MAX_SCALE)
+
+    def temperature(self) -> float:
+        return float(1.0 / self.scale().detach())
 
 
 def backbone(model: Any) -> nn.Module:
@@ -130,15 +144,15 @@ def targets_of(labels: torch.Tensor, keys: dict[tuple[int, ...], int], depth: in
 
 
 def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
-               index: torch.Tensor, catalog: torch.Tensor, temperature: float,
-               negatives: str = "full") -> tuple[torch.Tensor, float]:
+               index: torch.Tensor, catalog: torch.Tensor, negatives: str = "full"
+               ) -> tuple[torch.Tensor, float]:
     """Softmax cross-entropy of each row's answered ad among ``catalog`` (unit vectors) or,
     ``in_batch``, among the batch's answered ads; returns (loss, top-1 accuracy). Rows
     without a catalog answer are left out; a batch with none gives a zero that still
     touches the head (DDP expects a gradient for every trained parameter)."""
     keep = index >= 0
     if not keep.any():
-        return head.weight.sum() * 0.0, 0.0
+        return (head.weight.sum() + head.log_scale) * 0.0, 0.0
     rows = torch.nonzero(keep).squeeze(1)
     user = head(hidden[rows, last_prompt[rows]])
     target = index[rows]
@@ -147,8 +161,8 @@ def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
         bank = catalog[ads]
     else:
         bank = catalog
-    logits = user @ bank.to(user.dtype).T / temperature
-    loss = F.cross_entropy(logits.float(), target)
+    logits = (user @ bank.to(user.dtype).T).float() * head.scale()
+    loss = F.cross_entropy(logits, target)
     accuracy = (logits.argmax(dim=1) == target).float().mean().item()
     return loss, accuracy
 
@@ -160,7 +174,10 @@ def save(directory: str | Path, head: DenseHead, meta: DenseMeta) -> Path:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(out / WEIGHTS_FILE))
+    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+               "log_scale": head.log_scale.detach().float().cpu().reshape(1)},
+              str(out / WEIGHTS_FILE))
+    meta.temperature = head.temperature()  # the learnt one
     (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
     return out
 
@@ -171,7 +188,9 @@ def load_head(directory: str | Path) -> tuple[DenseHead, DenseMeta]:
     directory = Path(directory)
     meta = DenseMeta(**json.loads((directory / META_FILE).read_text()))
     head = DenseHead(meta.hidden_size, meta.dim)
-    head.weight.data.copy_(load_file(str(directory / WEIGHTS_FILE))["weight"])
+    saved = load_file(str(directory / WEIGHTS_FILE))
+    head.weight.data.copy_(saved["weight"])
+    head.log_scale.data.copy_(saved["log_scale"].reshape(()))
     return head.eval(), meta
 
 
@@ -199,13 +218,24 @@ def check_encoder(meta: DenseMeta, encoder_version: str | None, where: str, sour
 
 # --- fused ranking ------------------------------------------------------------------------
 
+def dense_log_probs(users: np.ndarray, vectors: np.ndarray, active: np.ndarray,
+                    temperature: float) -> np.ndarray:
+    """log p_dense of every table row (inactive rows -inf): the head's softmax over the
+    active ads, ``(prompts, rows)``. Exact (one matrix product), so the mixture weighs a
+    calibrated distribution whichever index proposed the candidates."""
+    logits = users @ vectors.T / temperature
+    logits[:, ~active] = -np.inf
+    top = logits.max(axis=1, keepdims=True)
+    lse = top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    return logits - lse
+
+
 def fuse(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
-         users: np.ndarray, vectors: np.ndarray, weight: float, temperature: float, k: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """Fused top ``k`` per prompt: candidates are the beam's rows and the dense head's rows
-    (-1 = none), scored ``beam log-prob + weight * cos(user, ad) / temperature``; an ad the
-    beam did not reach gets the beam's lowest log-probability. ``vectors`` (table rows, d)
-    are unit; ``users`` (prompts, d) unit. Returns (rows, scores), -1 / -inf padded."""
+         dense_lp: np.ndarray, weight: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fused top ``k`` per prompt. Candidates: the beam's rows and the dense head's rows (-1 =
+    none); score ``log((1 - weight) p_beam + weight p_dense)``, ``p_beam`` = exp of the beam's
+    log-probability (0 off the beam), ``p_dense`` from ``dense_lp`` (:func:`dense_log_probs`).
+    ``weight`` 0 is the beam alone. Returns (rows, scores), -1 / -inf padded."""
     n = len(beam_rows)
     rows = np.full((n, k), -1, np.int64)
     scores = np.full((n, k), -np.inf, np.float32)
@@ -220,9 +250,10 @@ def fuse(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
         cand = np.concatenate([beam, extra[~np.isin(extra, beam)]])
         if not len(cand):
             continue
-        floor = float(lp.min()) if len(lp) else 0.0
-        base = np.concatenate([lp, np.full(len(cand) - len(beam), floor, np.float32)])
-        total = base + weight * (vectors[cand] @ users[i]) / temperature
+        with np.errstate(divide="ignore"):
+            from_beam = np.concatenate([lp, np.full(len(cand) - len(beam), -np.inf)]) \
+                + np.log1p(-weight)
+            total = np.logaddexp(from_beam, dense_lp[i, cand] + np.log(weight))
         order = np.argsort(-total, kind="stable")[:k]
         rows[i, :len(order)] = cand[order]
         scores[i, :len(order)] = total[order]
@@ -235,12 +266,11 @@ def hits_at(rows: np.ndarray, targets: np.ndarray, k: int = 10) -> float:
 
 
 def tune_fusion(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
-                users: np.ndarray, vectors: np.ndarray, targets: np.ndarray,
-                temperature: float, k: int = 10, grid: Sequence[float] = FUSION_GRID
-                ) -> tuple[float, dict[str, float]]:
+                dense_lp: np.ndarray, targets: np.ndarray, k: int = 10,
+                grid: Sequence[float] = FUSION_GRID) -> tuple[float, dict[str, float]]:
     """The fusion weight of ``grid`` with the best HR@k on these (validation) rows, ties to
     the smaller weight; and HR@k of every weight tried."""
-    curve = {str(w): hits_at(fuse(beam_rows, beam_scores, dense_rows, users, vectors, w,
-                                  temperature, k)[0], targets, k) for w in grid}
+    curve = {str(w): hits_at(fuse(beam_rows, beam_scores, dense_rows, dense_lp, w, k)[0],
+                             targets, k) for w in grid}
     best = max(grid, key=lambda w: (curve[str(w)], -w))
     return float(best), curve

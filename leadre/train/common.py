@@ -326,8 +326,8 @@ def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
     beam_rows, beam_scores, users = gen.decode(valid.column("prompt").to_pylist())
     targets = gen.table.rows_of(valid.column("target_ad_id").to_pylist())
     weight, curve = dense.tune_fusion(beam_rows, beam_scores,
-                                      gen.dense_top(users, gen.cfg.dense_candidates), users,
-                                      gen.vectors, targets, gen.dense_meta.temperature)
+                                      gen.dense_top(users, gen.cfg.dense_candidates),
+                                      gen.dense_log_probs(users), targets)
     tuned = {"rows": len(targets), "split": "valid", "hr@10_by_weight": curve,
              "dense_only_hr@10": dense.hits_at(gen.dense_top(users, 10), targets)}
     dense.set_fusion(where, weight, tuned)

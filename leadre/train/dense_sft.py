@@ -43,7 +43,7 @@ class DenseSFTTrainer(SFTTrainer):
             self._catalog = self._catalog.to(hidden.device)
         last_prompt, index = dense.targets_of(labels, self._keys, self._depth)
         term, top1 = dense.dense_loss(self.head, hidden, last_prompt, index, self._catalog,
-                                      self.dense_meta.temperature, self.dense_negatives)
+                                      self.dense_negatives)
         # TRL's token loss is already divided over the whole accumulated batch; this is a
         # per-micro-batch mean, so it is averaged over the accumulation steps like TRL's aux loss
         steps = self.current_gradient_accumulation_steps \
@@ -52,6 +52,7 @@ class DenseSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["dense_loss"].append(float(term.detach()))
         self._metrics[mode]["dense_top1"].append(top1)
+        self._metrics[mode]["dense_temperature"].append(self.head.temperature())
         return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -65,4 +66,4 @@ class DenseSFTTrainer(SFTTrainer):
         saved = dense.find(resume_from_checkpoint)
         if saved is not None:
             head, _ = dense.load_head(saved)
-            self.head.weight.data.copy_(head.weight.data.to(self.head.weight.device))
+            self.head.load_state_dict(head.state_dict())

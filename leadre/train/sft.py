@@ -56,7 +56,8 @@ def build_trainer(cfg: SftConfig, ctx: dict[str, Any], args: dict[str, Any], cal
     from leadre.train.dense_sft import DenseSFTTrainer
 
     meta = ctx["dense"]["meta"]
-    head = DenseHead(meta["hidden_size"], meta["dim"], seed=cfg.seed)
+    head = DenseHead(meta["hidden_size"], meta["dim"], seed=cfg.seed,
+                     temperature=meta["temperature"])
     attach(model, head)  # before PEFT wraps the model: a submodule, trained and synchronised
     return DenseSFTTrainer(**kwargs, head=head, dense_setup=ctx["dense"])
 

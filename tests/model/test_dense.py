@@ -26,44 +26,52 @@ def test_targets_are_the_answered_ads_read_at_the_last_prompt_token():
     assert index.tolist() == [1, 0, -1]
 
 
-def test_dense_loss_learns_to_point_at_the_answered_ad():
+def test_dense_loss_learns_to_point_at_the_answered_ad_and_sharpens():
     torch.manual_seed(0)
     catalog = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
-    head = dense.DenseHead(hidden_size=16, dim=8)
+    head = dense.DenseHead(hidden_size=16, dim=8, temperature=0.5)
     hidden = torch.randn(12, 4, 16)
     index = torch.arange(12) % 30
     last = torch.full((12,), 3)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
     first = None
     for _ in range(200):
-        loss, top1 = dense.dense_loss(head, hidden, last, index, catalog, 0.05, "full")
+        loss, top1 = dense.dense_loss(head, hidden, last, index, catalog, "full")
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < first / 5 and top1 == 1.0
-    in_batch, _ = dense.dense_loss(head, hidden, last, index, catalog, 0.05, "in_batch")
+    assert head.temperature() < 0.5  # the learnt temperature sharpened the softmax
+    in_batch, _ = dense.dense_loss(head, hidden, last, index, catalog, "in_batch")
     assert in_batch.item() <= loss.item() + 1e-6  # fewer negatives, never a harder softmax
     # a batch answering no catalog ad still touches the head (DDP needs its gradient)
-    zero, _ = dense.dense_loss(head, hidden, last, torch.full((12,), -1), catalog, 0.05)
+    zero, _ = dense.dense_loss(head, hidden, last, torch.full((12,), -1), catalog)
     zero.backward()
     assert zero.item() == 0.0 and head.weight.grad is not None
 
 
-def test_fused_ranking_lets_the_dense_head_bring_an_ad_the_beam_missed():
-    vectors = _unit(np.eye(6)[:, :4] + 0.01)
-    user = _unit(np.array([[0.0, 0.0, 0.0, 1.0]]))        # points at ad 3 (and 4, 5: padding)
+def test_dense_log_probs_are_a_softmax_over_the_active_ads():
+    vectors = _unit(np.random.default_rng(0).normal(size=(5, 4)))
+    active = np.array([True, True, False, True, True])
+    lp = dense.dense_log_probs(vectors[:2], vectors, active, 0.1)
+    assert np.allclose(np.exp(lp).sum(axis=1), 1.0) and np.isneginf(lp[:, 2]).all()
+    assert lp[0].argmax() == 0 and lp[1].argmax() == 1
+
+
+def test_mixture_lets_the_dense_head_bring_an_ad_the_beam_missed():
     beam_rows = np.array([[0, 1, 2]])
-    beam_scores = np.array([[-1.0, -1.5, -2.0]], np.float32)
+    beam_scores = np.log(np.array([[0.5, 0.2, 0.1]], np.float32))
     dense_rows = np.array([[3, 0, -1]])
-    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 0.0, 0.05, 3)
+    dense_lp = np.log(np.array([[0.05, 0.01, 0.01, 0.9, 0.03]]))   # sure of ad 3
+    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 0.0, 3)
     assert rows.tolist() == [[0, 1, 2]]                   # weight 0: the beam alone
-    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 1.0, 0.05, 3)
-    assert rows[0, 0] == 3 and list(scores[0]) == sorted(scores[0], reverse=True)
-    # an ad outside the beam gets the beam's lowest log-prob: a tiny weight cannot lift it
-    # above the beam's likelier ads
-    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, user, vectors, 1e-4, 0.05, 4)
-    assert rows[0, :2].tolist() == [0, 1] and set(rows[0, 2:]) == {2, 3}
+    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 0.5, 3)
+    assert rows.tolist() == [[3, 0, 1]] and list(scores[0]) == sorted(scores[0], reverse=True)
+    assert np.isclose(np.exp(scores[0, 0]), 0.5 * 0.9)    # off the beam: p_beam counts as 0
+    assert np.isclose(np.exp(scores[0, 1]), 0.5 * 0.5 + 0.5 * 0.05)
+    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 1.0, 2)
+    assert rows.tolist() == [[3, 0]]                      # weight 1: the dense head alone
 
 
 def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
@@ -73,9 +81,9 @@ def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
     users = _unit(vectors[targets] + 0.05 * rng.normal(size=(20, 8)))  # the dense side is right
     beam_rows = np.stack([np.roll(np.arange(40), -(t + 5))[:10] for t in targets])  # beam misses
     beam_scores = np.tile(-np.arange(1, 11, dtype=np.float32), (20, 1))
-    dense_rows = np.argsort(-(users @ vectors.T), axis=1)[:, :10]
-    weight, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, users, vectors,
-                                      targets, 0.05)
+    dense_lp = dense.dense_log_probs(users, vectors, np.ones(40, bool), 0.05)
+    dense_rows = np.argsort(-dense_lp, axis=1)[:, :10]
+    weight, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, dense_lp, targets)
     assert curve["0.0"] == 0.0 and weight > 0 and curve[str(weight)] == 1.0
     assert curve[str(weight)] == max(curve.values())
 
