@@ -68,6 +68,9 @@ class GeneratorCore:
         self.table = load_table(paths.sids_dir)
         self.content = None  # knowledge tokens of content titles (LLM engine)
         self.engine = "llm" if paths.model_dir else "embedding"
+        # the catalog's current index version (ads added since deployment live in a newer one)
+        catalog = self.store.get_meta(CATALOG_META_KEY)
+        self.index_dir = json.loads(catalog)["index_dir"] if catalog else paths.index_dir
         if paths.model_dir:
             from leadre.model.decode import SidGenerator
             from leadre.prompts import trained_prompt_config
@@ -85,7 +88,7 @@ class GeneratorCore:
 
             if paths.index_dir is None:
                 raise ValueError("the embedding generator needs paths.index_dir")
-            self.index = AdIndex.load(paths.index_dir, root=paths.index_root)
+            self.index = AdIndex.load(self.index_dir, root=paths.index_root)
             self.queries = QueryBuilder.from_sids_dir(paths.sids_dir)
             self.model_version = "embedding-baseline"
 
@@ -111,10 +114,11 @@ class GeneratorCore:
         log.info("generator: now generating with %s (%s)", model_dir, self.model_version)
         return self.model_version
 
-    def _dense_index(self, llm, index_dir: str | None = None) -> None:
-        """With a dense head, the ScaNN index of the serving graph answers its query (the
-        ads' vectors of the same encoder, checked), so fusing adds no hop to the hot path."""
-        index_dir = index_dir or self.paths.index_dir
+    def _dense_index(self, llm) -> None:
+        """With a dense head, the ScaNN index of the serving graph (its current version:
+        ``index_dir``) answers its query (the ads' vectors of the same encoder, checked), so
+        fusing adds no hop to the hot path."""
+        index_dir = self.index_dir
         if llm.head is None or not index_dir:
             return
         from leadre.index.ann import AdIndex
@@ -182,7 +186,13 @@ class GeneratorCore:
                       self.paths.sids_dir, table.version, self.table.version)
             return False
         if self.engine == "llm":
-            self.llm.refresh_active(table)
+            from leadre.model.decode import table_vectors
+
+            # a dense head scores the new ads by their vectors, found in the new index
+            self.llm.refresh_active(table, table_vectors(table, self.paths.sids_dir)
+                                    if self.llm.head is not None else None)
+            self.index_dir = target["index_dir"]
+            self._dense_index(self.llm)
             if self.off:
                 self.llm.set_active(sorted(self.off), False)
         else:

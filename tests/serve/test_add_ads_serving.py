@@ -214,3 +214,64 @@ def test_the_catalog_change_reaches_the_decoders_trie_and_the_embedding_engine(w
 
     got = [s for s, _ in emb.candidates([world["contexts"][FAN]])[0]]
     assert emb.table.sid(new["ad_id"]) in got[:3], got
+
+
+def test_a_new_ad_reaches_the_fused_ranking_through_the_dense_head_and_the_new_index(
+        world, tmp_path):
+    """The second path: a generator whose model has a dense head (here one that points the
+    fan's prompt state at the new ad's vector, as a trained head would for a user whose
+    history is that ad's text), started before the ads were added, follows the catalog: the
+    new index version answers the dense query and the fused candidates hold the new ad, which
+    the tiny LM's beam alone does not reach."""
+    import torch
+
+    from leadre.artifacts import read_manifest
+    from leadre.index.add_ads import add_ads
+    from leadre.index.context import build_prompt
+    from leadre.model import dense
+    from leadre.sids.ann import load_embeddings
+
+    for name in ("sids", "index", "probe_sids", "probe_index"):
+        shutil.copytree(world[name.replace("probe_", "")], tmp_path / name)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with open_store(url) as store:
+        store.put_users(world["contexts"])
+    new = {**world["new_ad"], "ad_id": "dense-new-ad"}
+    # the new ad's vector, from the frozen encoder (a throwaway extension of a copy)
+    add_ads(str(tmp_path / "probe_sids"), str(tmp_path / "probe_index"), [new])
+    ids, emb = load_embeddings(str(tmp_path / "probe_sids"))
+    vector = torch.from_numpy(emb[list(ids).index(new["ad_id"])])
+    # the fan's prompt state under the tiny model, as the generator will compute it
+    gen = GeneratorConfig(generation=replace(serving_generation(), beam_size=8, top_k=8))
+    plain = GeneratorCore(gen, ServePaths(str(tmp_path / "sids"), url,
+                                          model_dir=world["model"]))
+    ctx = world["contexts"][FAN]
+    prompt = build_prompt(ctx, plain.table, cfg=plain.prompt_cfg,
+                          content_of=plain.content_of([ctx]))
+    capture = dense.HiddenCapture(plain.llm.model, keep="first")
+    with torch.no_grad():
+        plain.llm.model(**plain.llm.encode([prompt]))
+    state = capture.pop()[0, -1].float()
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    head = dense.DenseHead(state.numel(), vector.numel(), temperature=0.01)
+    head.weight.data.copy_(torch.outer(vector, state) / state.dot(state))
+    dense.save(model / dense.DENSE_DIR, head, dense.DenseMeta(
+        encoder_version=read_manifest(world["sids"]).get("encoder_version"),
+        sid_version=plain.table.version, hidden_size=state.numel(), dim=vector.numel(),
+        temperature=0.01, fusion_weight=0.5))
+
+    fused = GeneratorCore(gen, ServePaths(str(tmp_path / "sids"), url, model_dir=str(model),
+                                          index_dir=str(tmp_path / "index")))
+    assert fused.llm.fused and fused.llm.index is not None  # ScaNN answers the dense query
+    out = add_ads(str(tmp_path / "sids"), str(tmp_path / "index"), [new])
+    with open_store(url) as store:
+        store.set_meta(CATALOG_META_KEY, json.dumps({k: out[k] for k in (
+            "ads", "catalog", "sid_version", "index_dir", "index_version")}))
+    assert fused.follow_catalog()
+    assert fused.index_dir == out["index_dir"] and new["ad_id"] in fused.llm.index.ad_ids
+    sid = fused.table.sid(new["ad_id"])
+    assert [s for s, _ in fused.candidates([ctx])[0]][0] == sid
+    rows, scores, users = fused.llm.decode([prompt])
+    beam_alone = fused.llm.candidates(rows[:, :8], scores[:, :8])[0]
+    assert sid not in [c.sid for c in beam_alone]
