@@ -41,11 +41,12 @@ class GenerationConfig:
             no limit on CUDA.
     Fused ranking (models trained with a dense head, :mod:`leadre.model.dense`):
         ranking: ``fused`` = the beam's top ``beam_size`` plus the dense head's top
-            ``dense_candidates`` active ads, ranked by the fused score; ``beam`` = the beam
-            alone (what a model without a dense head always does).
+            ``dense_candidates`` active ads, ranked by the mixture ``(1 - w) p_beam + w
+            p_dense``; ``beam`` = the beam alone (what a model without a dense head does).
         dense_candidates: ads the dense head proposes per prompt (M).
-        fusion_weight: the dense score's weight; unset: the one tuned on validation users
-            when the model was trained (``<model>/dense/head.json``).
+        fusion_weight: ``w``, the dense head's share of the mixture (0: the beam alone, 1:
+            the head alone); unset: the one tuned on validation users when the model was
+            trained (``<model>/dense/head.json``).
     Pool (Ray's own vocabulary):
         num_replicas: model copies: Ray Data actors in ``eval`` and ``warm``, Serve replicas
             of the generator tier (``autoscaling_config`` there overrides it). Training
@@ -78,7 +79,7 @@ class GenerationConfig:
     dense_candidates: int = field(default=50, metadata={
         "help": "ads the dense head proposes per prompt, beside the beam's"})
     fusion_weight: float | None = field(default=None, metadata={
-        "help": "weight of the dense score in the fused ranking; unset: the model's tuned one"})
+        "help": "the dense head's share w of the fused mixture (0..1); unset: the model's tuned one"})
     num_replicas: int = field(default=1, metadata={
         "help": "model copies (Ray Data actors in eval/warm, Serve replicas in serve)"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per model copy"})
@@ -91,8 +92,9 @@ class GenerationConfig:
         if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
             raise ConfigError("generation.max_batch_tokens must be >= 0 (or unset)")
         if self.dense_candidates < 0 or (self.fusion_weight is not None
-                                         and self.fusion_weight < 0):
-            raise ConfigError("generation.dense_candidates and fusion_weight must be >= 0")
+                                         and not 0 <= self.fusion_weight <= 1):
+            raise ConfigError("generation.dense_candidates must be >= 0 and fusion_weight in "
+                              "[0, 1]")
         if self.top_k is None:
             self.top_k = self.beam_size
         if min(self.beam_size, self.top_k, self.batch_size, self.max_prompt_tokens) < 1:

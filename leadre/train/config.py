@@ -191,11 +191,13 @@ class SftConfig(TrainArgs):
             vector in the S-ID stage's frozen encoder space, from the state the first S-ID
             token is decoded from; eval, warm and serve then fuse its candidates with the
             beam's. ``dense_weight``: its loss's weight beside the S-ID loss.
-            ``dense_temperature``: the softmax temperature of its cosine scores.
+            ``dense_temperature``: the starting temperature of its softmax over cosine
+            scores (learnt from there, CLIP-style).
             ``dense_negatives``: ``full`` = a softmax over every ad the model may be trained
             to answer (active, not held out as cold), ``in_batch`` = over the batch's answers.
-        fusion_rows: validation users the fusion weight is tuned on after training (HR@10 of
-            the fused top 10, default decoding: 20 beams, 50 dense candidates).
+        fusion_rows: validation users the fusion weight (the dense head's share of the
+            beam/dense mixture) is tuned on after training (HR@10 of the fused top 10, default
+            decoding: 20 beams, 50 dense candidates).
     """
 
     out: str = field(default="runs/sft", metadata={
@@ -231,7 +233,7 @@ class SftConfig(TrainArgs):
     dense_weight: float = field(default=0.5, metadata={
         "help": "weight of the dense head's loss beside the S-ID loss"})
     dense_temperature: float = field(default=0.05, metadata={
-        "help": "softmax temperature of the dense head's cosine scores"})
+        "help": "starting softmax temperature of the dense head's cosine scores (learnt)"})
     dense_negatives: Literal["full", "in_batch"] = field(default="full", metadata={
         "help": "dense softmax over every trainable ad (full) or the batch's answers (in_batch)"})
     fusion_rows: int = field(default=512, metadata={
