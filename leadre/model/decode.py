@@ -183,7 +183,8 @@ class SidGenerator:
     """
 
     def __init__(self, model: Any, tokenizer: Any, table: SidTable, cfg: GenerationConfig | None = None,
-                 dense: tuple[Any, Any] | None = None, vectors: np.ndarray | None = None):
+                 dense: tuple[Any, Any] | None = None, vectors: np.ndarray | None = None,
+                 trained_ads: frozenset[str] | None = None):
         self.cfg = cfg or GenerationConfig()
         self.device = resolve_device(self.cfg.device)
         if self.cfg.merge_adapter and hasattr(model, "merge_and_unload"):
@@ -203,6 +204,10 @@ class SidGenerator:
         # The dense head ((DenseHead, DenseMeta)) and the unit vectors of the table's rows
         self.head, self.dense_meta = dense if dense is not None else (None, None)
         self.vectors = vectors
+        # the ads the model trained on (None: all of them); the others are scored by the
+        # dense head alone (leadre.model.dense.fuse)
+        self.trained_ads = trained_ads
+        self.unseen = None
         self.index = None  # a ScaNN AdIndex answering the dense query (serving)
         self._index_rows = None
         self._capture = None
@@ -224,6 +229,8 @@ class SidGenerator:
             raise ValueError(f"{len(self.vectors)} ad vectors for a table of {len(table)} ads")
         self.table = table
         self.trie = SidTrie.from_table(table, self.tokenizer.get_vocab())
+        if self.trained_ads is not None:
+            self.unseen = ~np.isin(table.ad_id_array.astype(str), list(self.trained_ads))
         if self.index is not None:
             self.use_index(self.index)
 
@@ -336,8 +343,9 @@ class SidGenerator:
         from leadre.model.dense import fuse
 
         return fuse(beam_rows, beam_scores, self.dense_top(users, self.cfg.dense_candidates),
-                    self.dense_log_probs(users), self.fusion_weight if weight is None else weight,
-                    k)
+                    self.dense_log_probs(users), self.unseen,
+                    self.fusion_weight if weight is None else weight, k,
+                    self.dense_meta.unseen_calibration)
 
     def dense_log_probs(self, users: np.ndarray) -> np.ndarray:
         """The dense head's log-probability of every table row (inactive: -inf)."""
@@ -385,8 +393,13 @@ class SidGenerator:
         check_model(model_dir, table.version, sids_dir)
         dense = load_dense(model_dir, sids_dir)
         model, tokenizer = load_trained(model_dir)
+        if dense is None:
+            return cls(model, tokenizer, table, cfg)
+        from leadre.model.dense import find, load_trained_ads
+
         return cls(model, tokenizer, table, cfg, dense=dense,
-                   vectors=table_vectors(table, sids_dir) if dense else None)
+                   vectors=table_vectors(table, sids_dir),
+                   trained_ads=load_trained_ads(find(model_dir)))
 
 
 def table_vectors(table: SidTable, sids_dir: str) -> np.ndarray:

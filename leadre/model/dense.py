@@ -7,11 +7,13 @@ unit length. It trains jointly with the S-ID loss as a softmax over the catalog'
 (``full``) or over the batch's targets (``in_batch``), scores ``cos(u, v) / temperature``.
 
 At inference the trie beam's top B and the dense head's top M over the active ads are fused
-(:func:`fuse`) as a mixture of the two distributions, ``(1 - w) p_beam(ad) + w p_dense(ad)``:
-``p_beam`` is the S-ID's probability under the LM (0 for an ad the beam did not reach),
-``p_dense`` the head's softmax over every active ad. A mixture, not a product: either side can
-vouch for an ad, so an ad nobody has clicked yet (or added after training), which the LM
-never learnt to emit, is still reachable through its vector the day it exists.
+(:func:`fuse`) log-linearly, ``(1 - w) log p_beam(ad) + w log p_dense(ad)``: ``p_beam`` is the
+S-ID's probability under the LM (an ad off the beam gets the beam's lowest), ``p_dense`` the
+head's softmax over every active ad. An ad the model never trained on (held out as cold, or added to the catalog after training:
+not in ``trained_ads``) has no meaningful ``p_beam``, since the LM never learnt to emit it; it
+gets the LM log-probability an ad of its dense score has, ``a log p_dense + b`` (fitted on the
+beam's candidates of validation users, then shifted by the offset that serves best a share of
+trained ads scored as if unseen: :func:`tune_fusion`), so it competes the day it exists.
 
 Saved with the model as ``<stage dir>/dense/{head.safetensors, head.json}``; ``head.json``
 records the encoder version of the vectors it was trained against, its (learnt) temperature
@@ -36,12 +38,14 @@ from leadre.artifacts import ArtifactError
 log = logging.getLogger(__name__)
 
 DENSE_DIR, WEIGHTS_FILE, META_FILE = "dense", "head.safetensors", "head.json"
+TRAINED_ADS_FILE = "trained_ads.json"  # the ads of the head's softmax: what it learnt
 # The attribute the head lives under while it trains: a submodule of the LM, so DDP
 # synchronises its gradients with the rest, but never saved in the LM's own weights.
 ATTRIBUTE = "leadre_dense"
-# Dense shares of the mixture tried on the validation users (0 = the beam alone, 1 = the
-# dense head alone).
+# Dense weights tried on the validation users (0 = the beam's order for the ads the model
+# learnt, 1 = the dense head's alone), and offsets of the unseen ads' imputed LM side.
 FUSION_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+OFFSET_GRID = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)
 
 
 @dataclass
@@ -54,6 +58,9 @@ class DenseMeta:
     dim: int
     temperature: float
     fusion_weight: float = 0.0
+    # log p_beam ~ a * log p_dense + b over the beam's candidates on validation users: the LM
+    # side imputed to an ad the model never trained on
+    unseen_calibration: tuple[float, float] | None = None
     fusion_tuned_on: dict[str, Any] | None = None
 
 
@@ -144,10 +151,13 @@ def targets_of(labels: torch.Tensor, keys: dict[tuple[int, ...], int], depth: in
 
 
 def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
-               index: torch.Tensor, catalog: torch.Tensor, negatives: str = "full"
-               ) -> tuple[torch.Tensor, float]:
+               index: torch.Tensor, catalog: torch.Tensor, negatives: str = "full",
+               soft_targets: float = 0.0) -> tuple[torch.Tensor, float]:
     """Softmax cross-entropy of each row's answered ad among ``catalog`` (unit vectors) or,
-    ``in_batch``, among the batch's answered ads; returns (loss, top-1 accuracy). Rows
+    ``in_batch``, among the batch's answered ads; returns (loss, top-1 accuracy).
+    ``soft_targets`` > 0 spreads each target over the ads near the answer in the frozen
+    space (``softmax(cos(answer, ad) / soft_targets)``), so the head learns the region of
+    the next ad, which holds the ads it never saw, rather than one trained ad's point. Rows
     without a catalog answer are left out; a batch with none gives a zero that still
     touches the head (DDP expects a gradient for every trained parameter)."""
     keep = index >= 0
@@ -162,7 +172,12 @@ def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
     else:
         bank = catalog
     logits = (user @ bank.to(user.dtype).T).float() * head.scale()
-    loss = F.cross_entropy(logits, target)
+    if soft_targets > 0:
+        bank = bank.to(logits.dtype)
+        soft = torch.softmax(bank[target] @ bank.T / soft_targets, dim=-1)
+        loss = -(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    else:
+        loss = F.cross_entropy(logits, target)
     accuracy = (logits.argmax(dim=1) == target).float().mean().item()
     return loss, accuracy
 
@@ -194,16 +209,28 @@ def load_head(directory: str | Path) -> tuple[DenseHead, DenseMeta]:
     return head.eval(), meta
 
 
+def save_trained_ads(directory: str | Path, ad_ids: Sequence[str]) -> None:
+    (Path(directory) / TRAINED_ADS_FILE).write_text(json.dumps(sorted(map(str, ad_ids))))
+
+
+def load_trained_ads(directory: str | Path) -> frozenset[str] | None:
+    """The ads the head (and the LM beside it) trained on; None when not recorded."""
+    path = Path(directory) / TRAINED_ADS_FILE
+    return frozenset(json.loads(path.read_text())) if path.exists() else None
+
+
 def find(model_dir: str | Path) -> Path | None:
     """``<model_dir>/dense`` when the model there was trained with a dense head."""
     d = Path(model_dir) / DENSE_DIR
     return d if (d / META_FILE).exists() else None
 
 
-def set_fusion(directory: str | Path, weight: float, tuned_on: dict[str, Any]) -> None:
+def set_fusion(directory: str | Path, weight: float, calibration: tuple[float, float],
+               tuned_on: dict[str, Any]) -> None:
     path = Path(directory) / META_FILE
     meta = json.loads(path.read_text())
-    meta.update(fusion_weight=float(weight), fusion_tuned_on=tuned_on)
+    meta.update(fusion_weight=float(weight), unseen_calibration=list(calibration),
+                fusion_tuned_on=tuned_on)
     path.write_text(json.dumps(meta, indent=2))
 
 
@@ -231,29 +258,30 @@ def dense_log_probs(users: np.ndarray, vectors: np.ndarray, active: np.ndarray,
 
 
 def fuse(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
-         dense_lp: np.ndarray, weight: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+         dense_lp: np.ndarray, unseen: np.ndarray | None, weight: float, k: int,
+         calibration: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fused top ``k`` per prompt. Candidates: the beam's rows and the dense head's rows (-1 =
-    none); score ``log((1 - weight) p_beam + weight p_dense)``, ``p_beam`` = exp of the beam's
-    log-probability (0 off the beam), ``p_dense`` from ``dense_lp`` (:func:`dense_log_probs`).
-    ``weight`` 0 is the beam alone. Returns (rows, scores), -1 / -inf padded."""
+    none); score ``(1 - weight) log p_beam + weight log p_dense`` (``dense_lp``:
+    :func:`dense_log_probs`), where an ad off the beam takes the beam's lowest log-prob and an
+    ``unseen`` row (the model never trained on it) takes ``a log p_dense + b``
+    (``calibration``; default (1, 0)). Returns (rows, scores), -1 / -inf padded."""
+    a, b = calibration if calibration is not None else (1.0, 0.0)
     n = len(beam_rows)
     rows = np.full((n, k), -1, np.int64)
     scores = np.full((n, k), -np.inf, np.float32)
     for i in range(n):
         beam = beam_rows[i][beam_rows[i] >= 0]
         lp = beam_scores[i][:len(beam)]
-        if weight == 0.0:
-            rows[i, :min(k, len(beam))] = beam[:k]
-            scores[i, :min(k, len(beam))] = lp[:k]
-            continue
         extra = dense_rows[i][dense_rows[i] >= 0]
         cand = np.concatenate([beam, extra[~np.isin(extra, beam)]])
         if not len(cand):
             continue
-        with np.errstate(divide="ignore"):
-            from_beam = np.concatenate([lp, np.full(len(cand) - len(beam), -np.inf)]) \
-                + np.log1p(-weight)
-            total = np.logaddexp(from_beam, dense_lp[i, cand] + np.log(weight))
+        floor = float(lp.min()) if len(lp) else 0.0
+        d = dense_lp[i, cand]
+        from_beam = np.concatenate([lp, np.full(len(cand) - len(beam), floor, np.float32)])
+        if unseen is not None:
+            from_beam = np.where(unseen[cand], a * d + b, from_beam)
+        total = (1.0 - weight) * from_beam + weight * d
         order = np.argsort(-total, kind="stable")[:k]
         rows[i, :len(order)] = cand[order]
         scores[i, :len(order)] = total[order]
@@ -265,12 +293,36 @@ def hits_at(rows: np.ndarray, targets: np.ndarray, k: int = 10) -> float:
     return float((rows[:, :k] == targets[:, None]).any(axis=1).mean()) if len(rows) else 0.0
 
 
+def calibrate_unseen(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_lp: np.ndarray
+                     ) -> tuple[float, float]:
+    """(a, b) of the least-squares line ``log p_beam ~ a log p_dense + b`` over every beam
+    candidate of these prompts: the LM probability an ad of a given dense score has."""
+    i, j = np.nonzero(beam_rows >= 0)
+    x = dense_lp[i, beam_rows[i, j]]
+    y = beam_scores[i, j]
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2 or np.ptp(x[ok]) == 0:
+        return 1.0, 0.0
+    a, b = np.polyfit(x[ok], y[ok], 1)
+    return float(a), float(b)
+
+
 def tune_fusion(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
-                dense_lp: np.ndarray, targets: np.ndarray, k: int = 10,
-                grid: Sequence[float] = FUSION_GRID) -> tuple[float, dict[str, float]]:
-    """The fusion weight of ``grid`` with the best HR@k on these (validation) rows, ties to
-    the smaller weight; and HR@k of every weight tried."""
-    curve = {str(w): hits_at(fuse(beam_rows, beam_scores, dense_rows, dense_lp, w, k)[0],
-                             targets, k) for w in grid}
-    best = max(grid, key=lambda w: (curve[str(w)], -w))
-    return float(best), curve
+                dense_lp: np.ndarray, pseudo_unseen: np.ndarray, targets: np.ndarray,
+                k: int = 10, grid: Sequence[float] = FUSION_GRID,
+                offsets: Sequence[float] = OFFSET_GRID
+                ) -> tuple[float, tuple[float, float], dict[str, float]]:
+    """Tune the fusion on validation rows: the line of :func:`calibrate_unseen`, then the
+    weight of ``grid`` and the offset of ``offsets`` with the best HR@k when the
+    ``pseudo_unseen`` rows (trained ads, a share like the unseen ones) are scored as if the
+    model had never learnt them, the way unseen ads will be. Validation targets are never
+    unseen ads (those arrive later), so this is how the rows can price both what an unseen ad
+    brings and the slots it takes. Ties go to the smaller weight and offset. Returns (weight,
+    calibration with the offset, HR@k by weight at the chosen offset)."""
+    a, b = calibrate_unseen(beam_rows, beam_scores, dense_lp)
+    scores = {(w, o): hits_at(fuse(beam_rows, beam_scores, dense_rows, dense_lp, pseudo_unseen,
+                                   w, k, (a, b + o))[0], targets, k)
+              for w in grid for o in offsets}
+    w, o = max(scores, key=lambda wo: (scores[wo], -wo[0], -wo[1]))
+    curve = {str(x): scores[(x, o)] for x in grid}
+    return float(w), (a, b + o), curve

@@ -195,6 +195,9 @@ class SftConfig(TrainArgs):
             scores (learnt from there, CLIP-style).
             ``dense_negatives``: ``full`` = a softmax over every ad the model may be trained
             to answer (active, not held out as cold), ``in_batch`` = over the batch's answers.
+            ``dense_soft_targets``: > 0 spreads each target over the ads near the answer in
+            the frozen space (softmax of cosine / this), so the head learns the region of the
+            next ad, which holds ads it never trained on.
         fusion_rows: validation users the fusion weight (the dense head's share of the
             beam/dense mixture) is tuned on after training (HR@10 of the fused top 10, default
             decoding: 20 beams, 50 dense candidates).
@@ -236,6 +239,10 @@ class SftConfig(TrainArgs):
         "help": "starting softmax temperature of the dense head's cosine scores (learnt)"})
     dense_negatives: Literal["full", "in_batch"] = field(default="full", metadata={
         "help": "dense softmax over every trainable ad (full) or the batch's answers (in_batch)"})
+    dense_soft_targets: float = field(default=0.1, metadata={
+        "help": "spread each dense target over the ads near the answer in the frozen space "
+                "(softmax of cosine / this; 0: the answer alone): the head learns regions, "
+                "which hold the ads it never saw"})
     fusion_rows: int = field(default=512, metadata={
         "help": "validation users the beam/dense fusion weight is tuned on after training"})
 
@@ -243,9 +250,10 @@ class SftConfig(TrainArgs):
         super().__post_init__()
         from leadre.config import ConfigError
 
-        if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1:
-            raise ConfigError("dense_weight must be >= 0, dense_temperature > 0 and "
-                              "fusion_rows >= 1")
+        if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1 \
+                or self.dense_soft_targets < 0:
+            raise ConfigError("dense_weight and dense_soft_targets must be >= 0, "
+                              "dense_temperature > 0 and fusion_rows >= 1")
 
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:

@@ -28,6 +28,7 @@ class DenseSFTTrainer(SFTTrainer):
         self.dense_meta = dense.DenseMeta(**dense_setup["meta"])
         self.dense_weight = float(dense_setup["weight"])
         self.dense_negatives = dense_setup["negatives"]
+        self.dense_soft_targets = float(dense_setup["soft_targets"])
         token_ids = np.asarray(dense_setup["token_ids"])
         self._keys = dense.sid_keys(token_ids)
         self._depth = token_ids.shape[1]
@@ -43,7 +44,7 @@ class DenseSFTTrainer(SFTTrainer):
             self._catalog = self._catalog.to(hidden.device)
         last_prompt, index = dense.targets_of(labels, self._keys, self._depth)
         term, top1 = dense.dense_loss(self.head, hidden, last_prompt, index, self._catalog,
-                                      self.dense_negatives)
+                                      self.dense_negatives, self.dense_soft_targets)
         # TRL's token loss is already divided over the whole accumulated batch; this is a
         # per-micro-batch mean, so it is averaged over the accumulation steps like TRL's aux loss
         steps = self.current_gradient_accumulation_steps \

@@ -23,6 +23,7 @@ import numpy as np
 
 from leadre import artifacts
 from leadre.artifacts import ArtifactError, check_sid_version
+from leadre.model import dense
 from leadre.model.factory import (MODEL_DIR, load_model, load_tokenizer, prepare_base_model,
                                   with_rendered_prompts)
 from leadre.prompts.contract import read_manifest, read_split
@@ -92,7 +93,9 @@ def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
     meta = DenseMeta(encoder_version=encoder, sid_version=table.version, hidden_size=hidden,
                      dim=int(vectors.shape[1]), temperature=cfg.dense_temperature)
     return {"vectors": vectors[rows], "token_ids": token_ids, "meta": dataclasses.asdict(meta),
-            "weight": cfg.dense_weight, "negatives": cfg.dense_negatives}
+            "ad_ids": [str(table.ad_id_array[r]) for r in rows],
+            "weight": cfg.dense_weight, "negatives": cfg.dense_negatives,
+            "soft_targets": cfg.dense_soft_targets}
 
 
 def _length_stats(tokenizer, tables, max_length: int) -> dict[str, Any]:
@@ -197,6 +200,8 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     info = train_and_export(cfg, STAGE, build_trainer, context,
                             adapter=cfg.finetune == "lora", timings=timings)
     history = info.pop("history")
+    if context["dense"] is not None and dense.find(out):
+        dense.save_trained_ads(dense.find(out), context["dense"]["ad_ids"])
     with artifacts.timed(timings, "fusion"):
         info["fusion"] = tune_fusion(cfg.out, sids_dir, cfg.prompts_dir, cfg.fusion_rows,
                                      cfg.seed, cfg.generation.batch_size)

@@ -59,19 +59,23 @@ def test_dense_log_probs_are_a_softmax_over_the_active_ads():
     assert lp[0].argmax() == 0 and lp[1].argmax() == 1
 
 
-def test_mixture_lets_the_dense_head_bring_an_ad_the_beam_missed():
+def test_fusion_weighs_both_and_lets_an_ad_the_model_never_learnt_compete_on_its_vector():
     beam_rows = np.array([[0, 1, 2]])
     beam_scores = np.log(np.array([[0.5, 0.2, 0.1]], np.float32))
-    dense_rows = np.array([[3, 0, -1]])
-    dense_lp = np.log(np.array([[0.05, 0.01, 0.01, 0.9, 0.03]]))   # sure of ad 3
-    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 0.0, 3)
-    assert rows.tolist() == [[0, 1, 2]]                   # weight 0: the beam alone
-    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 0.5, 3)
-    assert rows.tolist() == [[3, 0, 1]] and list(scores[0]) == sorted(scores[0], reverse=True)
-    assert np.isclose(np.exp(scores[0, 0]), 0.5 * 0.9)    # off the beam: p_beam counts as 0
-    assert np.isclose(np.exp(scores[0, 1]), 0.5 * 0.5 + 0.5 * 0.05)
-    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, 1.0, 2)
-    assert rows.tolist() == [[3, 0]]                      # weight 1: the dense head alone
+    dense_rows = np.array([[3, 4, 0]])
+    dense_lp = np.log(np.array([[0.05, 0.01, 0.01, 0.3, 0.6]]))
+    seen = np.zeros(5, bool)
+    rows, _ = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, seen, 0.0, 3)
+    assert rows.tolist() == [[0, 1, 2]]                   # weight 0: the beam's order
+    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, seen, 1.0, 2)
+    assert rows.tolist() == [[4, 3]]                      # weight 1: the dense head's
+    # an ad off the beam takes the beam's lowest log-prob (0.1) for its LM side
+    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, seen, 0.5, 5)
+    assert np.isclose(scores[0][list(rows[0]).index(4)], 0.5 * np.log(0.1) + 0.5 * np.log(0.6))
+    # an ad the model never trained on competes on the head's estimate alone, at any weight
+    unseen = np.array([False, False, False, False, True])
+    rows, scores = dense.fuse(beam_rows, beam_scores, dense_rows, dense_lp, unseen, 0.0, 3)
+    assert rows.tolist() == [[4, 0, 1]] and np.isclose(scores[0, 0], np.log(0.6))
 
 
 def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
@@ -83,7 +87,8 @@ def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
     beam_scores = np.tile(-np.arange(1, 11, dtype=np.float32), (20, 1))
     dense_lp = dense.dense_log_probs(users, vectors, np.ones(40, bool), 0.05)
     dense_rows = np.argsort(-dense_lp, axis=1)[:, :10]
-    weight, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, dense_lp, targets)
+    weight, _, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, dense_lp, None,
+                                      targets)
     assert curve["0.0"] == 0.0 and weight > 0 and curve[str(weight)] == 1.0
     assert curve[str(weight)] == max(curve.values())
 
@@ -93,7 +98,7 @@ def test_head_saves_and_a_head_of_another_encoder_is_refused(tmp_path):
     meta = dense.DenseMeta(encoder_version="hf:a:1", sid_version="v", hidden_size=16, dim=8,
                            temperature=0.05)
     dense.save(tmp_path / dense.DENSE_DIR, head, meta)
-    dense.set_fusion(tmp_path / dense.DENSE_DIR, 0.5, {"rows": 3})
+    dense.set_fusion(tmp_path / dense.DENSE_DIR, 0.5, (1.0, 0.0), {"rows": 3})
     loaded, got = dense.load_head(dense.find(tmp_path))
     assert torch.equal(loaded.weight, head.weight) and got.fusion_weight == 0.5
     dense.check_encoder(got, "hf:a:1", "m", "s")
