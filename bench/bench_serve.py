@@ -201,12 +201,24 @@ def ensure_world(ads: int, users: int) -> dict[str, str]:
 
 def ensure_model(w: dict, ads: int, users: int) -> str:
     """A ``tiny`` LM for this world's S-IDs (built from its config, as the demo's is before
-    training: decoding costs the same trained or not), with an sft manifest."""
+    training: decoding costs the same trained or not), with an sft manifest and a dense head
+    (untrained, same cost), so the generator writes fused candidates as a trained one does:
+    beam + 50 dense candidates from the ScaNN index, mixed at weight 0.5."""
+    import json
+
+    from leadre.artifacts import read_manifest
+    from leadre.model import dense
     from serving_world import tiny_model
 
     model = world_dir(ads, users) / "model"
     if not (model / "manifest.json").exists():
         tiny_model(w, model)
+    if dense.find(model) is None:
+        hidden = json.loads((model / "merged" / "config.json").read_text())["hidden_size"]
+        dim = json.loads((Path(w["index"]) / "index.json").read_text())["dim"]
+        dense.save(model / dense.DENSE_DIR, dense.DenseHead(hidden, dim), dense.DenseMeta(
+            encoder_version=read_manifest(w["sids"]).get("encoder_version"), sid_version=None,
+            hidden_size=hidden, dim=dim, temperature=0.05, fusion_weight=0.5))
     return str(model)
 
 

@@ -122,3 +122,19 @@ def test_capture_reads_the_backbone_state_the_lm_head_sees():
     assert hidden.shape == (2, 5, 16)
     assert torch.allclose(model.lm_head(hidden), logits, atol=1e-5)
     capture.close()
+
+
+def test_soft_targets_reward_pointing_near_the_answer_not_only_at_it():
+    """With soft targets a head pointing at the answer's close neighbour loses less than one
+    pointing at a far ad, and less than under a one-hot target."""
+    catalog = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    head = dense.DenseHead(hidden_size=3, dim=3, temperature=0.05)
+    head.weight.data.copy_(torch.eye(3))
+    hidden = catalog[[1, 2]][:, None, :]                  # point at ad 1 (near 0), ad 2 (far)
+    index, last = torch.tensor([0, 0]), torch.zeros(2, dtype=torch.long)
+    near_soft, _ = dense.dense_loss(head, hidden[:1], last[:1], index[:1], catalog, "full", 0.1)
+    far_soft, _ = dense.dense_loss(head, hidden[1:], last[1:], index[1:], catalog, "full", 0.1)
+    near_hard, _ = dense.dense_loss(head, hidden[:1], last[:1], index[:1], catalog, "full")
+    assert near_soft < far_soft
+    assert near_soft < near_hard  # the soft target forgives the neighbour
