@@ -45,7 +45,7 @@ ATTRIBUTE = "leadre_dense"
 # Dense weights tried on the validation users (0 = the beam's order for the ads the model
 # learnt, 1 = the dense head's alone), and offsets of the unseen ads' imputed LM side.
 FUSION_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-OFFSET_GRID = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)
+OFFSET_GRID = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 @dataclass
@@ -209,14 +209,19 @@ def load_head(directory: str | Path) -> tuple[DenseHead, DenseMeta]:
     return head.eval(), meta
 
 
-def save_trained_ads(directory: str | Path, ad_ids: Sequence[str]) -> None:
-    (Path(directory) / TRAINED_ADS_FILE).write_text(json.dumps(sorted(map(str, ad_ids))))
+def save_trained_ads(directory: str | Path, ad_ids: Sequence[str],
+                     holdout: Sequence[str] = ()) -> None:
+    """Record the ads the model trained on and, among them, those kept out of the head's
+    softmax (``holdout``: the stand-ins for unseen ads when the fusion is tuned)."""
+    (Path(directory) / TRAINED_ADS_FILE).write_text(json.dumps(
+        {"trained": sorted(map(str, ad_ids)), "dense_holdout": sorted(map(str, holdout))}))
 
 
-def load_trained_ads(directory: str | Path) -> frozenset[str] | None:
-    """The ads the head (and the LM beside it) trained on; None when not recorded."""
+def load_trained_ads(directory: str | Path, key: str = "trained") -> frozenset[str] | None:
+    """The ads the model trained on (``key="dense_holdout"``: those kept out of the head's
+    softmax); None when not recorded."""
     path = Path(directory) / TRAINED_ADS_FILE
-    return frozenset(json.loads(path.read_text())) if path.exists() else None
+    return frozenset(json.loads(path.read_text())[key]) if path.exists() else None
 
 
 def find(model_dir: str | Path) -> Path | None:
@@ -314,7 +319,7 @@ def tune_fusion(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.n
                 ) -> tuple[float, tuple[float, float], dict[str, float]]:
     """Tune the fusion on validation rows: the line of :func:`calibrate_unseen`, then the
     weight of ``grid`` and the offset of ``offsets`` with the best HR@k when the
-    ``pseudo_unseen`` rows (trained ads, a share like the unseen ones) are scored as if the
+    ``pseudo_unseen`` rows (trained ads kept out of the head's softmax) are scored as if the
     model had never learnt them, the way unseen ads will be. Validation targets are never
     unseen ads (those arrive later), so this is how the rows can price both what an unseen ad
     brings and the slots it takes. Ties go to the smaller weight and offset. Returns (weight,

@@ -328,12 +328,15 @@ def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
     gen.set_active(gen.table.ad_id_array[unseen & gen.table.active].tolist(), False)
     beam_rows, beam_scores, users = gen.decode(valid.column("prompt").to_pylist())
     targets = gen.table.rows_of(valid.column("target_ad_id").to_pylist())
-    # trained ads scored as if unseen, as many as the unseen share (at least a tenth)
-    trained = np.flatnonzero(gen.table.active)
-    share = max(0.1, unseen.sum() / max(len(unseen), 1))
-    pseudo = np.zeros(len(gen.table), bool)
-    pseudo[np.random.default_rng(seed).choice(trained, int(round(share * len(trained))),
-                                              replace=False)] = True
+    # trained ads scored as if unseen: those the head never saw (or, not recorded, a tenth)
+    held = dense.load_trained_ads(where, "dense_holdout")
+    if held:
+        pseudo = np.isin(gen.table.ad_id_array.astype(str), list(held)) & gen.table.active
+    else:
+        trained = np.flatnonzero(gen.table.active)
+        pseudo = np.zeros(len(gen.table), bool)
+        pseudo[np.random.default_rng(seed).choice(trained, int(round(0.1 * len(trained))),
+                                                  replace=False)] = True
     dense_lp = gen.dense_log_probs(users)
     weight, calibration, curve = dense.tune_fusion(
         beam_rows, beam_scores, gen.dense_top(users, gen.cfg.dense_candidates), dense_lp,

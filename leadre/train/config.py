@@ -197,7 +197,9 @@ class SftConfig(TrainArgs):
             to answer (active, not held out as cold), ``in_batch`` = over the batch's answers.
             ``dense_soft_targets``: > 0 spreads each target over the ads near the answer in
             the frozen space (softmax of cosine / this), so the head learns the region of the
-            next ad, which holds ads it never trained on.
+            next ad, which holds ads it never trained on. ``dense_holdout``: this share of the
+            trained ads never enters the head's softmax; validation users then price how an ad
+            the model never learnt should be ranked (see ``fusion_rows``).
         fusion_rows: validation users the fusion weight (the dense head's share of the
             beam/dense mixture) is tuned on after training (HR@10 of the fused top 10, default
             decoding: 20 beams, 50 dense candidates).
@@ -243,6 +245,9 @@ class SftConfig(TrainArgs):
         "help": "spread each dense target over the ads near the answer in the frozen space "
                 "(softmax of cosine / this; 0: the answer alone): the head learns regions, "
                 "which hold the ads it never saw"})
+    dense_holdout: float = field(default=0.1, metadata={
+        "help": "share of the trained ads kept out of the dense head's softmax: on valid they "
+                "stand for ads the model never trained on when the fusion is tuned"})
     fusion_rows: int = field(default=512, metadata={
         "help": "validation users the beam/dense fusion weight is tuned on after training"})
 
@@ -251,9 +256,10 @@ class SftConfig(TrainArgs):
         from leadre.config import ConfigError
 
         if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1 \
-                or self.dense_soft_targets < 0:
+                or self.dense_soft_targets < 0 or not 0 <= self.dense_holdout < 1:
             raise ConfigError("dense_weight and dense_soft_targets must be >= 0, "
-                              "dense_temperature > 0 and fusion_rows >= 1")
+                              "dense_temperature > 0, dense_holdout in [0, 1) and "
+                              "fusion_rows >= 1")
 
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:

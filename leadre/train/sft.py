@@ -86,14 +86,21 @@ def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
     if not rows:
         raise ArtifactError(f"{sids_dir}: no active ad has a vector for the dense head to "
                             "learn from; set dense_head=false")
+    # a share of the trained ads the head never sees: on valid they stand for the ads the
+    # model will meet untrained (leadre.train.common.tune_fusion)
+    held = np.random.default_rng(cfg.seed).permutation(len(rows))[
+        :int(round(cfg.dense_holdout * len(rows)))]
+    head_rows = [r for i, r in enumerate(rows) if i not in set(held.tolist())]
     tokenizer = load_tokenizer(model_dir)
     token_ids = np.array([tokenizer.convert_tokens_to_ids(table.sid_tokens(table.ad_id_array[r]))
-                          for r in rows], np.int64)
+                          for r in head_rows], np.int64)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     meta = DenseMeta(encoder_version=encoder, sid_version=table.version, hidden_size=hidden,
                      dim=int(vectors.shape[1]), temperature=cfg.dense_temperature)
-    return {"vectors": vectors[rows], "token_ids": token_ids, "meta": dataclasses.asdict(meta),
+    return {"vectors": vectors[head_rows], "token_ids": token_ids,
+            "meta": dataclasses.asdict(meta),
             "ad_ids": [str(table.ad_id_array[r]) for r in rows],
+            "holdout_ads": [str(table.ad_id_array[rows[i]]) for i in held],
             "weight": cfg.dense_weight, "negatives": cfg.dense_negatives,
             "soft_targets": cfg.dense_soft_targets}
 
@@ -201,7 +208,8 @@ def run(cfg: SftConfig) -> dict[str, Any]:
                             adapter=cfg.finetune == "lora", timings=timings)
     history = info.pop("history")
     if context["dense"] is not None and dense.find(out):
-        dense.save_trained_ads(dense.find(out), context["dense"]["ad_ids"])
+        dense.save_trained_ads(dense.find(out), context["dense"]["ad_ids"],
+                               context["dense"]["holdout_ads"])
     with artifacts.timed(timings, "fusion"):
         info["fusion"] = tune_fusion(cfg.out, sids_dir, cfg.prompts_dir, cfg.fusion_rows,
                                      cfg.seed, cfg.generation.batch_size)

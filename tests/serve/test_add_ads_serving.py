@@ -260,6 +260,7 @@ def test_a_new_ad_reaches_the_fused_ranking_through_the_dense_head_and_the_new_i
         encoder_version=read_manifest(world["sids"]).get("encoder_version"),
         sid_version=plain.table.version, hidden_size=state.numel(), dim=vector.numel(),
         temperature=0.01, fusion_weight=0.5))
+    dense.save_trained_ads(model / dense.DENSE_DIR, plain.table.ad_id_array.tolist())
 
     fused = GeneratorCore(gen, ServePaths(str(tmp_path / "sids"), url, model_dir=str(model),
                                           index_dir=str(tmp_path / "index")))
@@ -270,6 +271,7 @@ def test_a_new_ad_reaches_the_fused_ranking_through_the_dense_head_and_the_new_i
             "ads", "catalog", "sid_version", "index_dir", "index_version")}))
     assert fused.follow_catalog()
     assert fused.index_dir == out["index_dir"] and new["ad_id"] in fused.llm.index.ad_ids
+    assert fused.llm.unseen[fused.table.rows_of([new["ad_id"]])[0]]  # never trained on
     sid = fused.table.sid(new["ad_id"])
     assert [s for s, _ in fused.candidates([ctx])[0]][0] == sid
     rows, scores, users = fused.llm.decode([prompt])

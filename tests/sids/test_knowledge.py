@@ -239,6 +239,8 @@ def test_knowledge_tokens_through_sft_dpo_eval_and_the_generator(world, prompt_b
     assert head["encoder_version"] == sids_manifest["encoder_version"] and head["dim"] == 384
     assert sft["training"]["fusion"]["rows"] > 0
     assert head["fusion_weight"] == sft["training"]["fusion"]["weight"]
+    ads = json.loads((tmp_path / "sft" / "dense" / "trained_ads.json").read_text())
+    assert set(ads["dense_holdout"]) < set(ads["trained"])  # stand-ins for unseen ads
     dpo = run_stage("dpo", DpoConfig(prompts_dir=prompts, sft_dir=str(tmp_path / "sft"),
                                      out=str(tmp_path / "dpo"), max_steps=2, batch_size=4,
                                      save_steps=2, logging_steps=1, **workers))
