@@ -314,20 +314,33 @@ def calibrate_unseen(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_lp: n
 
 def tune_fusion(beam_rows: np.ndarray, beam_scores: np.ndarray, dense_rows: np.ndarray,
                 dense_lp: np.ndarray, pseudo_unseen: np.ndarray, targets: np.ndarray,
-                k: int = 10, grid: Sequence[float] = FUSION_GRID,
+                k: int = 10, tolerance: float = 0.02, grid: Sequence[float] = FUSION_GRID,
                 offsets: Sequence[float] = OFFSET_GRID
-                ) -> tuple[float, tuple[float, float], dict[str, float]]:
+                ) -> tuple[float, tuple[float, float], dict[str, Any]]:
     """Tune the fusion on validation rows: the line of :func:`calibrate_unseen`, then the
-    weight of ``grid`` and the offset of ``offsets`` with the best HR@k when the
-    ``pseudo_unseen`` rows (trained ads kept out of the head's softmax) are scored as if the
-    model had never learnt them, the way unseen ads will be. Validation targets are never
-    unseen ads (those arrive later), so this is how the rows can price both what an unseen ad
-    brings and the slots it takes. Ties go to the smaller weight and offset. Returns (weight,
-    calibration with the offset, HR@k by weight at the chosen offset)."""
+    weight of ``grid`` and the offset of ``offsets``, with the ``pseudo_unseen`` rows
+    (trained ads kept out of the head's softmax) scored as if the model had never learnt
+    them, the way unseen ads will be. Validation targets are never unseen ads (those arrive
+    later), so this is how the rows price both what an unseen ad brings and the slots it
+    takes. The operating point: of the settings whose HR@k is within ``tolerance`` (relative)
+    of the best, the one that finds the most pseudo-unseen targets (new ads get the exposure
+    the accuracy allows), then the higher HR@k. Returns (weight, calibration with the offset,
+    the curves: HR@k by weight at the chosen offset, and HR@k / pseudo-unseen HR@k by offset
+    at the chosen weight)."""
     a, b = calibrate_unseen(beam_rows, beam_scores, dense_lp)
-    scores = {(w, o): hits_at(fuse(beam_rows, beam_scores, dense_rows, dense_lp, pseudo_unseen,
-                                   w, k, (a, b + o))[0], targets, k)
-              for w in grid for o in offsets}
-    w, o = max(scores, key=lambda wo: (scores[wo], -wo[0], -wo[1]))
-    curve = {str(x): scores[(x, o)] for x in grid}
-    return float(w), (a, b + o), curve
+    on_unseen = pseudo_unseen[np.maximum(targets, 0)] & (targets >= 0)
+    hr, new = {}, {}
+    for w in grid:
+        for o in offsets:
+            top = fuse(beam_rows, beam_scores, dense_rows, dense_lp, pseudo_unseen, w, k,
+                       (a, b + o))[0]
+            hr[(w, o)] = hits_at(top, targets, k)
+            new[(w, o)] = hits_at(top[on_unseen], targets[on_unseen], k)
+    best = max(hr.values())
+    ok = [wo for wo in hr if hr[wo] >= best * (1 - tolerance)]
+    w, o = max(ok, key=lambda wo: (new[wo], hr[wo], -wo[0], -wo[1]))
+    curves = {"hr@10_by_weight": {str(x): hr[(x, o)] for x in grid},
+              "hr@10_by_offset": {str(x): hr[(w, x)] for x in offsets},
+              "unseen_hr@10_by_offset": {str(x): new[(w, x)] for x in offsets},
+              "best_hr@10": best, "pseudo_unseen_targets": int(on_unseen.sum())}
+    return float(w), (a, b + o), curves

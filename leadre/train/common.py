@@ -299,11 +299,12 @@ def train_and_export(cfg: TrainArgs, stage: str, build: BuildFn, context: dict[s
 
 
 def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
-                batch_size: int) -> dict[str, Any] | None:
+                batch_size: int, tolerance: float = 0.02) -> dict[str, Any] | None:
     """Tune the exported model's beam/dense fusion weight on ``rows`` validation users (a
     seeded sample of ``eval/valid``) and record it in ``<out>/dense/head.json``; None for a
     model without a dense head. Decodes as eval and serving do by default (20 beams, 50
-    dense candidates), so the weight fits the ranking it will weigh."""
+    dense candidates), so the weight fits the ranking it will weigh; ``tolerance``: see
+    :func:`leadre.model.dense.tune_fusion`."""
     import numpy as np
 
     from leadre.model import dense
@@ -338,12 +339,13 @@ def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
         pseudo[np.random.default_rng(seed).choice(trained, int(round(0.1 * len(trained))),
                                                   replace=False)] = True
     dense_lp = gen.dense_log_probs(users)
-    weight, calibration, curve = dense.tune_fusion(
+    weight, calibration, curves = dense.tune_fusion(
         beam_rows, beam_scores, gen.dense_top(users, gen.cfg.dense_candidates), dense_lp,
-        pseudo, targets)
+        pseudo, targets, tolerance=tolerance)
     beam_only = dense.hits_at(beam_rows, targets)
-    tuned = {"rows": len(targets), "split": "valid", "beam_hr@10": beam_only,
-             "hr@10_by_weight": curve,
+    curve = curves["hr@10_by_weight"]
+    tuned = {"rows": len(targets), "split": "valid", "beam_hr@10": beam_only, **curves,
+             "tolerance": tolerance,
              "dense_only_hr@10": dense.hits_at(gen.dense_top(users, 10), targets),
              "unseen_calibration": list(calibration), "pseudo_unseen_ads": int(pseudo.sum())}
     dense.set_fusion(where, weight, calibration, tuned)

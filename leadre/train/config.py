@@ -202,7 +202,9 @@ class SftConfig(TrainArgs):
             the model never learnt should be ranked (see ``fusion_rows``).
         fusion_rows: validation users the fusion weight (the dense head's share of the
             beam/dense mixture) is tuned on after training (HR@10 of the fused top 10, default
-            decoding: 20 beams, 50 dense candidates).
+            decoding: 20 beams, 50 dense candidates). ``fusion_tolerance``: of the settings
+            within this share of the best validation HR@10, the one that finds the most
+            stand-in unseen ads is kept: new ads get the exposure the accuracy allows.
     """
 
     out: str = field(default="runs/sft", metadata={
@@ -248,6 +250,9 @@ class SftConfig(TrainArgs):
     dense_holdout: float = field(default=0.1, metadata={
         "help": "share of the trained ads kept out of the dense head's softmax: on valid they "
                 "stand for ads the model never trained on when the fusion is tuned"})
+    fusion_tolerance: float = field(default=0.02, metadata={
+        "help": "fusion operating point: of the settings within this share of the best "
+                "validation HR@10, the one that finds the most stand-in unseen ads"})
     fusion_rows: int = field(default=512, metadata={
         "help": "validation users the beam/dense fusion weight is tuned on after training"})
 
@@ -256,10 +261,11 @@ class SftConfig(TrainArgs):
         from leadre.config import ConfigError
 
         if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1 \
-                or self.dense_soft_targets < 0 or not 0 <= self.dense_holdout < 1:
+                or self.dense_soft_targets < 0 or not 0 <= self.dense_holdout < 1 \
+                or not 0 <= self.fusion_tolerance < 1:
             raise ConfigError("dense_weight and dense_soft_targets must be >= 0, "
-                              "dense_temperature > 0, dense_holdout in [0, 1) and "
-                              "fusion_rows >= 1")
+                              "dense_temperature > 0, dense_holdout and fusion_tolerance "
+                              "in [0, 1) and fusion_rows >= 1")
 
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:

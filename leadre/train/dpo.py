@@ -159,7 +159,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
             fusion = sft_manifest.get("config", {})
             info["fusion"] = tune_fusion(str(out), sft_manifest["inputs"]["sids_dir"],
                                          cfg.prompts_dir, fusion.get("fusion_rows", 512),
-                                         cfg.seed, cfg.generation.batch_size)
+                                         cfg.seed, cfg.generation.batch_size,
+                                         fusion.get("fusion_tolerance", 0.02))
     manifest = artifacts.write_manifest(
         cfg.out, STAGE,
         inputs={"prompts_dir": cfg.prompts_dir, "sft_dir": cfg.sft_dir, "sids_dir": sft_manifest["inputs"].get("sids_dir"),

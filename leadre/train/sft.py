@@ -212,7 +212,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
                                context["dense"]["holdout_ads"])
     with artifacts.timed(timings, "fusion"):
         info["fusion"] = tune_fusion(cfg.out, sids_dir, cfg.prompts_dir, cfg.fusion_rows,
-                                     cfg.seed, cfg.generation.batch_size)
+                                     cfg.seed, cfg.generation.batch_size, cfg.fusion_tolerance)
     manifest = artifacts.write_manifest(
         cfg.out, STAGE,
         inputs={"prompts_dir": cfg.prompts_dir, "sids_dir": sids_dir,

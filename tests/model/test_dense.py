@@ -78,7 +78,7 @@ def test_fusion_weighs_both_and_lets_an_ad_the_model_never_learnt_compete_on_its
     assert rows.tolist() == [[4, 0, 1]] and np.isclose(scores[0, 0], np.log(0.6))
 
 
-def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
+def test_fusion_tuning_gives_unseen_ads_the_exposure_accuracy_allows():
     rng = np.random.default_rng(0)
     vectors = _unit(rng.normal(size=(40, 8)))
     targets = np.arange(20)
@@ -87,10 +87,14 @@ def test_fusion_weight_is_the_best_on_the_rows_it_is_tuned_on():
     beam_scores = np.tile(-np.arange(1, 11, dtype=np.float32), (20, 1))
     dense_lp = dense.dense_log_probs(users, vectors, np.ones(40, bool), 0.05)
     dense_rows = np.argsort(-dense_lp, axis=1)[:, :10]
-    weight, _, curve = dense.tune_fusion(beam_rows, beam_scores, dense_rows, dense_lp, None,
-                                      targets)
-    assert curve["0.0"] == 0.0 and weight > 0 and curve[str(weight)] == 1.0
-    assert curve[str(weight)] == max(curve.values())
+    pseudo = np.zeros(40, bool)
+    pseudo[:4] = True                                     # 4 of the 20 targets stand in unseen
+    weight, (a, b), curves = dense.tune_fusion(beam_rows, beam_scores, dense_rows, dense_lp,
+                                               pseudo, targets)
+    by_w = curves["hr@10_by_weight"]
+    assert by_w["0.0"] < 1.0 and weight > 0 and by_w[str(weight)] == curves["best_hr@10"] == 1.0
+    assert curves["pseudo_unseen_targets"] == 4
+    assert max(curves["unseen_hr@10_by_offset"].values()) == 1.0
 
 
 def test_head_saves_and_a_head_of_another_encoder_is_refused(tmp_path):
