@@ -34,6 +34,27 @@ def test_metrics_table_puts_leadre_first_with_hr_ndcg_coverage():
     assert lines[3].split() == ["sasrec", "0.0800", "-", "-"]  # NaN and missing: a dash
 
 
+def test_metrics_table_shows_fused_then_beam_then_baselines_with_cold_and_warm_recall():
+    cold = {"targets": 12, "recall@10": 0.25, "ndcg@10": 0.1}
+    metrics = {"rows": 100, "methods": {
+        "leadre-dpo": {"hr@10": 0.4, "ndcg@10": 0.2, "cold": cold,
+                       "warm": {"targets": 88, "recall@10": 0.42, "ndcg@10": 0.21}},
+        "leadre-dpo-beam": {"hr@10": 0.38, "ndcg@10": 0.2,
+                            "cold": {**cold, "recall@10": 0.0}, "warm": cold},
+        "sasrec": {"hr@10": 0.36, "ndcg@10": 0.19, "cold": {**cold, "recall@10": 0.0},
+                   "warm": cold}},
+        "channel": {"k": 50, "rows": 100, "incremental_recall@100": 0.03,
+                    "incremental_recall@100_ci": [0.01, 0.05]}}
+    lines = metrics_table(metrics)
+    assert lines[0].split()[-4:] == ["cold", "R@10", "warm", "R@10"]
+    assert [line.split()[0] for line in lines[1:4]] == ["leadre-dpo", "leadre-dpo-beam",
+                                                        "sasrec"]
+    assert lines[1].split()[-2:] == ["0.2500", "0.4200"]
+    assert "cold: 12 test users" in lines[4] and "0 by construction" in lines[4]
+    assert lines[5] == ("  channel: SASRec top 50 + LEADRE top 50 vs SASRec top 100: "
+                        "recall@100 +0.0300 [+0.0100, +0.0500]")
+
+
 def test_summary_names_titles_artifacts_and_the_curl_line():
     text = _render()
     assert "Offline evaluation on 300 test users (/d/eval/metrics.json)" in text
