@@ -182,6 +182,28 @@ def dense_loss(head: DenseHead, hidden: torch.Tensor, last_prompt: torch.Tensor,
     return loss, accuracy
 
 
+def soft_target_temperature(vectors: np.ndarray, self_weight: float, sample: int = 512,
+                            seed: int = 0) -> float:
+    """The temperature at which an answer keeps, on average over a sample of the catalog's
+    ads, ``self_weight`` of its soft target ``softmax(cos(answer, ad) / t)``: the same share
+    whether the catalog's vectors sit far apart or close together. 0 for one-hot targets
+    (``self_weight`` 1)."""
+    if self_weight >= 1.0:
+        return 0.0
+    pick = np.random.default_rng(seed).permutation(len(vectors))[:sample]
+    sims = vectors[pick] @ vectors.T
+
+    def kept(t: float) -> float:
+        z = np.exp((sims - sims.max(axis=1, keepdims=True)) / t)
+        return float((z.max(axis=1) / z.sum(axis=1)).mean())
+
+    lo, hi = 1e-3, 1.0  # kept() falls as t rises
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if kept(mid) > self_weight else (lo, mid)
+    return float((lo * hi) ** 0.5)
+
+
 # --- saving and loading -------------------------------------------------------------------
 
 def save(directory: str | Path, head: DenseHead, meta: DenseMeta) -> Path:

@@ -195,9 +195,10 @@ class SftConfig(TrainArgs):
             scores (learnt from there, CLIP-style).
             ``dense_negatives``: ``full`` = a softmax over every ad the model may be trained
             to answer (active, not held out as cold), ``in_batch`` = over the batch's answers.
-            ``dense_soft_targets``: > 0 spreads each target over the ads near the answer in
-            the frozen space (softmax of cosine / this), so the head learns the region of the
-            next ad, which holds ads it never trained on. ``dense_holdout``: this share of the
+            ``dense_soft_targets``: the answer's own share of its target (below 1: the rest
+            spreads over the ads near it in the frozen space, softmax of cosine at the
+            temperature that keeps this share on average in this catalog), so the head learns
+            the region of the next ad, which holds ads it never trained on. ``dense_holdout``: this share of the
             trained ads never enters the head's softmax; validation users then price how an ad
             the model never learnt should be ranked (see ``fusion_rows``).
         fusion_rows: validation users the fusion weight (the dense head's share of the
@@ -243,9 +244,9 @@ class SftConfig(TrainArgs):
         "help": "starting softmax temperature of the dense head's cosine scores (learnt)"})
     dense_negatives: Literal["full", "in_batch"] = field(default="full", metadata={
         "help": "dense softmax over every trainable ad (full) or the batch's answers (in_batch)"})
-    dense_soft_targets: float = field(default=0.1, metadata={
-        "help": "spread each dense target over the ads near the answer in the frozen space "
-                "(softmax of cosine / this; 0: the answer alone): the head learns regions, "
+    dense_soft_targets: float = field(default=0.65, metadata={
+        "help": "the answer's own share of its dense target; the rest spreads over the ads "
+                "near it in the frozen space (1: the answer alone): the head learns regions, "
                 "which hold the ads it never saw"})
     dense_holdout: float = field(default=0.1, metadata={
         "help": "share of the trained ads kept out of the dense head's softmax: on valid they "
@@ -261,11 +262,11 @@ class SftConfig(TrainArgs):
         from leadre.config import ConfigError
 
         if self.dense_weight < 0 or self.dense_temperature <= 0 or self.fusion_rows < 1 \
-                or self.dense_soft_targets < 0 or not 0 <= self.dense_holdout < 1 \
+                or not 0 < self.dense_soft_targets <= 1 or not 0 <= self.dense_holdout < 1 \
                 or not 0 <= self.fusion_tolerance < 1:
-            raise ConfigError("dense_weight and dense_soft_targets must be >= 0, "
-                              "dense_temperature > 0, dense_holdout and fusion_tolerance "
-                              "in [0, 1) and fusion_rows >= 1")
+            raise ConfigError("dense_weight must be >= 0, dense_temperature > 0, "
+                              "dense_soft_targets in (0, 1], dense_holdout and "
+                              "fusion_tolerance in [0, 1) and fusion_rows >= 1")
 
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:

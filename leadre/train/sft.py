@@ -71,7 +71,7 @@ def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
         return None
     import json
 
-    from leadre.model.dense import DenseMeta
+    from leadre.model.dense import DenseMeta, soft_target_temperature
     from leadre.model.decode import table_vectors
     from leadre.sids.build import load_cold_ads
 
@@ -90,19 +90,24 @@ def dense_setup(cfg: SftConfig, table, sids_dir: str, model_dir: Path,
     # model will meet untrained (leadre.train.common.tune_fusion)
     held = np.random.default_rng(cfg.seed).permutation(len(rows))[
         :int(round(cfg.dense_holdout * len(rows)))]
-    head_rows = [r for i, r in enumerate(rows) if i not in set(held.tolist())]
+    in_head = np.ones(len(rows), bool)
+    in_head[held] = False
+    head_rows = [r for r, keep in zip(rows, in_head) if keep]
     tokenizer = load_tokenizer(model_dir)
     token_ids = np.array([tokenizer.convert_tokens_to_ids(table.sid_tokens(table.ad_id_array[r]))
                           for r in head_rows], np.int64)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     meta = DenseMeta(encoder_version=encoder, sid_version=table.version, hidden_size=hidden,
                      dim=int(vectors.shape[1]), temperature=cfg.dense_temperature)
+    soft = soft_target_temperature(vectors[head_rows], cfg.dense_soft_targets, seed=cfg.seed)
+    log.info("dense head: %d ads in its softmax (%d held out as stand-ins for unseen ads), "
+             "soft-target temperature %.3f", len(head_rows), len(held), soft)
     return {"vectors": vectors[head_rows], "token_ids": token_ids,
             "meta": dataclasses.asdict(meta),
             "ad_ids": [str(table.ad_id_array[r]) for r in rows],
             "holdout_ads": [str(table.ad_id_array[rows[i]]) for i in held],
             "weight": cfg.dense_weight, "negatives": cfg.dense_negatives,
-            "soft_targets": cfg.dense_soft_targets}
+            "soft_targets": soft}
 
 
 def _length_stats(tokenizer, tables, max_length: int) -> dict[str, Any]:

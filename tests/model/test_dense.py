@@ -142,3 +142,16 @@ def test_soft_targets_reward_pointing_near_the_answer_not_only_at_it():
     near_hard, _ = dense.dense_loss(head, hidden[:1], last[:1], index[:1], catalog, "full")
     assert near_soft < far_soft
     assert near_soft < near_hard  # the soft target forgives the neighbour
+
+
+def test_soft_target_temperature_keeps_the_answers_share_in_any_catalog():
+    rng = np.random.default_rng(0)
+    spread = _unit(rng.normal(size=(300, 16)))
+    close = _unit(rng.normal(size=(300, 16)) * 0.3 + 1.0)  # vectors packed together
+    for vectors in (spread, close):
+        t = dense.soft_target_temperature(vectors, 0.65)
+        sims = vectors @ vectors.T
+        z = np.exp((sims - sims.max(axis=1, keepdims=True)) / t)
+        assert abs((z.max(axis=1) / z.sum(axis=1)).mean() - 0.65) < 0.01
+    assert dense.soft_target_temperature(close, 0.65) < dense.soft_target_temperature(spread, 0.65)
+    assert dense.soft_target_temperature(spread, 1.0) == 0.0  # one-hot
