@@ -29,21 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import append  # noqa: E402
+from _stages import done as _done, run as _run  # noqa: E402
 
 SCIENTIFIC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "scientific"
-
-
-def _done(d: Path) -> bool:
-    return (d / "manifest.json").exists()
-
-
-def _run(name: str, cfg) -> dict:
-    from leadre.stages import run_stage
-
-    t0 = time.time()
-    m = run_stage(name, cfg)
-    print(f"  {name} -> {cfg.out} in {time.time() - t0:.0f} s", flush=True)
-    return m
 
 
 def _cell(m: dict, key: str) -> str:

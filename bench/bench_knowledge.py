@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import append  # noqa: E402
+from _stages import done as _done, run as _run  # noqa: E402
 
 RECIPE = {"encoder": "hf", "quantizer": "rqkmeans", "content": "code", "init": "codebook",
           "aux": True, "xd": True}
@@ -55,19 +55,6 @@ VARIANTS = {
     "chosen": {"quantizer": "rqvae", "aux": False},
 }
 SCIENTIFIC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "scientific"
-
-
-def _done(d: Path) -> bool:
-    return (d / "manifest.json").exists()
-
-
-def _run(name: str, cfg) -> dict:
-    from leadre.stages import run_stage
-
-    t0 = time.time()
-    m = run_stage(name, cfg)
-    print(f"  {name} -> {cfg.out} in {time.time() - t0:.0f} s", flush=True)
-    return m
 
 
 def sid_builds(out: Path) -> str:

@@ -27,6 +27,8 @@ from leadre.sids import run as sids_run
 from leadre.sids.build import load_cold_ads, make_quantizer
 from leadre.sids.quantize import load_quantizer
 
+from test_prompts import canon  # the same row-order-free comparison as the prompts tests
+
 RAY = RayConfig(num_cpus=2, object_store_mb=300)
 VALID_START, TEST_START = "2025-02-16", "2025-02-23"
 
@@ -45,14 +47,6 @@ def _prompt_cfg(w: dict, out: str, **kw) -> PromptConfig:
 def _tables(out: str) -> dict[str, pd.DataFrame]:
     return {f"{kind}/{split}": read_split(out, kind, split).to_pandas()
             for kind in ("sft", "dpo", "eval") for split in ("train", "valid", "test")}
-
-
-def _canon(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
-    for c in df.columns:
-        if df[c].map(lambda v: isinstance(v, (list, np.ndarray))).any():
-            df[c] = df[c].map(lambda v: tuple(v) if v is not None else None)
-    return df.sort_values(list(df.columns)).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +155,8 @@ def test_shards_engine_equals_single_process_builder_with_cold_ads(world):
     local = build_local(_prompt_cfg(world, "unused"), write=False)
     for (kind, split), table in local["tables"].items():
         if kind in ("sft", "dpo", "eval"):
-            pd.testing.assert_frame_equal(_canon(table.to_pandas()),
-                                          _canon(world["t"][f"{kind}/{split}"]),
+            pd.testing.assert_frame_equal(canon(table.to_pandas()),
+                                          canon(world["t"][f"{kind}/{split}"]),
                                           obj=f"{kind}/{split}")
     assert local["counts"] == world["manifest"]["counts"]
 
@@ -178,7 +172,7 @@ def test_shards_engine_equals_single_process_builder_with_cold_ads(world):
         want = loo["tables"][key].to_pandas()
         if "user_id" in want:  # (build_local adds the ad-level rows, which have no user)
             want = want[want.user_id.notna()]
-        pd.testing.assert_frame_equal(_canon(shard[key].to_pandas()), _canon(want),
+        pd.testing.assert_frame_equal(canon(shard[key].to_pandas()), canon(want),
                                       obj=str(key))
     assert flat["note//dropped_cold_ad"] == loo["counts"]["dropped_events"]["cold_ad"] > 0
     cold = world["cold"]
