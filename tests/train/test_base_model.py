@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -212,10 +213,23 @@ def _with_eval_split(world) -> None:
     write_table(main, world["prompts"] / "eval", "valid")
 
 
+def _with_vectors(world) -> None:
+    """Unit vectors for the fixture's ads (as `leadre sids` writes them), so SFT also trains
+    the dense head."""
+    from leadre.sids import load_table
+
+    ids = load_table(str(world["sids"])).ad_id_array.tolist()
+    emb = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    write_table(pa.table({"ad_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.ravel()), 16)}), world["sids"], "embeddings")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     w = write_prompts(tmp_path_factory.mktemp("smol_world"), n_users=60, seed=1)
     _with_eval_split(w)
+    _with_vectors(w)
     return w
 
 
@@ -276,6 +290,13 @@ def test_lora_sft_on_the_pretrained_backbone(lora_run, smol2):
         a = PeftModel.from_pretrained(base, out / "adapter").eval()(**ids).logits
         b = merged.eval()(**ids).logits
     assert torch.allclose(a, b, atol=1e-3), ((a - b).abs().max(), a.abs().max())
+    # the dense head trained beside the LoRA adapter (in full: PEFT must not freeze or LoRA it)
+    from leadre.model import dense
+
+    assert any("dense_loss" in p for p in m["history"]) and "weight" in m["training"]["fusion"]
+    head, meta = dense.load_head(dense.find(out))
+    assert meta.hidden_size == 576 and meta.dim == 16
+    assert not torch.allclose(head.weight, dense.DenseHead(576, 16, seed=0).weight)
 
 
 def test_constrained_generation_from_the_fine_tuned_backbone(lora_run, world):
@@ -289,6 +310,7 @@ def test_constrained_generation_from_the_fine_tuned_backbone(lora_run, world):
     table = load_table(str(world["sids"]))
     prompts = ["The user is 30 years old; interests: tennis^4 times. What ad will the user be "
                "interested in next time?", "What is the ad <a_1><b_2><c_0>?"]
+    assert gen.fused  # the dense head's candidates join the beam's
     results = gen.generate(prompts)
     active = set(table.ad_id_array[table.active].tolist())
     for cands in results:
