@@ -78,6 +78,7 @@ class GeneratorCore:
             self.llm = SidGenerator.from_stage_dir(
                 paths.model_dir, paths.sids_dir, cfg.generation)
             self._dense_index(self.llm)
+            self._check_reach(self.llm)
             self.table = self.llm.table
             self.model_version = model_version(paths.model_dir)
             self.prompt_cfg = trained_prompt_config(paths.model_dir)
@@ -105,6 +106,7 @@ class GeneratorCore:
         check_model(model_dir, self.table.version, self.paths.sids_dir)
         llm = SidGenerator.from_stage_dir(model_dir, self.paths.sids_dir, self.cfg.generation)
         self._dense_index(llm)
+        self._check_reach(llm)
         if self.off:
             llm.set_active(sorted(self.off), False)
         self.llm, self.table, self.engine = llm, llm.table, "llm"
@@ -113,6 +115,16 @@ class GeneratorCore:
         self.model_version = model_version(model_dir)
         log.info("generator: now generating with %s (%s)", model_dir, self.model_version)
         return self.model_version
+
+    def _check_reach(self, llm) -> None:
+        """A model without a dense head lists at most ``beam_size`` ads: refuse a ``top_k``
+        only a fused list could fill, at load rather than on every batch."""
+        if not llm.fused and self.top_k > llm.cfg.beam_size:
+            from leadre.config import ConfigError
+
+            raise ConfigError(f"generator: top_k={self.top_k} > beam_size="
+                              f"{llm.cfg.beam_size} and the model has no dense head (or "
+                              "ranking=beam): raise generation.beam_size")
 
     def _dense_index(self, llm) -> None:
         """With a dense head, the ScaNN index of the serving graph (its current version:

@@ -140,7 +140,11 @@ def test_from_stage_dir(world, tmp_path):
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="beam_size"):
-        GenerationConfig(beam_size=5, top_k=10)
+        GenerationConfig(beam_size=5, top_k=10, ranking="beam")
+    # a fused list holds the beam's ads and the dense head's candidates
+    assert GenerationConfig(beam_size=5, top_k=10).reach() == 55
+    with pytest.raises(ConfigError, match="dense_candidates=50"):
+        GenerationConfig(beam_size=5, top_k=56)
     with pytest.raises(ConfigError):
         GenerationConfig(batch_size=0)
 
