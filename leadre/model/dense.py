@@ -4,20 +4,22 @@ Beside the S-ID tokens, the fine-tuned LM also predicts the next ad's vector in 
 encoder's space (the vectors ``leadre sids`` wrote): a linear map of the backbone's last hidden
 state at the last prompt token, the state the first S-ID token is decoded from, scaled to
 unit length. It trains jointly with the S-ID loss as a softmax over the catalog's ads
-(``full``) or over the batch's targets (``in_batch``), scores ``cos(u, v) / temperature``.
+(``full``) or over the batch's targets (``in_batch``) of ``cos(u, v) / temperature``, the
+temperature learnt, each target softened over the answer's neighbours in the frozen space.
 
 At inference the trie beam's top B and the dense head's top M over the active ads are fused
 (:func:`fuse`) log-linearly, ``(1 - w) log p_beam(ad) + w log p_dense(ad)``: ``p_beam`` is the
 S-ID's probability under the LM (an ad off the beam gets the beam's lowest), ``p_dense`` the
-head's softmax over every active ad. An ad the model never trained on (held out as cold, or added to the catalog after training:
-not in ``trained_ads``) has no meaningful ``p_beam``, since the LM never learnt to emit it; it
-gets the LM log-probability an ad of its dense score has, ``a log p_dense + b`` (fitted on the
-beam's candidates of validation users, then shifted by the offset that serves best a share of
-trained ads scored as if unseen: :func:`tune_fusion`), so it competes the day it exists.
+head's softmax over every active ad. An ad the model never trained on (held out as cold, or
+added to the catalog after training: not in ``trained_ads``) has no meaningful ``p_beam``,
+since the LM never learnt to emit it; it gets the LM log-probability an ad of its dense score
+has, ``a log p_dense + b`` (fitted on the beam's candidates of validation users, then shifted
+by the offset :func:`tune_fusion` picks with stand-ins: trained ads the head never saw, scored
+as if unseen), so it competes the day it exists.
 
-Saved with the model as ``<stage dir>/dense/{head.safetensors, head.json}``; ``head.json``
-records the encoder version of the vectors it was trained against, its (learnt) temperature
-and the fusion weight tuned on validation users (:func:`tune_fusion`).
+Saved with the model as ``<stage dir>/dense/``: ``head.safetensors``; ``head.json`` (the
+encoder version of the vectors it was trained against, its learnt temperature, the tuned
+fusion); ``trained_ads.json`` (the ads the model trained on, and the stand-ins).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from leadre.artifacts import ArtifactError
 log = logging.getLogger(__name__)
 
 DENSE_DIR, WEIGHTS_FILE, META_FILE = "dense", "head.safetensors", "head.json"
-TRAINED_ADS_FILE = "trained_ads.json"  # the ads of the head's softmax: what it learnt
+TRAINED_ADS_FILE = "trained_ads.json"  # the ads the model trained on, and the stand-ins
 # The attribute the head lives under while it trains: a submodule of the LM, so DDP
 # synchronises its gradients with the rest, but never saved in the LM's own weights.
 ATTRIBUTE = "leadre_dense"
