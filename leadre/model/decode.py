@@ -309,9 +309,11 @@ class SidGenerator:
                 users[idx] = u.float().cpu().numpy()
         return rows, scores, users
 
-    def dense_top(self, users: np.ndarray, m: int) -> np.ndarray:
+    def dense_top(self, users: np.ndarray, m: int, dense_lp: np.ndarray | None = None
+                  ) -> np.ndarray:
         """Table rows of the ``m`` active ads nearest each user vector (-1 padded): the ScaNN
-        index when one is set, else exact search over the table's active rows."""
+        index when one is set, else the best of :meth:`dense_log_probs` (``dense_lp`` when
+        the caller has them: the same scores, not computed twice)."""
         out = np.full((len(users), m), -1, np.int64)
         if m == 0 or not len(users):
             return out
@@ -323,14 +325,13 @@ class SidGenerator:
                 r = r[r >= 0][:m]
                 out[i, :len(r)] = r
             return out
-        active = np.flatnonzero(self.table.active)
-        m = min(m, len(active))
+        from leadre.sids.ann import top_columns
+
+        m = min(m, int(self.table.active.sum()))  # inactive rows score -inf: never picked
         if m == 0:
             return out
-        scores = users @ self.vectors[active].T
-        part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
-        order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
-        out[:, :m] = active[np.take_along_axis(part, order, 1)]
+        out[:, :m] = top_columns(self.dense_log_probs(users) if dense_lp is None else dense_lp,
+                                 m)
         return out
 
     def rank(self, beam_rows: np.ndarray, beam_scores: np.ndarray, users: np.ndarray | None,
@@ -342,8 +343,10 @@ class SidGenerator:
             return beam_rows[:, :k], beam_scores[:, :k]
         from leadre.model.dense import fuse
 
-        return fuse(beam_rows, beam_scores, self.dense_top(users, self.cfg.dense_candidates),
-                    self.dense_log_probs(users), self.unseen,
+        dense_lp = self.dense_log_probs(users)
+        return fuse(beam_rows, beam_scores,
+                    self.dense_top(users, self.cfg.dense_candidates, dense_lp), dense_lp,
+                    self.unseen,
                     self.fusion_weight if weight is None else weight, k,
                     self.dense_meta.unseen_calibration)
 

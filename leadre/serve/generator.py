@@ -197,20 +197,20 @@ class GeneratorCore:
             log.error("generator: %s holds S-ID version %s, not %s: catalog not followed",
                       self.paths.sids_dir, table.version, self.table.version)
             return False
+        self.index_dir = target["index_dir"]
         if self.engine == "llm":
             from leadre.model.decode import table_vectors
 
             # a dense head scores the new ads by their vectors, found in the new index
             self.llm.refresh_active(table, table_vectors(table, self.paths.sids_dir)
                                     if self.llm.head is not None else None)
-            self.index_dir = target["index_dir"]
             self._dense_index(self.llm)
             if self.off:
                 self.llm.set_active(sorted(self.off), False)
         else:
             from leadre.index.ann import AdIndex
 
-            self.index = AdIndex.load(target["index_dir"], root=self.paths.index_root)
+            self.index = AdIndex.load(self.index_dir, root=self.paths.index_root)
             self.queries = self.queries.with_embeddings(*load_embeddings(self.paths.sids_dir))
         self.table = table
         log.info("generator: catalog now %d ads", len(table))

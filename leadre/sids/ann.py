@@ -54,8 +54,11 @@ def load_embeddings(sids_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_topk(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k rows by dot product (NumPy), best first."""
-    scores = queries @ db.T
-    k = min(k, db.shape[0])
+    return top_columns(queries @ db.T, min(k, db.shape[0]))
+
+
+def top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``scores``, the columns of its ``k`` highest scores, best first."""
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
     return np.take_along_axis(part, order, 1)

@@ -339,14 +339,13 @@ def tune_fusion(out: str, sids_dir: str, prompts_dir: str, rows: int, seed: int,
         pseudo[np.random.default_rng(seed).choice(trained, int(round(0.1 * len(trained))),
                                                   replace=False)] = True
     dense_lp = gen.dense_log_probs(users)
+    dense_rows = gen.dense_top(users, gen.cfg.dense_candidates, dense_lp)  # best first
     weight, calibration, curves = dense.tune_fusion(
-        beam_rows, beam_scores, gen.dense_top(users, gen.cfg.dense_candidates), dense_lp,
-        pseudo, targets, tolerance=tolerance)
+        beam_rows, beam_scores, dense_rows, dense_lp, pseudo, targets, tolerance=tolerance)
     beam_only = dense.hits_at(beam_rows, targets)
     curve = curves["hr@10_by_weight"]
     tuned = {"rows": len(targets), "split": "valid", "beam_hr@10": beam_only, **curves,
-             "tolerance": tolerance,
-             "dense_only_hr@10": dense.hits_at(gen.dense_top(users, 10), targets),
+             "tolerance": tolerance, "dense_only_hr@10": dense.hits_at(dense_rows, targets),
              "unseen_calibration": list(calibration), "pseudo_unseen_ads": int(pseudo.sum())}
     dense.set_fusion(where, weight, calibration, tuned)
     log.info("dense fusion: weight %g on %d validation users (HR@10 beam %.4f -> fused %.4f "

@@ -212,8 +212,9 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     info = train_and_export(cfg, STAGE, build_trainer, context,
                             adapter=cfg.finetune == "lora", timings=timings)
     history = info.pop("history")
-    if context["dense"] is not None and dense.find(out):
-        dense.save_trained_ads(dense.find(out), context["dense"]["ad_ids"],
+    head_dir = dense.find(out)
+    if context["dense"] is not None and head_dir:
+        dense.save_trained_ads(head_dir, context["dense"]["ad_ids"],
                                context["dense"]["holdout_ads"])
     with artifacts.timed(timings, "fusion"):
         info["fusion"] = tune_fusion(cfg.out, sids_dir, cfg.prompts_dir, cfg.fusion_rows,
