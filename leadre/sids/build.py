@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -238,11 +239,7 @@ def run(cfg: SidConfig) -> dict:
     with timed(timings, "write"):
         table.save(cfg.out)
         quantizer.save(cfg.out)
-        write_table(pa.table({
-            "ad_id": pa.array(ad_ids, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
-        }), cfg.out, "embeddings")
+        write_table(embeddings_table(ad_ids, emb), cfg.out, "embeddings")
         if titles:  # (an empty parquet dataset has no file to carry its schema)
             write_table(titles_table(titles, title_emb, title_codes, reasons), cfg.out, TITLES)
         write_json(cfg.out, CONFIG_FILE, dataclasses.asdict(cfg))
@@ -268,6 +265,15 @@ def load_cold_ads(sids_dir: str) -> frozenset[str]:
     interaction downstream. Empty when the split is off or the manifest predates it. The one
     place later stages (prompts, eval) learn the cold set from."""
     return frozenset(read_manifest(sids_dir, stage=STAGE).get("cold_ads") or ())
+
+
+def embeddings_table(ad_ids: Sequence[str], emb: np.ndarray) -> pa.Table:
+    """The ``embeddings`` artifact: ad_id and its vector (float32, fixed size), as the stage
+    writes it and ``leadre add-ads`` extends it."""
+    return pa.table({"ad_id": pa.array(list(ad_ids), pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(
+                         pa.array(np.asarray(emb, np.float32).ravel(), pa.float32()),
+                         emb.shape[1])})
 
 
 def load_table(sids_dir: str) -> SidTable:

@@ -180,13 +180,6 @@ def assign_sids(table: SidTable, ad_ids: Sequence[str], codes: np.ndarray,
     return out, problems
 
 
-def _embeddings_table(ad_ids: Sequence[str], emb: np.ndarray) -> pa.Table:
-    return pa.table({"ad_id": pa.array(list(ad_ids), pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(
-                         pa.array(np.asarray(emb, np.float32).ravel(), pa.float32()),
-                         emb.shape[1])})
-
-
 @dataclass
 class Extension:
     """A prepared extension of ``sids_dir`` (nothing written yet): the extended table, the
@@ -237,6 +230,7 @@ def prepare_extension(sids_dir: str, ads: pa.Table, limits: TextLimits | None = 
     :class:`AdsRefused` for unusable ads, :class:`ArtifactError` for a directory that
     cannot take new ads (bring-your-own S-IDs: no encoder or quantiser)."""
     from leadre.sids.ann import load_embeddings
+    from leadre.sids.build import embeddings_table
     from leadre.sids.encoder import ad_texts, load_encoder
     from leadre.sids.quantize import CODEBOOKS_FILE, load_quantizer
 
@@ -271,8 +265,8 @@ def prepare_extension(sids_dir: str, ads: pa.Table, limits: TextLimits | None = 
                         np.concatenate([table.active, active]), table.codebook_sizes,
                         table.prefixes, table.version)
     old_ids, old_emb = load_embeddings(sids_dir)
-    old_embeddings = _embeddings_table(old_ids.tolist(), old_emb)
-    embeddings = pa.concat_tables([old_embeddings, _embeddings_table(ids, emb)])
+    old_embeddings = embeddings_table(old_ids.tolist(), old_emb)
+    embeddings = pa.concat_tables([old_embeddings, embeddings_table(ids, emb)])
 
     at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     rows = {c: clean.column(c) for c in ("ad_id", "title", "description", "category",
